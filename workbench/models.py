@@ -51,8 +51,11 @@ TOY_VAE_CONFIG: dict[str, Any] = dict(
     sample_size=32,
     mid_block_add_attention=False,
 )
+# "leading" spacing keeps samplers off t = 999, where the cosine schedule leaves almost no signal and
+# an epsilon model's x0 estimate is useless (trailing/linspace spacing there gives noise).
 TOY_SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", steps_offset=1
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", steps_offset=1,
+    timestep_spacing="leading",
 )
 
 
@@ -79,7 +82,7 @@ def toy_text_encoder():
 
     path = text_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=TOY_MAX_TOKENS)
-    encoder = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    encoder = BertModel.from_pretrained(path).eval()
     encoder.config.use_attention_mask = True  # the pipeline then passes the mask, as in training
     encoder.requires_grad_(False)
     return tokenizer, encoder

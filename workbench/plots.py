@@ -48,6 +48,30 @@ def image_grid(images: Sequence[Sequence[Image.Image]], row_labels: Sequence[str
     return fig
 
 
+#: Okabe-Ito, a colour-blind-safe palette.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+
+
+def accuracy_bars(before: dict[str, float], after: dict[str, float], title: str = "") -> Figure:
+    """Oracle accuracy per concept before and after an edit, as paired bars."""
+    import numpy as np
+
+    keys = list(before)
+    x = np.arange(len(keys))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(3.3, 0.28 * len(keys) + 0.8), 2.0))
+        ax.bar(x - 0.2, [before[k] for k in keys], 0.4, label="before", color=PALETTE[0])
+        ax.bar(x + 0.2, [after[k] for k in keys], 0.4, label="after", color=PALETTE[1])
+        ax.set_xticks(x, keys, rotation=60, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("oracle accuracy")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(frameon=False, ncols=2, loc="lower left", bbox_to_anchor=(0, 1.0))
+        if title:
+            ax.set_title(title, loc="right")
+    return fig
+
+
 def save(fig: Figure, path: str | Path) -> Path:
     """Save ``fig`` by the path's suffix: ``.pdf``, ``.svg`` or ``.png`` (300 dpi)."""
     path = Path(path)

@@ -1,0 +1,151 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import workbench
+from workbench.anatomy import parts
+from workbench.edits import Edit, applied
+from workbench.embed import encode
+from workbench.methods import fewshot, rece, uce
+from workbench.methods.rece import derive_embedding
+from workbench.methods.solver import Gram, solve
+
+
+def _state(pipe):
+    return {**{f"te.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()},
+            **{f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()}}
+
+
+def _same(pipe, state):
+    now = _state(pipe)
+    return all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_solver_matches_the_formula_in_float64():
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    Ce, Ve, Cp = (torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64),
+                  torch.randn(7, 5, generator=g, dtype=torch.float64))
+    lam, se, sp = 0.5, 1.3, 0.7
+    expected = (lam * W0 + se * Ve.T @ Ce + sp * (W0 @ Cp.T) @ Cp) @ torch.linalg.inv(
+        lam * torch.eye(5, dtype=torch.float64) + se * Ce.T @ Ce + sp * Cp.T @ Cp)
+    got = solve(W0, Gram.of(Ce), Ve, Ce, Gram.of(Cp), lam=lam, erase_scale=se, preserve_scale=sp)
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_uce_matches_the_formula_on_the_toy_model(toy):
+    edit = uce(toy, "apple", preserve=["a pear", "a car"], lam=0.5)
+    emb = encode(toy, ["apple", "", "a pear", "a car"]).double()
+    W0 = parts(toy)["unet.mid.0.xattn.k"].weight.detach().double()
+    Ce, Cg, Cp = emb[0], emb[1], emb[2:].reshape(-1, emb.shape[-1])
+    sp = max(0.1, 1 / 2)
+    expected = (0.5 * W0 + (Cg @ W0.T).T @ Ce + sp * W0 @ Cp.T @ Cp) @ torch.linalg.inv(
+        0.5 * torch.eye(W0.shape[1], dtype=torch.float64) + Ce.T @ Ce + sp * Cp.T @ Cp)
+    got = W0 + edit.deltas["unet.mid.0.xattn.k.weight"].double()
+    assert float((got - expected).norm() / (expected - W0).norm()) < 1e-4  # float32 deltas
+    assert edit.method == "uce" and set(edit.parts) == {n for n in parts(toy) if n.startswith("unet.")}
+
+
+def test_rece_derived_embedding_solves_its_normal_equations():
+    g = torch.Generator().manual_seed(1)
+    base = {"a": torch.randn(8, 5, generator=g), "b": torch.randn(6, 5, generator=g)}
+    cur = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    c = torch.randn(3, 5, generator=g)
+    derived = derive_embedding(base, cur, c, ridge=0.01).double()
+    A = sum(cur[k].double().T @ cur[k].double() for k in base) + 0.01 * torch.eye(5, dtype=torch.float64)
+    B = sum(cur[k].double().T @ base[k].double() for k in base)
+    assert torch.allclose(derived @ A.T, c.double() @ B.T, rtol=1e-5, atol=1e-5)
+
+
+def test_rece_returns_derived_embeddings_and_keeps_the_best_epoch(toy):
+    state = _state(toy)
+    scores = iter([0.0, 5.0, 1.0, 2.0])
+    edit = rece(toy, "apple", epochs=3, validate=lambda e: next(scores))
+    assert edit.params["best_epoch"] == 1 and len(edit.extras) == 3
+    assert edit.extras["derived.0"].shape == (20, 384)
+    assert _same(toy, state)  # methods never change the pipeline
+
+
+def test_apply_and_revert_are_exact_and_edits_stack(toy):
+    state = _state(toy)
+    a, b = uce(toy, "apple"), uce(toy, "car")
+    with a.apply(toy), b.apply(toy):
+        assert applied(toy) == [a, b]
+        assert not _same(toy, state)
+    assert _same(toy, state) and applied(toy) == []
+
+
+def test_save_load_roundtrip_and_wrong_model(toy, tiny_sd_dir, tmp_path):
+    edit = rece(toy, "cat", epochs=1)
+    loaded = Edit.load(edit.save(tmp_path / "cat.safetensors"))
+    assert loaded.method == "rece" and loaded.params["ridge"] == edit.params["ridge"]
+    assert all(torch.equal(loaded.deltas[k], v) for k, v in edit.deltas.items())
+    assert torch.equal(loaded.extras["derived.0"], edit.extras["derived.0"])
+    sd = workbench.load(tiny_sd_dir)
+    state = _state(sd)
+    with pytest.raises(ValueError, match="made for another model"):
+        with loaded.apply(sd):
+            pass
+    assert _same(sd, state)
+
+
+def test_summary_reports_norms(toy):
+    table = uce(toy, "apple").summary(toy)
+    assert len(table) == 14 and (table["dW"] > 0).all() and (table["relative"] < 1).all()
+
+
+def test_nan_result_is_refused(toy):
+    W = parts(toy)["unet.mid.0.xattn.k"].weight.detach()
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        Edit.between({"x": W}, {"x": W * float("nan")}, method="uce", concept="apple")
+
+
+def test_concept_that_tokenizes_to_nothing(toy):
+    state = _state(toy)
+    for method in (uce, rece, fewshot):
+        with pytest.raises(ValueError, match="tokenizes to nothing"):
+            method(toy, "   ")
+    assert _same(toy, state)
+
+
+def test_fewshot_changes_only_selected_parts(toy):
+    state = _state(toy)
+    edit = fewshot(toy, "apple", parts="text.2.ffn", steps=2, lr=1e-3, progress=False)
+    assert set(edit.parts) == {"text.2.ffn.in", "text.2.ffn.out"}
+    assert all(float(d.abs().max()) > 0 for d in edit.deltas.values())
+    assert _same(toy, state)
+    with edit.apply(toy):
+        now = _state(toy)
+        changed = {k for k, v in state.items() if not torch.equal(now[k], v)}
+    assert changed == {f"te.encoder.layer.2.{m}.dense.{w}" for m in ("intermediate", "output") for w in ("weight", "bias")}
+    assert _same(toy, state)
+
+
+def test_fewshot_is_deterministic(toy):
+    a = fewshot(toy, "cat", steps=2, lr=1e-4, progress=False)
+    b = fewshot(toy, "cat", steps=2, lr=1e-4, progress=False)
+    assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+
+
+def test_fewshot_image_folders(toy, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no image folder"):
+        fewshot(toy, "apple", images=tmp_path / "missing", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no usable images"):
+        fewshot(toy, "apple", images=empty, progress=False)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "notes.txt").write_text("not an image")
+    Image.fromarray(np.full((50, 70, 3), 200, np.uint8)).save(mixed / "odd.png")
+    with pytest.warns(UserWarning, match="notes.txt: not an image"):
+        edit = fewshot(toy, "apple", images=mixed, steps=1, progress=False)
+    assert edit.params["n_images"] == 1
+
+
+def test_uce_refuses_text_parts(toy):
+    with pytest.raises(ValueError, match="few-shot"):
+        uce(toy, "apple", parts="text.1.ffn")

@@ -1,0 +1,84 @@
+"""RECE: Reliable and Efficient Concept Erasure (Gong et al., ECCV 2024).
+
+UCE first; then, each epoch, (A) derive in closed form the embedding that still makes the edited model
+produce what the original made for the concept, and (B) erase that embedding too with a UCE step.
+
+>>> import workbench
+>>> from workbench.methods import rece
+>>> pipe = workbench.load("toy")
+>>> edit = rece(pipe, "apple", epochs=2)
+>>> edit.extras["derived.1"].shape
+torch.Size([20, 384])
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..anatomy import Selector, parts as all_parts
+from ..edits import Edit, Timer
+from ..embed import check_prompt, encode
+from .solver import Gram, solve
+from .uce import XATTN, _as_list, cross_attention_parts, uce
+
+
+def derive_embedding(base: dict[str, torch.Tensor], current: dict[str, torch.Tensor],
+                     keys: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Rows c' = (sum W'^T W' + ridge I)^-1 (sum W'^T W) c for every row c of ``keys``."""
+    d = keys.shape[-1]
+    A = ridge * torch.eye(d, dtype=torch.float64)
+    B = torch.zeros(d, d, dtype=torch.float64)
+    for name, W in base.items():
+        Wc = current[name].double()
+        A += Wc.T @ Wc
+        B += Wc.T @ W.double()
+    X = torch.linalg.solve(A, B)  # A X = B, A symmetric positive definite
+    return (keys.reshape(-1, d).double() @ X.T).reshape(keys.shape).float()
+
+
+def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence[str] = (),
+         parts: Selector = XATTN, epochs: int = 3, ridge: float = 1e-3, lam: float = 0.1,
+         preserve_scale: float = 0.1, uce_lam: float = 0.5,
+         validate: Callable[[Edit], float] | None = None) -> Edit:
+    """Erase ``concept`` with UCE, then ``epochs`` rounds of derived-embedding erasure.
+
+    ``validate(edit) -> score`` (higher is better) is called after each epoch and the best epoch is kept.
+    The derived embeddings are returned as ``edit.extras["derived.{epoch}"]``.
+    """
+    concepts = _as_list(concept)
+    for text in concepts:
+        check_prompt(pipe, text)
+    names = cross_attention_parts(pipe, parts, "RECE")
+    first = uce(pipe, concepts, guide, preserve, names, lam=uce_lam)
+    with Timer() as timer:
+        emb = encode(pipe, concepts + [""] + list(preserve))
+        keys, empty = emb[:len(concepts)], emb[len(concepts)]
+        keep = Gram.of(emb[len(concepts) + 1:]) if preserve else None
+        modules = all_parts(pipe)
+        base = {n: modules[n].weight.detach() for n in names}
+        current = {n: base[n] + first.deltas[f"{n}.weight"] for n in names}
+        candidates, scores, derived = [first], [], {}
+        for epoch in range(epochs):
+            c_new = derive_embedding(base, current, keys, ridge)
+            derived[f"derived.{epoch}"] = c_new.reshape(-1, keys.shape[-1]) if len(concepts) == 1 else c_new
+            gram = Gram.of(c_new)
+            for n in names:
+                Wc = current[n]
+                target = empty.unsqueeze(0).expand(len(concepts), -1, -1).reshape(-1, Wc.shape[1]).double() @ Wc.double().T
+                current[n] = solve(Wc, gram, target, c_new, keep, preserve_weight=base[n], lam=lam,
+                                   preserve_scale=preserve_scale)
+            candidates.append(Edit.between({f"{n}.weight": base[n] for n in names},
+                                           {f"{n}.weight": current[n] for n in names},
+                                           method="rece", concept=", ".join(concepts)))
+        if validate is not None:
+            scores = [float(validate(c)) for c in candidates]
+            best = max(range(len(candidates)), key=lambda i: scores[i])
+        else:
+            best = len(candidates) - 1
+    chosen = candidates[best]
+    chosen.method, chosen.seconds = "rece", first.seconds + timer.seconds
+    chosen.params = dict(first.params, epochs=epochs, best_epoch=best, ridge=ridge, lam=lam,
+                         preserve_scale=preserve_scale, uce_lam=uce_lam, scores=scores)
+    chosen.extras = derived
+    return chosen

@@ -1,0 +1,72 @@
+"""UCE: Unified Concept Editing (Gandikota et al., 2024), closed form on cross-attention k/v.
+
+>>> import workbench
+>>> from workbench.methods import uce
+>>> pipe = workbench.load("toy")
+>>> edit = uce(pipe, "apple", preserve=["a pear", "a cherry"])
+>>> len(edit.parts)
+14
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..anatomy import Selector, parts as all_parts, select
+from ..edits import Edit, Timer
+from ..embed import check_prompt, encode
+from .solver import Gram, solve
+
+XATTN = "unet.*.xattn.*"
+
+
+def _as_list(x: str | Sequence[str]) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)
+
+
+def cross_attention_parts(pipe, selector: Selector, method: str) -> list[str]:
+    """Selected part names, all of which must be UNet cross-attention k/v projections."""
+    names = select(pipe, selector)
+    bad = [n for n in names if not n.startswith("unet.")]
+    if bad:
+        raise ValueError(f"{method} edits UNet cross-attention k/v projections (e.g. 'unet.*.xattn.k'); "
+                         f"{', '.join(bad[:4])} are text-encoder parts: use the few-shot method for those")
+    return names
+
+
+def default_preserve_scale(preserve: Sequence[str]) -> float:
+    return max(0.1, 1.0 / len(preserve)) if preserve else 1.0
+
+
+def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", preserve: Sequence[str] = (),
+        parts: Selector = XATTN, lam: float = 0.5, erase_scale: float = 1.0,
+        preserve_scale: float | None = None) -> Edit:
+    """Erase ``erase`` (concept prompts) by mapping their keys/values to those of ``guide``.
+
+    ``preserve`` prompts keep their outputs. The pipeline is not changed: apply the returned edit.
+    """
+    erase, preserve = _as_list(erase), _as_list(preserve)
+    guides = _as_list(guide) * (len(erase) if isinstance(guide, str) else 1)
+    if len(guides) != len(erase):
+        raise ValueError(f"give one guide or one per erased prompt ({len(erase)}), not {len(guides)}")
+    for text in erase:
+        check_prompt(pipe, text)
+    names = cross_attention_parts(pipe, parts, "UCE")
+    scale = default_preserve_scale(preserve) if preserve_scale is None else preserve_scale
+    with Timer() as timer:
+        emb = encode(pipe, erase + guides + preserve)
+        keys, guide_keys = emb[:len(erase)], emb[len(erase):2 * len(erase)]
+        erase_gram, keep_gram = Gram.of(keys), Gram.of(emb[2 * len(erase):]) if preserve else None
+        modules = all_parts(pipe)
+        base, new = {}, {}
+        for name in names:
+            W0 = modules[name].weight.detach()
+            target = guide_keys.reshape(-1, W0.shape[1]).double() @ W0.double().T
+            base[f"{name}.weight"] = W0
+            new[f"{name}.weight"] = solve(W0, erase_gram, target, keys, keep_gram, lam=lam,
+                                          erase_scale=erase_scale, preserve_scale=scale)
+    params = dict(erase=erase, guide=guides, preserve=preserve, parts=names, lam=lam,
+                  erase_scale=erase_scale, preserve_scale=scale)
+    return Edit.between(base, new, method="uce", concept=", ".join(erase), params=params,
+                        seconds=timer.seconds)

@@ -1,0 +1,69 @@
+"""Efficacy and preservation of an erasure, measured by the toy world's oracle.
+
+*Accuracy on the erased concept* is the share of images, generated from the concept's prompts, in which
+the oracle still sees the concept (lower is a stronger erasure). *Preservation* is the oracle's accuracy
+on every other concept's prompts, as a fraction of the unedited model's accuracy on them.
+
+>>> import workbench
+>>> from workbench.metrics import evaluate
+>>> from workbench.toy.oracle import Oracle
+>>> pipe = workbench.load("toy")
+>>> scores = evaluate(pipe, Oracle.load(), "apple", per_prompt=2)
+>>> sorted(scores)
+['concept', 'erased', 'others']
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .models import seeded
+from .toy.world import OBJECTS, PAINTERS, a
+
+GUIDANCE, STEPS = 5.0, 20
+
+
+def kind_of(concept: str) -> str:
+    """``"object"`` or ``"style"`` for a toy-world concept."""
+    if concept in OBJECTS:
+        return "object"
+    if concept in PAINTERS:
+        return "style"
+    raise ValueError(f"{concept!r} is not a toy-world concept; objects: {', '.join(OBJECTS)}; "
+                     f"styles: {', '.join(PAINTERS)}")
+
+
+def probe(concept: str, per_prompt: int) -> tuple[list[str], str]:
+    """Prompts that should show ``concept``, and the oracle head that checks it."""
+    if kind_of(concept) == "object":
+        return [a(concept)] * per_prompt, "object"
+    objects = [OBJECTS[(k * 5) % len(OBJECTS)] for k in range(per_prompt)]
+    return [f"{a(o)} by {concept}" for o in objects], "style"
+
+
+def accuracy(pipe, oracle, concepts: list[str], per_prompt: int = 8, seed: int = 1234) -> dict[str, float]:
+    """The oracle's accuracy on each concept's prompts, all images generated in batches."""
+    prompts, heads, wanted = [], [], []
+    for c in concepts:
+        ps, head = probe(c, per_prompt)
+        prompts += ps
+        heads += [head] * len(ps)
+        wanted += [c] * len(ps)
+    images = []
+    for i in range(0, len(prompts), 32):
+        images += pipe(prompts[i:i + 32], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                       generator=seeded(seed + i)).images
+    preds = oracle.predict(images)
+    hits = [p[h] == w for p, h, w in zip(preds, heads, wanted)]
+    return {c: float(np.mean([h for h, w in zip(hits, wanted) if w == c])) for c in concepts}
+
+
+def evaluate(pipe, oracle, concept: str, per_prompt: int = 8, seed: int = 1234) -> dict[str, object]:
+    """Accuracy on ``concept`` (``erased``) and on every other toy concept (``others``), as the pipeline is now."""
+    others = [c for c in (*OBJECTS, *PAINTERS) if c != concept]
+    acc = accuracy(pipe, oracle, [concept, *others], per_prompt, seed)
+    return {"concept": concept, "erased": acc.pop(concept), "others": acc}
+
+
+def preservation(after: dict[str, float], before: dict[str, float]) -> float:
+    """Mean accuracy on other concepts after an edit, as a fraction of the unedited model's."""
+    return float(np.mean(list(after.values())) / max(1e-9, np.mean(list(before.values()))))
