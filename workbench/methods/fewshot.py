@@ -108,7 +108,7 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
                 params[f"{n}.{attr}"] = p
         opt = torch.optim.Adam(params.values(), lr=lr, betas=betas)
         with torch.no_grad():
-            pixels = torch.stack([torch.from_numpy(np.asarray(im)) for im in imgs])
+            pixels = torch.stack([torch.from_numpy(np.array(im)) for im in imgs])
             pixels = pixels.permute(0, 3, 1, 2).to(device, pipe.vae.dtype) / 127.5 - 1
             latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         tok = pipe.tokenizer(prompts, padding="max_length", truncation=True,
