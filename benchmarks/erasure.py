@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import workbench
-from workbench.metrics import accuracy, preservation
+from workbench.metrics import accuracy, preservation, preserve_prompts
 from workbench.methods import fewshot, rece, uce
 from workbench.toy.oracle import Oracle
 from workbench.toy.world import OBJECTS, PAINTERS, all_captions
@@ -32,7 +32,7 @@ def run(per_prompt: int) -> None:
     concepts = [*OBJECTS, *PAINTERS]
     base = accuracy(pipe, oracle, concepts, per_prompt)
     methods = {
-        "rece": lambda c: rece(pipe, c, ridge=1e-3),
+        "rece": lambda c: rece(pipe, c, preserve=preserve_prompts(c), ridge=1e-3),
         "fewshot": lambda c: fewshot(pipe, c, kind="object" if c in OBJECTS else "style", progress=False),
     }
     print("| method | concept | accuracy on concept (before -> after) | preservation | seconds |")

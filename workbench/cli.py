@@ -38,15 +38,17 @@ def sample_grid(pipe, seed: int = 0, steps: int = 20, guidance: float = 5.0):
     return image_grid(rows, list(OBJECTS), labels)
 
 
-def _erase(pipe, concept: str, method: str, parts: str | None):
+def _erase(pipe, concept: str, method: str, parts: str | None, preserve: list[str] | None = None):
     from .methods import fewshot, rece, uce
-    from .metrics import kind_of
+    from .metrics import kind_of, preserve_prompts
 
+    toy = concept in (*OBJECTS, *PAINTERS)
+    extra = {"parts": parts} if parts else {}
     if method == "fewshot":
-        kind = kind_of(concept) if concept in (*OBJECTS, *PAINTERS) else "object"
-        return fewshot(pipe, concept, kind=kind, **({"parts": parts} if parts else {}))
-    fn = {"uce": uce, "rece": rece}[method]
-    return fn(pipe, concept, **({"parts": parts} if parts else {}))
+        return fewshot(pipe, concept, kind=kind_of(concept) if toy else "object", **extra)
+    if preserve is None:
+        preserve = preserve_prompts(concept) if toy else []
+    return {"uce": uce, "rece": rece}[method](pipe, concept, preserve=preserve, **extra)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -73,7 +75,7 @@ def _draw(args: argparse.Namespace, pipe) -> None:
 
 def _erase_cmd(args: argparse.Namespace) -> None:
     pipe = load(args.model)
-    edit = _erase(pipe, args.concept, args.method, args.parts)
+    edit = _erase(pipe, args.concept, args.method, args.parts, args.preserve)
     edit.save(args.out)
     print(f"{args.method} erased {args.concept!r} in {edit.seconds:.2f} s -> {args.out}")
     print(edit.summary(pipe).to_string(index=False, float_format="%.4g"))
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--concept", required=True)
     e.add_argument("--method", choices=("rece", "uce", "fewshot"), default="rece")
     e.add_argument("--parts", help="parts to edit, a glob such as 'unet.*.xattn.v' or 'text.*.ffn'")
+    e.add_argument("--preserve", action="append",
+                   help="a prompt to preserve (repeatable; toy concepts default to the other concepts)")
     e.add_argument("--out", type=Path, required=True, help="the edit file (.safetensors)")
     e.set_defaults(run=_erase_cmd)
     d = sub.add_parser("demo", help="erase a toy concept: before/after grid, JSON report, figure")

@@ -40,6 +40,13 @@ def probe(concept: str, per_prompt: int) -> tuple[list[str], str]:
     return [f"{a(o)} by {concept}" for o in objects], "style"
 
 
+def preserve_prompts(concept: str) -> list[str]:
+    """A preserve list for erasing a toy concept: every other object, or every other painter's style."""
+    if kind_of(concept) == "object":
+        return [a(o) for o in OBJECTS if o != concept]
+    return [f"{a(o)} by {p}" for p in PAINTERS if p != concept for o in OBJECTS[::3]] + [a(o) for o in OBJECTS]
+
+
 def accuracy(pipe, oracle, concepts: list[str], per_prompt: int = 8, seed: int = 1234) -> dict[str, float]:
     """The oracle's accuracy on each concept's prompts, all images generated in batches."""
     prompts, heads, wanted = [], [], []
