@@ -33,3 +33,29 @@ def test_cli_generate_writes_an_image(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     img = np.asarray(Image.open(path).convert("RGB")).astype(float)
     assert img.shape[0] > 50 and img.std() > 10
+
+
+def test_cli_erase_then_generate_with_the_edit(tmp_path, capsys):
+    from workbench.edits import Edit
+
+    edit_path = tmp_path / "apple.safetensors"
+    cli.main(["erase", "--concept", "apple", "--method", "uce", "--out", str(edit_path)])
+    assert "uce erased 'apple'" in capsys.readouterr().out
+    edit = Edit.load(edit_path)
+    assert edit.method == "uce" and len(edit.params["preserve"]) == 15  # the other toy objects
+    before, after = tmp_path / "before.png", tmp_path / "after.png"
+    cli.main(["generate", "--prompt", "an apple", "--steps", "10", "--out", str(before)])
+    cli.main(["generate", "--prompt", "an apple", "--steps", "10", "--edit", str(edit_path), "--out", str(after)])
+    assert not np.array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(after)))
+
+
+def test_cli_demo_writes_grid_report_and_figure(tmp_path, capsys):
+    out = tmp_path / "demo"
+    cli.main(["demo", "--concept", "cat", "--per-prompt", "2", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy_on_concept"]["before"] >= 0.5
+    assert report["accuracy_on_concept"]["after"] < report["accuracy_on_concept"]["before"]
+    assert 0 < report["preservation"] <= 1.5
+    for name in ("before_after.png", "accuracy.png", "edit.safetensors"):
+        assert (out / name).stat().st_size > 1000
+    assert "erased 'cat' with rece" in capsys.readouterr().out

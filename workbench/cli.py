@@ -82,7 +82,7 @@ def _erase_cmd(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .metrics import accuracy, kind_of, preservation, probe
+    from .metrics import accuracy, kind_of, preservation
     from .plots import accuracy_bars
     from .toy.oracle import Oracle
     from .toy.world import GROUP_OF, GROUPS
@@ -95,11 +95,14 @@ def _demo(args: argparse.Namespace) -> None:
     edit = _erase(pipe, args.concept, args.method, args.parts)
     with edit.apply(pipe):
         after = accuracy(pipe, oracle, concepts, args.per_prompt, args.seed)
-    if kind_of(args.concept) == "object":
-        near = [o for o in GROUPS[GROUP_OF[args.concept]] if o != args.concept][:2]
-        rows = [probe(c, 1)[0][0] for c in (args.concept, *near, "car" if GROUP_OF[args.concept] != "vehicle" else "cat")]
-    else:
-        rows = [f"a cat by {args.concept}", "a boat by " + args.concept, "a cat", "a cat by " + next(p for p in PAINTERS if p != args.concept)]
+    if kind_of(args.concept) == "object":  # the concept, two of its group, one from another group
+        group = GROUP_OF[args.concept]
+        shown = [args.concept, *[o for o in GROUPS[group] if o != args.concept][:2],
+                 "car" if group != "vehicle" else "cat"]
+        rows = [a(c) for c in shown]
+    else:  # the style on two objects, the plain object, and another style
+        other = next(p for p in PAINTERS if p != args.concept)
+        rows = [f"a cat by {args.concept}", f"a boat by {args.concept}", "a cat", f"a cat by {other}"]
     grid_rows = []
     for prompt in rows:
         imgs = pipe([prompt] * 4, num_inference_steps=20, guidance_scale=5.0, generator=seeded(args.seed)).images

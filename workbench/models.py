@@ -117,10 +117,6 @@ def load_toy(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     return pipe
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1
-
-
 def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
          device: str | torch.device | None = None) -> StableDiffusionPipeline:
     """Load a pipeline: ``"toy"`` (bundled), a local diffusers folder, or a hub id such as
@@ -144,7 +140,7 @@ def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
                     f"{str(path)!r} holds a {index.get('_class_name', 'diffusers')} pipeline without a "
                     "UNet and text encoder; the workbench edits Stable Diffusion 1.x/2.x pipelines."
                 )
-        elif _looks_like_path(str(name)) or str(name).count("/") != 1:
+        elif str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
             raise ValueError(
                 f"unknown model {str(name)!r}: not 'toy', not an existing folder, and not a hub id "
                 "of the form 'owner/name'. Accepted: 'toy' (the bundled model), a local diffusers "

@@ -28,6 +28,7 @@ from ..anatomy import Selector, parts as all_parts, select
 from ..edits import Edit, Timer
 from ..embed import check_prompt
 from ..models import DATA, seeded
+from ..toy.world import a as with_article
 
 OBJECT_TEMPLATES = ("a photo of {a}", "a picture of {a}", "an icon of {a}", "{c}")
 STYLE_TEMPLATES = ("a painting in the style of {c}", "a painting by {c}", "art by {c}", "{c}")
@@ -90,8 +91,6 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
     if images is None:
         images = DATA / "fewshot" / concept.replace(" ", "-")
     imgs = load_images(images, size)
-    from ..toy.world import a as with_article
-
     templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
     prompts = [t.format(a=with_article(concept), c=concept) for t in templates]
 

@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..anatomy import Selector, parts as all_parts
+from ..anatomy import Selector
 from ..edits import Edit, Timer
 from ..embed import check_prompt, encode
 from .solver import Gram, solve
-from .uce import XATTN, _as_list, cross_attention_parts, uce
+from .uce import XATTN, _as_list, cross_attention_parts, default_preserve_scale, edit_weights
 
 
 def derive_embedding(base: dict[str, torch.Tensor], current: dict[str, torch.Tensor],
@@ -50,35 +50,38 @@ def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence
     for text in concepts:
         check_prompt(pipe, text)
     names = cross_attention_parts(pipe, parts, "RECE")
-    first = uce(pipe, concepts, guide, preserve, names, lam=uce_lam)
     with Timer() as timer:
-        emb = encode(pipe, concepts + [""] + list(preserve))
-        keys, empty = emb[:len(concepts)], emb[len(concepts)]
-        keep = Gram.of(emb[len(concepts) + 1:]) if preserve else None
-        modules = all_parts(pipe)
-        base = {n: modules[n].weight.detach() for n in names}
-        current = {n: base[n] + first.deltas[f"{n}.weight"] for n in names}
+        emb = encode(pipe, concepts + [guide, ""] + list(preserve))
+        keys, guide_keys, empty = emb[:len(concepts)], emb[len(concepts)], emb[len(concepts) + 1]
+        keep = Gram.of(emb[len(concepts) + 2:]) if preserve else None
+        guides = guide_keys.unsqueeze(0).expand(len(concepts), -1, -1)
+        base_w, first_w = edit_weights(pipe, names, keys, guides, keep, uce_lam, 1.0,
+                                       default_preserve_scale(preserve))
+        base = {n: base_w[f"{n}.weight"] for n in names}
+        current = {n: first_w[f"{n}.weight"] for n in names}
+        first = Edit.between(base_w, first_w, method="uce", concept=", ".join(concepts))
         candidates, scores, derived = [first], [], {}
         for epoch in range(epochs):
             c_new = derive_embedding(base, current, keys, ridge)
             derived[f"derived.{epoch}"] = c_new.reshape(-1, keys.shape[-1]) if len(concepts) == 1 else c_new
             gram = Gram.of(c_new)
+            harmless = empty.unsqueeze(0).expand(len(concepts), -1, -1).reshape(-1, keys.shape[-1]).double()
             for n in names:
                 Wc = current[n]
-                target = empty.unsqueeze(0).expand(len(concepts), -1, -1).reshape(-1, Wc.shape[1]).double() @ Wc.double().T
-                current[n] = solve(Wc, gram, target, c_new, keep, preserve_weight=base[n], lam=lam,
-                                   preserve_scale=preserve_scale)
+                current[n] = solve(Wc, gram, harmless @ Wc.double().T, c_new, keep, preserve_weight=base[n],
+                                   lam=lam, preserve_scale=preserve_scale)
             candidates.append(Edit.between({f"{n}.weight": base[n] for n in names},
                                            {f"{n}.weight": current[n] for n in names},
                                            method="rece", concept=", ".join(concepts)))
-        if validate is not None:
-            scores = [float(validate(c)) for c in candidates]
-            best = max(range(len(candidates)), key=lambda i: scores[i])
-        else:
-            best = len(candidates) - 1
+    if validate is not None:
+        scores = [float(validate(c)) for c in candidates]
+        best = max(range(len(candidates)), key=lambda i: scores[i])
+    else:
+        best = len(candidates) - 1
     chosen = candidates[best]
-    chosen.method, chosen.seconds = "rece", first.seconds + timer.seconds
-    chosen.params = dict(first.params, epochs=epochs, best_epoch=best, ridge=ridge, lam=lam,
-                         preserve_scale=preserve_scale, uce_lam=uce_lam, scores=scores)
+    chosen.method, chosen.seconds = "rece", timer.seconds
+    chosen.params = dict(erase=concepts, guide=guide, preserve=list(preserve), parts=names, epochs=epochs,
+                         best_epoch=best, ridge=ridge, lam=lam, preserve_scale=preserve_scale,
+                         uce_lam=uce_lam, scores=scores)
     chosen.extras = derived
     return chosen

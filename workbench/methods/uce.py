@@ -39,6 +39,21 @@ def default_preserve_scale(preserve: Sequence[str]) -> float:
     return max(0.1, 1.0 / len(preserve)) if preserve else 1.0
 
 
+def edit_weights(pipe, names: list[str], keys: torch.Tensor, guide_keys: torch.Tensor,
+                 keep: Gram | None, lam: float, erase_scale: float, preserve_scale: float):
+    """(base, new) weights of the named parts after mapping ``keys`` to the guide's values."""
+    erase_gram = Gram.of(keys)
+    modules = all_parts(pipe)
+    base, new = {}, {}
+    for name in names:
+        W0 = modules[name].weight.detach()
+        target = guide_keys.reshape(-1, W0.shape[1]).double() @ W0.double().T
+        base[f"{name}.weight"] = W0
+        new[f"{name}.weight"] = solve(W0, erase_gram, target, keys, keep, lam=lam,
+                                      erase_scale=erase_scale, preserve_scale=preserve_scale)
+    return base, new
+
+
 def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", preserve: Sequence[str] = (),
         parts: Selector = XATTN, lam: float = 0.5, erase_scale: float = 1.0,
         preserve_scale: float | None = None) -> Edit:
@@ -57,15 +72,8 @@ def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", prese
     with Timer() as timer:
         emb = encode(pipe, erase + guides + preserve)
         keys, guide_keys = emb[:len(erase)], emb[len(erase):2 * len(erase)]
-        erase_gram, keep_gram = Gram.of(keys), Gram.of(emb[2 * len(erase):]) if preserve else None
-        modules = all_parts(pipe)
-        base, new = {}, {}
-        for name in names:
-            W0 = modules[name].weight.detach()
-            target = guide_keys.reshape(-1, W0.shape[1]).double() @ W0.double().T
-            base[f"{name}.weight"] = W0
-            new[f"{name}.weight"] = solve(W0, erase_gram, target, keys, keep_gram, lam=lam,
-                                          erase_scale=erase_scale, preserve_scale=scale)
+        keep = Gram.of(emb[2 * len(erase):]) if preserve else None
+        base, new = edit_weights(pipe, names, keys, guide_keys, keep, lam, erase_scale, scale)
     params = dict(erase=erase, guide=guides, preserve=preserve, parts=names, lam=lam,
                   erase_scale=erase_scale, preserve_scale=scale)
     return Edit.between(base, new, method="uce", concept=", ".join(erase), params=params,

@@ -207,7 +207,6 @@ def main(argv: list[str] | None = None) -> None:
     s = QUICK if args.quick else Settings()
     if args.unet_steps:
         s.unet_steps = args.unet_steps
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.work / "times.json"
