@@ -176,14 +176,15 @@ def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    import tempfile
+
     folder = Path(folder)
-    tok_dir = folder / "tokenizer_source"
-    tok_dir.mkdir(parents=True, exist_ok=True)
     chars = [chr(i) for i in range(33, 127)]  # printable ASCII maps to itself in CLIP's byte BPE
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=32)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
