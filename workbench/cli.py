@@ -99,7 +99,7 @@ def _demo(args: argparse.Namespace) -> None:
         group = GROUP_OF[args.concept]
         shown = [args.concept, *[o for o in GROUPS[group] if o != args.concept][:2],
                  "car" if group != "vehicle" else "cat"]
-        rows = [a(c) for c in shown]
+        rows = [f"an icon of {a(c)}" for c in shown]
     else:  # the style on two objects, the plain object, and another style
         other = next(p for p in PAINTERS if p != args.concept)
         rows = [f"a cat by {args.concept}", f"a boat by {args.concept}", "a cat", f"a cat by {other}"]

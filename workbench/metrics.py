@@ -33,9 +33,14 @@ def kind_of(concept: str) -> str:
 
 
 def probe(concept: str, per_prompt: int) -> tuple[list[str], str]:
-    """Prompts that should show ``concept``, and the oracle head that checks it."""
+    """Prompts that should show ``concept``, and the oracle head that checks it.
+
+    Objects cycle through four phrasings ("an apple", "an icon of an apple", "a blue apple",
+    "an apple by seurat"), styles through objects ("a cat by van gogh", ...).
+    """
     if kind_of(concept) == "object":
-        return [a(concept)] * per_prompt, "object"
+        forms = (a(concept), f"an icon of {a(concept)}", f"a blue {concept}", f"{a(concept)} by seurat")
+        return [forms[k % len(forms)] for k in range(per_prompt)], "object"
     objects = [OBJECTS[(k * 5) % len(OBJECTS)] for k in range(per_prompt)]
     return [f"{a(o)} by {concept}" for o in objects], "style"
 
