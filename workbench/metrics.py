@@ -5,12 +5,11 @@ the oracle still sees the concept (lower is a stronger erasure). *Preservation* 
 on every other concept's prompts, as a fraction of the unedited model's accuracy on them.
 
 >>> import workbench
->>> from workbench.metrics import evaluate
+>>> from workbench.metrics import accuracy
 >>> from workbench.toy.oracle import Oracle
 >>> pipe = workbench.load("toy")
->>> scores = evaluate(pipe, Oracle.load(), "apple", per_prompt=2)
->>> sorted(scores)
-['concept', 'erased', 'others']
+>>> accuracy(pipe, Oracle.load(), ["apple", "van gogh"], per_prompt=4)
+{'apple': 1.0, 'van gogh': 1.0}
 """
 from __future__ import annotations
 
@@ -67,13 +66,6 @@ def accuracy(pipe, oracle, concepts: list[str], per_prompt: int = 8, seed: int =
     preds = oracle.predict(images)
     hits = [p[h] == w for p, h, w in zip(preds, heads, wanted)]
     return {c: float(np.mean([h for h, w in zip(hits, wanted) if w == c])) for c in concepts}
-
-
-def evaluate(pipe, oracle, concept: str, per_prompt: int = 8, seed: int = 1234) -> dict[str, object]:
-    """Accuracy on ``concept`` (``erased``) and on every other toy concept (``others``), as the pipeline is now."""
-    others = [c for c in (*OBJECTS, *PAINTERS) if c != concept]
-    acc = accuracy(pipe, oracle, [concept, *others], per_prompt, seed)
-    return {"concept": concept, "erased": acc.pop(concept), "others": acc}
 
 
 def preservation(after: dict[str, float], before: dict[str, float]) -> float:
