@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from .methods import METHODS, erase
 from .models import load, seeded
 from .plots import image_grid, save
 from .toy.world import OBJECTS, PAINTERS, a
@@ -36,19 +37,6 @@ def sample_grid(pipe, seed: int = 0, steps: int = 20, guidance: float = 5.0):
     rows = [images[r * n:(r + 1) * n] for r in range(len(OBJECTS))]
     labels = [c.replace("{o} ", "").replace(" {b}", "").replace("{o}", "plain") for c in SAMPLE_COLUMNS]
     return image_grid(rows, list(OBJECTS), labels)
-
-
-def _erase(pipe, concept: str, method: str, parts: str | None, preserve: list[str] | None = None):
-    from .methods import fewshot, rece, uce
-    from .metrics import kind_of, preserve_prompts
-
-    toy = concept in (*OBJECTS, *PAINTERS)
-    extra = {"parts": parts} if parts else {}
-    if method == "fewshot":
-        return fewshot(pipe, concept, kind=kind_of(concept) if toy else "object", **extra)
-    if preserve is None:
-        preserve = preserve_prompts(concept) if toy else []
-    return {"uce": uce, "rece": rece}[method](pipe, concept, preserve=preserve, **extra)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -75,58 +63,32 @@ def _draw(args: argparse.Namespace, pipe) -> None:
 
 def _erase_cmd(args: argparse.Namespace) -> None:
     pipe = load(args.model)
-    edit = _erase(pipe, args.concept, args.method, args.parts, args.preserve)
+    edit = erase(pipe, args.concept, args.method, args.parts,
+                 **({"preserve": args.preserve} if args.preserve else {}))
     edit.save(args.out)
     print(f"{args.method} erased {args.concept!r} in {edit.seconds:.2f} s -> {args.out}")
     print(edit.summary(pipe).to_string(index=False, float_format="%.4g"))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .metrics import accuracy, kind_of, preservation
-    from .plots import accuracy_bars
+    from .report import before_after, erase_and_measure, showcase
     from .toy.oracle import Oracle
-    from .toy.world import GROUP_OF, GROUPS
 
     pipe, oracle = load("toy"), Oracle.load()
     out = Path(args.out)
-    concepts = [*OBJECTS, *PAINTERS]
     t0 = time.perf_counter()
-    before = accuracy(pipe, oracle, concepts, args.per_prompt, args.seed)
-    edit = _erase(pipe, args.concept, args.method, args.parts)
-    with edit.apply(pipe):
-        after = accuracy(pipe, oracle, concepts, args.per_prompt, args.seed)
-    if kind_of(args.concept) == "object":  # the concept, two of its group, one from another group
-        group = GROUP_OF[args.concept]
-        shown = [args.concept, *[o for o in GROUPS[group] if o != args.concept][:2],
-                 "car" if group != "vehicle" else "cat"]
-        rows = [f"an icon of {a(c)}" for c in shown]
-    else:  # the style on two objects, the plain object, and another style
-        other = next(p for p in PAINTERS if p != args.concept)
-        rows = [f"a cat by {args.concept}", f"a boat by {args.concept}", "a cat", f"a cat by {other}"]
-    grid_rows = []
-    for prompt in rows:
-        imgs = pipe([prompt] * 4, num_inference_steps=20, guidance_scale=5.0, generator=seeded(args.seed)).images
-        with edit.apply(pipe):
-            imgs += pipe([prompt] * 4, num_inference_steps=20, guidance_scale=5.0, generator=seeded(args.seed)).images
-        grid_rows.append(imgs)
-    save(image_grid(grid_rows, rows, ["before"] * 4 + ["after"] * 4), out / "before_after.png")
-    others = [c for c in concepts if c != args.concept]
-    report = {
-        "concept": args.concept, "method": args.method, "edit_seconds": edit.seconds,
-        "accuracy_on_concept": {"before": before[args.concept], "after": after[args.concept]},
-        "accuracy_on_others": {"before": sum(before[c] for c in others) / len(others),
-                               "after": sum(after[c] for c in others) / len(others)},
-        "preservation": preservation({c: after[c] for c in others}, {c: before[c] for c in others}),
-        "per_concept": {"before": before, "after": after}, "images_per_concept": args.per_prompt,
-        "seed": args.seed, "params": {k: v for k, v in edit.params.items() if k != "scores"},
-    }
+    result = erase_and_measure(pipe, oracle, args.concept, args.method, args.parts,
+                               concepts=[*OBJECTS, *PAINTERS], per_prompt=args.per_prompt, seed=args.seed)
+    save(before_after(pipe, result.edit, showcase(args.concept), seed=args.seed), out / "before_after.png")
+    report = result.report()
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    save(accuracy_bars(before, after, f"{args.method} erases {args.concept!r}"), out / "accuracy.png")
-    edit.save(out / "edit.safetensors")
-    print(f"erased {args.concept!r} with {args.method} in {edit.seconds:.2f} s: accuracy on it "
-          f"{before[args.concept]:.0%} -> {after[args.concept]:.0%}, on the other {len(others)} concepts "
-          f"{report['accuracy_on_others']['before']:.0%} -> {report['accuracy_on_others']['after']:.0%} "
-          f"(preservation {report['preservation']:.0%}); wrote {out}/ ({time.perf_counter() - t0:.0f} s)")
+    save(result.figure(), out / "accuracy.png")
+    result.edit.save(out / "edit.safetensors")
+    print(f"erased {args.concept!r} with {args.method} in {result.edit.seconds:.2f} s: accuracy on it "
+          f"{report['accuracy_on_concept']['before']:.0%} -> {result.efficacy:.0%}, on the other "
+          f"{len(result.others)} concepts {report['accuracy_on_others']['before']:.0%} -> "
+          f"{report['accuracy_on_others']['after']:.0%} (preservation {result.preservation:.0%}); "
+          f"wrote {out}/ ({time.perf_counter() - t0:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("erase", help="erase a concept and save the edit")
     e.add_argument("--model", default="toy")
     e.add_argument("--concept", required=True)
-    e.add_argument("--method", choices=("rece", "uce", "fewshot"), default="rece")
+    e.add_argument("--method", choices=METHODS, default="rece")
     e.add_argument("--parts", help="parts to edit, a glob such as 'unet.*.xattn.v' or 'text.*.ffn'")
     e.add_argument("--preserve", action="append",
                    help="a prompt to preserve (repeatable; toy concepts default to the other concepts)")
@@ -152,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     e.set_defaults(run=_erase_cmd)
     d = sub.add_parser("demo", help="erase a toy concept: before/after grid, JSON report, figure")
     d.add_argument("--concept", default="apple")
-    d.add_argument("--method", choices=("rece", "uce", "fewshot"), default="rece")
+    d.add_argument("--method", choices=METHODS, default="rece")
     d.add_argument("--parts")
     d.add_argument("--per-prompt", type=int, default=6, help="images per concept for the report")
     d.add_argument("--seed", type=int, default=0)

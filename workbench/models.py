@@ -114,7 +114,13 @@ def load_toy(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    pipe._workbench_toy = True
     return pipe
+
+
+def is_toy(pipe) -> bool:
+    """Whether ``pipe`` is the bundled toy model (whose concepts the oracle can measure)."""
+    return bool(getattr(pipe, "_workbench_toy", False))
 
 
 def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,

@@ -1,0 +1,133 @@
+"""Erase and measure in one call: the edit, the oracle's accuracy before and after, and the figures.
+
+This is what ``workbench demo``, the quickstart panel and the method comparison share.
+
+>>> import workbench
+>>> from workbench.report import erase_and_measure
+>>> from workbench.toy.oracle import Oracle
+>>> pipe = workbench.load("toy")
+>>> result = erase_and_measure(pipe, Oracle.load(), "apple", "uce", concepts=["apple", "pear"], per_prompt=2)
+>>> result.table()[["concept", "before", "after"]].shape
+(2, 3)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .anatomy import Selector
+from .edits import Edit
+from .methods import erase
+from .metrics import accuracy, kind_of, preservation
+from .models import seeded
+from .plots import accuracy_bars, image_grid
+from .toy.world import GROUP_OF, GROUPS, OBJECTS, PAINTERS, a
+
+STEPS, GUIDANCE = 20, 5.0
+
+
+def showcase(concept: str) -> list[str]:
+    """Prompts that show an erasure at a glance: the concept, two related concepts and an unrelated one."""
+    if concept not in (*OBJECTS, *PAINTERS):
+        return [concept, f"a picture of {concept}"]
+    if kind_of(concept) == "object":
+        group = GROUP_OF[concept]
+        shown = [concept, *[o for o in GROUPS[group] if o != concept][:2], "car" if group != "vehicle" else "cat"]
+        return [f"an icon of {a(c)}" for c in shown]
+    other = next(p for p in PAINTERS if p != concept)
+    return [f"a cat by {concept}", f"a boat by {concept}", "a cat", f"a cat by {other}"]
+
+
+def neighbourhood(concept: str) -> list[str]:
+    """The concept, the rest of its group (or the other painters) and one concept of every other group."""
+    if kind_of(concept) == "style":
+        return [concept, *[p for p in PAINTERS if p != concept], "cat", "car"]
+    group = GROUP_OF[concept]
+    return [concept, *[o for o in GROUPS[group] if o != concept],
+            *[objs[0] for g, objs in GROUPS.items() if g != group], "van gogh"]
+
+
+def before_after(pipe, edit: Edit, prompts: Sequence[str], n: int = 4, seed: int = 0) -> Figure:
+    """One row per prompt: ``n`` images before the edit, then the same seeds after it."""
+    rows = []
+    for prompt in prompts:
+        row = pipe([prompt] * n, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=seeded(seed)).images
+        with edit.apply(pipe):
+            row += pipe([prompt] * n, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                        generator=seeded(seed)).images
+        rows.append(row)
+    return image_grid(rows, list(prompts), ["before"] * n + ["after"] * n)
+
+
+@dataclass
+class Erasure:
+    """An edit and the oracle's accuracy per concept before and after it."""
+
+    concept: str
+    edit: Edit
+    before: dict[str, float]
+    after: dict[str, float]
+    per_prompt: int
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def others(self) -> list[str]:
+        return [c for c in self.before if c != self.concept]
+
+    @property
+    def efficacy(self) -> float:
+        """Accuracy on the erased concept after the edit (lower is a stronger erasure)."""
+        return self.after[self.concept]
+
+    @property
+    def preservation(self) -> float:
+        """Accuracy on the other concepts after the edit, as a fraction of before."""
+        return preservation({c: self.after[c] for c in self.others}, {c: self.before[c] for c in self.others})
+
+    def table(self) -> pd.DataFrame:
+        """One row per concept measured: kind, group, accuracy before and after."""
+        return pd.DataFrame([{"concept": c, "kind": kind_of(c),
+                              "group": GROUP_OF.get(c, "style"), "erased": c == self.concept,
+                              "before": self.before[c], "after": self.after[c]} for c in self.before])
+
+    def figure(self) -> Figure:
+        return accuracy_bars(self.before, self.after, f"{self.edit.method} erases {self.concept!r}")
+
+    def report(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "concept": self.concept, "method": self.edit.method, "edit_seconds": self.edit.seconds,
+            "accuracy_on_concept": {"before": self.before[self.concept], "after": self.efficacy},
+            "accuracy_on_others": {k: sum(d[c] for c in self.others) / max(1, len(self.others))
+                                   for k, d in (("before", self.before), ("after", self.after))},
+            "preservation": self.preservation, "per_concept": {"before": self.before, "after": self.after},
+            "images_per_concept": self.per_prompt, "seed": self.seed,
+            "params": {k: v for k, v in self.edit.params.items() if k != "scores"},
+        }
+
+
+_BASE: dict[tuple, dict[str, float]] = {}
+
+
+def erase_and_measure(pipe, oracle, concept: str, method: str = "rece", parts: Selector | None = None,
+                      concepts: Sequence[str] | None = None, per_prompt: int = 4, seed: int = 0,
+                      **knobs: Any) -> Erasure:
+    """Erase a toy concept and measure accuracy on ``concepts`` (default: its :func:`neighbourhood`).
+
+    The unedited model's accuracy is computed once per pipeline and setting, then reused.
+    """
+    concepts = list(concepts) if concepts is not None else neighbourhood(concept)
+    if concept not in concepts:
+        concepts.insert(0, concept)
+    key = (id(pipe), tuple(id(e) for e in getattr(pipe, "_workbench_applied", [])), tuple(concepts),
+           per_prompt, seed)
+    if key not in _BASE:
+        _BASE[key] = accuracy(pipe, oracle, concepts, per_prompt, seed)
+    edit = erase(pipe, concept, method, parts, **knobs)
+    with edit.apply(pipe):
+        after = accuracy(pipe, oracle, concepts, per_prompt, seed)
+    return Erasure(concept, edit, dict(_BASE[key]), after, per_prompt, seed)

@@ -1,0 +1,232 @@
+"""Control panels for the notebooks: controls, a Run button with a progress bar, and an output area.
+
+Each panel runs once when it is made (so "run all cells" shows a full result without a click) and
+again on every click of Run. ``panel.result`` holds the last result, ``panel.set(**values)`` sets
+controls from code, and ``panel.run()`` is what the button does.
+
+>>> import workbench
+>>> from workbench.toy.oracle import Oracle
+>>> from workbench.widgets import ErasePanel
+>>> panel = ErasePanel(workbench.load("toy"), Oracle.load(), run=False)
+>>> panel.set(concept="cat", method="uce").values()["method"]
+'uce'
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+import ipywidgets as w
+import matplotlib.pyplot as plt
+from IPython.display import display
+from matplotlib.figure import Figure
+
+from .methods import METHODS
+from .toy.world import OBJECTS, PAINTERS
+
+CONCEPTS = (*OBJECTS, *PAINTERS)
+_WIDE = w.Layout(width="320px")
+_STYLE = {"description_width": "110px"}
+
+
+def _show(*items: Any) -> None:
+    """Display figures (then close them, so inline backends do not draw them twice) and tables."""
+    for item in items:
+        display(item)
+        if isinstance(item, Figure):
+            plt.close(item)
+
+
+class Panel:
+    """The shared frame of every panel; subclasses define ``controls``, ``compute`` and ``show``."""
+
+    title = ""
+
+    def __init__(self, pipe, oracle=None, run: bool = True, **values: Any) -> None:
+        self.pipe, self.oracle = pipe, oracle
+        self.controls: dict[str, w.ValueWidget] = self.make_controls()
+        for c in self.controls.values():
+            c.style = _STYLE
+            c.layout = _WIDE
+        self.button = w.Button(description="Run", button_style="primary", icon="play",
+                               tooltip="run with the settings above")
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="", layout=w.Layout(width="240px"))
+        self.status = w.HTML()
+        self.output = w.Output()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.button.on_click(lambda _: self.run())
+        self.widget = w.VBox([
+            w.HTML(f"<b>{self.title}</b>"),
+            w.GridBox(list(self.controls.values()),
+                      layout=w.Layout(grid_template_columns="repeat(2, 340px)", grid_gap="2px 12px")),
+            w.HBox([self.button, self.progress, self.status]),
+            self.output,
+        ])
+        self.set(**values)
+        if run:
+            self.run()
+
+    # what subclasses provide
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        raise NotImplementedError
+
+    def compute(self, step: Callable[[str], None], **values: Any) -> Any:
+        raise NotImplementedError
+
+    def show(self, result: Any) -> None:
+        raise NotImplementedError
+
+    def stages(self, values: dict[str, Any]) -> int:
+        """How many times ``compute`` will call ``step`` (the progress bar's length)."""
+        return 1
+
+    # the frame
+    def set(self, **values: Any) -> "Panel":
+        """Set controls by name; an unknown name or a value a control refuses raises ``ValueError``."""
+        for name, value in values.items():
+            if name not in self.controls:
+                raise ValueError(f"{type(self).__name__} has no control {name!r}; "
+                                 f"its controls are {', '.join(self.controls)}")
+            control = self.controls[name]
+            options = getattr(control, "options", None)
+            if options is not None and not isinstance(control, w.Text):
+                labels = [o[1] if isinstance(o, tuple) else o for o in options]
+                wanted = value if isinstance(value, (tuple, list)) else [value]
+                missing = [v for v in wanted if v not in labels]
+                if missing:
+                    raise ValueError(f"{name} cannot be {missing[0]!r}; choose from {', '.join(map(str, labels))}")
+            control.value = tuple(value) if isinstance(value, list) else value
+        return self
+
+    def values(self) -> dict[str, Any]:
+        """The controls' current values."""
+        return {name: c.value for name, c in self.controls.items()}
+
+    def _step(self, label: str) -> None:
+        self.progress.value = min(self.progress.max, self.progress.value + 1)
+        self.status.value = label
+
+    def run(self) -> Any:
+        """Compute with the current values and show the result in the output area."""
+        values = self.values()
+        self.button.disabled = True
+        self.progress.max, self.progress.value = max(1, self.stages(values)), 0
+        self.progress.bar_style = ""
+        self.error = None
+        try:
+            result = self.compute(self._step, **values)
+        except Exception as exc:  # shown in the panel, kept on .error; the notebook keeps running
+            self.error = exc
+            self.progress.bar_style = "danger"
+            self.status.value = f"<span style='color:#D55E00'>{type(exc).__name__}: {exc}</span>"
+            with self.output:
+                self.output.clear_output(wait=True)
+                print("".join(traceback.format_exception_only(type(exc), exc)))
+            return None
+        finally:
+            self.button.disabled = False
+        self.result = result
+        self.progress.value, self.progress.bar_style = self.progress.max, "success"
+        self.status.value = self.summary(result) or "done"
+        with self.output:
+            self.output.clear_output(wait=True)
+            self.show(result)
+        return result
+
+    def summary(self, result: Any) -> str:
+        """A one-line description of ``result`` for the status line."""
+        return ""
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+
+def _concept_control(pipe, value: str = "apple") -> w.ValueWidget:
+    from .models import is_toy
+
+    if is_toy(pipe):
+        return w.Dropdown(options=list(CONCEPTS), value=value, description="concept")
+    return w.Text(value=value, description="concept", continuous_update=False)
+
+
+class ErasePanel(Panel):
+    """Erase one concept, then show before/after images and the oracle's accuracy table and bars.
+
+    On a model without an oracle (Stable Diffusion, the tiny SD-shaped pipeline) it shows the images
+    and the size of the edit per part.
+    """
+
+    title = "Erase a concept"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        controls = {
+            "concept": _concept_control(self.pipe),
+            "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
+            "parts": w.Text(value="", placeholder="method default, e.g. unet.*.xattn.v",
+                            description="parts", continuous_update=False),
+            "epochs": w.IntSlider(value=3, min=1, max=6, description="RECE epochs"),
+            "ridge": w.FloatLogSlider(value=1e-3, base=10, min=-4, max=-1, description="RECE ridge",
+                                      readout_format=".0e"),
+            "lam": w.FloatLogSlider(value=0.5, base=10, min=-2, max=1, description="UCE lambda",
+                                    readout_format=".2g"),
+            "lr": w.FloatLogSlider(value=5e-5, base=10, min=-6, max=-3, description="few-shot lr",
+                                   readout_format=".0e"),
+            "steps": w.IntSlider(value=8, min=1, max=40, description="few-shot steps"),
+            "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
+            "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
+        }
+        controls["method"].observe(lambda _: self._knobs_for_method(), names="value")
+        return controls
+
+    def _knobs_for_method(self) -> None:
+        method = self.controls["method"].value
+        owners = {"epochs": "rece", "ridge": "rece", "lam": "uce", "lr": "fewshot", "steps": "fewshot"}
+        for name, owner in owners.items():
+            self.controls[name].layout.display = "" if owner == method else "none"
+
+    def set(self, **values: Any) -> "ErasePanel":
+        super().set(**values)
+        self._knobs_for_method()
+        return self
+
+    def stages(self, values: dict[str, Any]) -> int:
+        return 3 if self.oracle is not None else 2
+
+    def compute(self, step: Callable[[str], None], concept: str, method: str, parts: str, epochs: int,
+                ridge: float, lam: float, lr: float, steps: int, per_prompt: int, seed: int) -> dict[str, Any]:
+        from .methods import erase
+        from .report import before_after, erase_and_measure, showcase
+
+        knobs: dict[str, Any] = {"rece": dict(epochs=epochs, ridge=ridge), "uce": dict(lam=lam),
+                                 "fewshot": dict(lr=lr, steps=steps, seed=seed, progress=False)}[method]
+        scope = parts.strip() or None
+        if self.oracle is not None:
+            step("erasing and measuring")
+            result = erase_and_measure(self.pipe, self.oracle, concept, method, scope, per_prompt=per_prompt,
+                                       seed=seed, **knobs)
+            edit = result.edit
+        else:
+            step("erasing")
+            result, edit = None, erase(self.pipe, concept, method, scope, **knobs)
+        step("drawing before and after")
+        grid = before_after(self.pipe, edit, showcase(concept), n=per_prompt, seed=seed)
+        step("done")
+        return {"edit": edit, "measured": result, "grid": grid}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        edit, measured = result["edit"], result["measured"]
+        text = f"{edit.method} erased {edit.concept!r} in {edit.seconds:.2f} s"
+        if measured is not None:
+            text += (f"; accuracy on it {measured.before[measured.concept]:.0%} &rarr; {measured.efficacy:.0%}, "
+                     f"preservation {measured.preservation:.0%}")
+        return text
+
+    def show(self, result: dict[str, Any]) -> None:
+        measured = result["measured"]
+        _show(result["grid"])
+        if measured is not None:
+            _show(measured.table().style.format({"before": "{:.0%}", "after": "{:.0%}"}).hide(axis="index"),
+                  measured.figure())
+        else:
+            _show(result["edit"].summary(self.pipe))
