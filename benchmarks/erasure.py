@@ -66,7 +66,56 @@ def run(per_prompt: int) -> None:
         print(f"| {n} | {t['uce']:.2f} | {t['rece']:.2f} | {peak_mb():.0f} |", flush=True)
 
 
+def bad_input(pipe) -> None:
+    """Each bad input: the error it raises, and whether every weight of the model is unchanged after it."""
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from workbench.anatomy import parts
+    from workbench.edits import Edit
+
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "empty").mkdir()
+    mixed = tmp / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (57, 31), "red").save(mixed / "odd-size.png")
+    (mixed / "notes.txt").write_text("not an image")
+    tiny = workbench.load(workbench.build_tiny_sd(tmp / "tiny-sd"))
+    uce(tiny, "apple").save(tmp / "other-model.safetensors")
+    cases = {
+        "concept that tokenizes to nothing": lambda: rece(pipe, "   "),
+        "missing image folder": lambda: fewshot(pipe, "apple", images=tmp / "missing", progress=False),
+        "empty image folder": lambda: fewshot(pipe, "apple", images=tmp / "empty", progress=False),
+        "non-image file and odd-sized image": lambda: fewshot(pipe, "apple", images=mixed, steps=1, progress=False),
+        "selector matching nothing": lambda: uce(pipe, "apple", parts="unet.*.xattn.q"),
+        "edit file for another model": lambda: Edit.load(tmp / "other-model.safetensors").apply(pipe).__enter__(),
+        "NaN in a result": lambda: uce(pipe, "apple", erase_scale=float("nan")),
+    }
+    base = {n: p.weight.detach().clone() for n, p in parts(pipe).items()}
+    print("\n| bad input | outcome | message | model unchanged |")
+    print("|---|---|---|---|")
+    for name, fn in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                fn()
+                outcome, message = "ran", "; ".join(str(c.message) for c in caught) or "-"
+            except Exception as exc:  # the row shows what the user would read
+                outcome, message = type(exc).__name__, str(exc)
+        unchanged = all(torch.equal(base[n], p.weight) for n, p in parts(pipe).items())
+        short = message if len(message) < 150 else message[:147] + "..."
+        print(f"| {name} | {outcome} | {short.replace('|', '/')} | {unchanged} |", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-prompt", type=int, default=8)
-    run(p.parse_args().per_prompt)
+    p.add_argument("--bad-input-only", action="store_true", help="only the bad-input table (seconds)")
+    args = p.parse_args()
+    if not args.bad_input_only:
+        run(args.per_prompt)
+    bad_input(workbench.load("toy"))

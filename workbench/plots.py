@@ -72,6 +72,188 @@ def accuracy_bars(before: dict[str, float], after: dict[str, float], title: str 
     return fig
 
 
+_LABELS = {"efficacy": "efficacy", "preservation": "preservation", "drift": "drift to related",
+           "dW": "||ΔW||", "dW_relative": "||ΔW|| / ||W||", "seconds": "edit seconds", "accuracy": "accuracy"}
+_SHARES = ("efficacy", "preservation", "preservation_related", "preservation_unrelated", "drift", "accuracy")
+
+
+def _short(layer: str) -> str:
+    return layer.split(".", 1)[1] if layer.startswith(("text.", "unet.")) else layer
+
+
+def sweep_heatmap(table, value: str = "efficacy", title: str = "") -> Figure:
+    """A layer sweep (:func:`workbench.sweep.layer_sweep`) as layers x components, colour = ``value``
+    (mean over seeds and concepts), each cell labelled."""
+    import numpy as np
+
+    runs = table[table["layer"].notna()] if "layer" in table else table.iloc[:0]
+    if runs.empty or value not in runs:
+        raise ValueError(f"sweep_heatmap needs layer-sweep rows with a {value!r} column; make them with "
+                         "workbench.sweep.layer_sweep (measure=True for efficacy and preservation)")
+    rows = runs["component"] + np.where(runs["cumulative"], " (0..i)", "")
+    grid = runs.assign(row=rows).pivot_table(index="row", columns="layer", values=value, aggfunc="mean",
+                                             sort=False)
+    names = runs.drop_duplicates("layer").set_index("layer")["layer_name"]
+    share = value in _SHARES
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.3, 0.32 * len(grid) + 0.95))
+        im = ax.imshow(grid.to_numpy(float), cmap="viridis", aspect="auto",
+                       vmin=0 if share else None, vmax=1 if share else None)
+        lo, hi = im.get_clim()
+        for (r, c), v in np.ndenumerate(grid.to_numpy(float)):
+            if np.isfinite(v):
+                dark = (v - lo) / ((hi - lo) or 1) < 0.6
+                ax.text(c, r, f"{v:.2f}" if share else f"{v:.2g}", ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
+        ax.set_xticks(range(grid.shape[1]), [_short(names[c]) for c in grid.columns],
+                      rotation=0 if len(grid.columns) <= 8 else 60)
+        ax.set_yticks(range(len(grid)), grid.index)
+        unet = str(names.iloc[0]).startswith("unet.")
+        ax.set_xlabel("UNet cross-attention layer" if unet else "text-encoder layer")
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        fig.colorbar(im, ax=ax, pad=0.02, fraction=0.05).set_label(_LABELS.get(value, value))
+        if title:
+            ax.set_title(title, loc="left")
+    return fig
+
+
+def subset_bars(table, values: Sequence[str] = ("efficacy", "preservation", "dW", "seconds")) -> Figure:
+    """The FFN-versus-attention comparison (:func:`workbench.sweep.ffn_vs_attention`): one panel per
+    value, bars per parameter subset and concept, mean +- std over seeds."""
+    import numpy as np
+
+    runs = table[table["layer"].isna()] if "layer" in table else table.iloc[:0]
+    missing = [v for v in values if v not in runs]
+    if runs.empty or missing:
+        raise ValueError("subset_bars needs whole-encoder runs from workbench.sweep.ffn_vs_attention"
+                         + (f" with the columns {', '.join(missing)}" if missing else ""))
+    subsets, concepts = list(dict.fromkeys(runs["subset"])), list(dict.fromkeys(runs["concept"]))
+    stats = runs.groupby(["subset", "concept"])[list(values)].agg(["mean", "std"])
+    ncols = min(2, len(values))
+    nrows = -(-len(values) // ncols)
+    width = 0.8 / len(concepts)
+    x = np.arange(len(subsets))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.3, 1.25 * nrows + 0.55), squeeze=False)
+        for ax, value in zip(axes.flat, values):
+            for k, concept in enumerate(concepts):
+                keys = [(s, concept) for s in subsets]
+                mean = [stats.loc[key, (value, "mean")] if key in stats.index else np.nan for key in keys]
+                std = [stats.loc[key, (value, "std")] if key in stats.index else np.nan for key in keys]
+                ax.bar(x + (k - (len(concepts) - 1) / 2) * width, mean, width, yerr=np.nan_to_num(std),
+                       color=PALETTE[k % len(PALETTE)], label=concept, capsize=1.2,
+                       error_kw={"elinewidth": 0.6, "capthick": 0.6})
+            ax.set_xticks(x, subsets, rotation=30, ha="right")
+            ax.set_ylabel(_LABELS.get(value, value))
+            if value in _SHARES:
+                ax.set_ylim(0, 1.05)
+            ax.spines[["top", "right"]].set_visible(False)
+        for ax in list(axes.flat)[len(values):]:
+            ax.set_visible(False)
+        axes[0][0].legend(frameon=False, ncols=min(4, len(concepts)), loc="lower left", bbox_to_anchor=(0, 1.02),
+                          handlelength=1, columnspacing=0.8)
+        fig.tight_layout(h_pad=0.4, w_pad=0.6)
+    return fig
+
+
+def dw_per_layer(table, by: str | None = None) -> Figure:
+    """||ΔW|| per layer (``dW_by_layer`` of a sweep table), one line per ``by`` value, mean +- std.
+
+    ``by`` defaults to ``"subset"`` for FFN-versus-attention tables (whole-encoder runs) and to
+    ``"component"`` for layer sweeps.
+    """
+    import numpy as np
+
+    if "dW_by_layer" not in table or table.empty:
+        raise ValueError("dw_per_layer needs a table from workbench.sweep (column 'dW_by_layer')")
+    whole = table[table["layer"].isna()]
+    runs = whole if by in (None, "subset") and not whole.empty else table
+    by = by or ("subset" if not whole.empty else "component")
+    layers: list[str] = []
+    for d in sorted(runs["dW_by_layer"], key=len, reverse=True):
+        layers += [k for k in d if k not in layers]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.3, 1.9))
+        for k, (name, group) in enumerate(runs.groupby(by, sort=False)):
+            values = np.array([[d.get(layer, 0.0) for layer in layers] for d in group["dW_by_layer"]])
+            std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(layers))
+            ax.errorbar(range(len(layers)), values.mean(axis=0), yerr=std, color=PALETTE[k % len(PALETTE)],
+                        marker="o", markersize=3, linewidth=1, capsize=1.5, label=name)
+        ax.set_xticks(range(len(layers)), [_short(layer) for layer in layers],
+                      rotation=0 if len(layers) <= 8 else 60)
+        ax.set_xlabel("UNet cross-attention layer" if layers and layers[0].startswith("unet.")
+                      else "text-encoder layer")
+        ax.set_ylabel(_LABELS["dW"])
+        ax.set_ylim(bottom=0)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(frameon=False, ncols=2, loc="lower left", bbox_to_anchor=(0, 1.0), handlelength=1.5)
+    return fig
+
+
+#: Colour of each vocabulary group in :func:`landing_map`.
+GROUP_COLOURS = {"fruit": PALETTE[0], "vehicle": PALETTE[1], "sky": PALETTE[2], "animal": PALETTE[3],
+                 "style": PALETTE[5], "colour": PALETTE[4]}
+
+
+def landing_map(points, arrows=None, derived=None, title: str = "", labels: str = "concept") -> Figure:
+    """A UMAP map of a vocabulary with an edit's arrows, as drawn by ``LandingMap.figure``.
+
+    ``points``: word, kind ("concept", "related", "distractor", ...), group, x, y; distractors grey and
+    small, related words faint in their group's colour, concepts solid and labelled (``labels="all"``
+    labels every word, ``"none"`` none). ``arrows``: word, x0, y0, x1, y1 (before -> after).
+    ``derived``: label, x, y (RECE's derived embeddings, black crosses).
+    """
+    from matplotlib.lines import Line2D
+
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.3, 3.1))
+        colour = [GROUP_COLOURS.get(g, "#999999") for g in points["group"]]
+        kind = points["kind"].to_numpy()
+        layers = (("distractor", 3, 0.35, "#BBBBBB"), ("extra", 3, 0.35, "#BBBBBB"), ("related", 7, 0.45, None),
+                  ("concept", 16, 1.0, None))
+        for name, size, alpha, fixed in layers:
+            sel = kind == name
+            if sel.any():
+                ax.scatter(points["x"][sel], points["y"][sel], s=size, alpha=alpha, linewidths=0,
+                           c=fixed or [c for c, s in zip(colour, sel) if s], zorder=2 if name == "concept" else 1)
+        for _, p in points.iterrows():
+            if labels == "all" or (labels == "concept" and p["kind"] == "concept"):
+                ax.annotate(p["word"], (p["x"], p["y"]), xytext=(2, 2), textcoords="offset points", fontsize=5,
+                            color=GROUP_COLOURS.get(p["group"], "#555555"), zorder=3)
+        if arrows is not None:
+            for _, a in arrows.iterrows():
+                ax.annotate("", xy=(a["x1"], a["y1"]), xytext=(a["x0"], a["y0"]), zorder=4,
+                            arrowprops=dict(arrowstyle="-|>", color="black", lw=0.8, shrinkA=0, shrinkB=0,
+                                            mutation_scale=6))
+                ax.scatter([a["x1"]], [a["y1"]], s=18, facecolors="white", edgecolors="black", linewidths=0.8,
+                           zorder=5)
+                ax.annotate(f"{a['word']} (after)", (a["x1"], a["y1"]), xytext=(3, -7), textcoords="offset points",
+                            fontsize=5.5, fontweight="bold", zorder=6)
+        if derived is not None and len(derived):
+            ax.scatter(derived["x"], derived["y"], marker="X", s=22, c="black", linewidths=0, zorder=6)
+            for _, d in derived.iterrows():
+                ax.annotate(str(d.get("epoch", "")), (d["x"], d["y"]), xytext=(3, 2), textcoords="offset points",
+                            fontsize=5, zorder=6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+        ax.spines[["top", "right"]].set_visible(False)
+        present = [g for g in GROUP_COLOURS if g in set(points["group"])]
+        handles = [Line2D([], [], ls="", marker="o", ms=3.5, color=GROUP_COLOURS[g], label=g) for g in present]
+        if (kind == "distractor").any() or (kind == "extra").any():
+            handles.append(Line2D([], [], ls="", marker="o", ms=2.5, color="#BBBBBB", label="other"))
+        if derived is not None and len(derived):
+            handles.append(Line2D([], [], ls="", marker="X", ms=4, color="black", label="derived (epoch)"))
+        ax.legend(handles=handles, frameon=False, fontsize=5.5, ncols=4, loc="lower left",
+                  bbox_to_anchor=(0, 1.0), handletextpad=0.1, columnspacing=0.8)
+        if title:
+            fig.suptitle(title, fontsize=7, y=1.06)
+    return fig
+
+
 def save(fig: Figure, path: str | Path) -> Path:
     """Save ``fig`` by the path's suffix: ``.pdf``, ``.svg`` or ``.png`` (300 dpi)."""
     path = Path(path)
@@ -81,3 +263,29 @@ def save(fig: Figure, path: str | Path) -> Path:
     with plt.rc_context(STYLE):
         fig.savefig(path, dpi=300)
     return path
+
+
+def method_comparison(table) -> Figure:
+    """Accuracy on the erased concept (lower is better) and preservation (higher is better) per method,
+    one group of bars per concept; ``table`` is :func:`workbench.report.compare`'s."""
+    import numpy as np
+
+    methods = list(dict.fromkeys(table["method"]))
+    concepts = list(dict.fromkeys(table["concept"]))
+    x = np.arange(len(concepts))
+    width = 0.8 / len(methods)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(max(3.3, 0.5 * len(concepts) + 2.2), 1.9), sharey=True)
+        for ax, column, label in ((axes[0], "after", "accuracy on erased concept"),
+                                  (axes[1], "preservation", "preservation of others")):
+            for i, m in enumerate(methods):
+                rows = table[table["method"] == m].set_index("concept")
+                ax.bar(x + (i - (len(methods) - 1) / 2) * width, [rows.loc[c, column] for c in concepts], width,
+                       label=m, color=PALETTE[i % len(PALETTE)])
+            ax.set_xticks(x, concepts, rotation=45, ha="right")
+            ax.set_ylim(0, 1.05)
+            ax.set_title(label)
+            ax.spines[["top", "right"]].set_visible(False)
+        axes[0].set_ylabel("share of images")
+        axes[0].legend(frameon=False, ncols=len(methods), loc="lower left", bbox_to_anchor=(0, 1.08))
+    return fig

@@ -13,7 +13,7 @@ This is what ``workbench demo``, the quickstart panel and the method comparison 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -118,7 +118,8 @@ def erase_and_measure(pipe, oracle, concept: str, method: str = "rece", parts: S
                       **knobs: Any) -> Erasure:
     """Erase a toy concept and measure accuracy on ``concepts`` (default: its :func:`neighbourhood`).
 
-    The unedited model's accuracy is computed once per pipeline and setting, then reused.
+    The unedited model's accuracy is computed once per pipeline and setting, then reused. ``seed`` seeds
+    the images and, for few-shot, the training.
     """
     concepts = list(concepts) if concepts is not None else neighbourhood(concept)
     if concept not in concepts:
@@ -127,7 +128,28 @@ def erase_and_measure(pipe, oracle, concept: str, method: str = "rece", parts: S
            per_prompt, seed)
     if key not in _BASE:
         _BASE[key] = accuracy(pipe, oracle, concepts, per_prompt, seed)
+    if method == "fewshot":
+        knobs.setdefault("seed", seed)
     edit = erase(pipe, concept, method, parts, **knobs)
     with edit.apply(pipe):
         after = accuracy(pipe, oracle, concepts, per_prompt, seed)
     return Erasure(concept, edit, dict(_BASE[key]), after, per_prompt, seed)
+
+
+def compare(pipe, oracle, concepts: Sequence[str], methods: Sequence[str] = ("rece", "uce", "fewshot"),
+            per_prompt: int = 4, seed: int = 0, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Erase each concept with each method; one row per (method, concept): accuracy on the concept
+    before and after, preservation of its neighbourhood, seconds, and the edit's total ``||dW||``.
+    ``on_step(label)`` is called after each erasure (for progress bars)."""
+    rows = []
+    for concept in concepts:
+        for method in methods:
+            r = erase_and_measure(pipe, oracle, concept, method, per_prompt=per_prompt, seed=seed)
+            summary = r.edit.summary(pipe)
+            rows.append({"method": method, "concept": concept, "kind": kind_of(concept),
+                         "before": r.before[concept], "after": r.efficacy, "preservation": r.preservation,
+                         "seconds": r.edit.seconds, "dW": float((summary["dW"] ** 2).sum() ** 0.5),
+                         "relative dW": float(summary["relative"].mean()), "parts": len(summary)})
+            if on_step is not None:
+                on_step(f"{method} on {concept!r}")
+    return pd.DataFrame(rows)

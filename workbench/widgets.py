@@ -13,12 +13,13 @@ controls from code, and ``panel.run()`` is what the button does.
 """
 from __future__ import annotations
 
+import io
 import traceback
 from typing import Any, Callable
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
-from IPython.display import display
+from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 from .methods import METHODS
@@ -29,12 +30,14 @@ _WIDE = w.Layout(width="320px")
 _STYLE = {"description_width": "110px"}
 
 
-def _show(*items: Any) -> None:
-    """Display figures (then close them, so inline backends do not draw them twice) and tables."""
-    for item in items:
-        display(item)
-        if isinstance(item, Figure):
-            plt.close(item)
+def _display_data(item: Any) -> Any:
+    """What the output area stores for ``item``: figures become PNG images (then are closed)."""
+    if isinstance(item, Figure):
+        buf = io.BytesIO()
+        item.savefig(buf, format="png", dpi=150, bbox_inches="tight")
+        plt.close(item)
+        return Image(data=buf.getvalue(), format="png")
+    return item
 
 
 class Panel:
@@ -74,7 +77,8 @@ class Panel:
     def compute(self, step: Callable[[str], None], **values: Any) -> Any:
         raise NotImplementedError
 
-    def show(self, result: Any) -> None:
+    def show(self, result: Any) -> list[Any]:
+        """What to put in the output area: figures, tables, text."""
         raise NotImplementedError
 
     def stages(self, values: dict[str, Any]) -> int:
@@ -120,18 +124,17 @@ class Panel:
             self.error = exc
             self.progress.bar_style = "danger"
             self.status.value = f"<span style='color:#D55E00'>{type(exc).__name__}: {exc}</span>"
-            with self.output:
-                self.output.clear_output(wait=True)
-                print("".join(traceback.format_exception_only(type(exc), exc)))
+            self.output.outputs = ()
+            self.output.append_stderr("".join(traceback.format_exception_only(type(exc), exc)))
             return None
         finally:
             self.button.disabled = False
         self.result = result
         self.progress.value, self.progress.bar_style = self.progress.max, "success"
         self.status.value = self.summary(result) or "done"
-        with self.output:
-            self.output.clear_output(wait=True)
-            self.show(result)
+        self.output.outputs = ()
+        for item in self.show(result):
+            self.output.append_display_data(_display_data(item))
         return result
 
     def summary(self, result: Any) -> str:
@@ -199,7 +202,7 @@ class ErasePanel(Panel):
         from .report import before_after, erase_and_measure, showcase
 
         knobs: dict[str, Any] = {"rece": dict(epochs=epochs, ridge=ridge), "uce": dict(lam=lam),
-                                 "fewshot": dict(lr=lr, steps=steps, seed=seed, progress=False)}[method]
+                                 "fewshot": dict(lr=lr, steps=steps, progress=False)}[method]
         scope = parts.strip() or None
         if self.oracle is not None:
             step("erasing and measuring")
@@ -208,6 +211,8 @@ class ErasePanel(Panel):
             edit = result.edit
         else:
             step("erasing")
+            if method == "fewshot":
+                knobs["seed"] = seed
             result, edit = None, erase(self.pipe, concept, method, scope, **knobs)
         step("drawing before and after")
         grid = before_after(self.pipe, edit, showcase(concept), n=per_prompt, seed=seed)
@@ -222,11 +227,47 @@ class ErasePanel(Panel):
                      f"preservation {measured.preservation:.0%}")
         return text
 
-    def show(self, result: dict[str, Any]) -> None:
+    def show(self, result: dict[str, Any]) -> list[Any]:
         measured = result["measured"]
-        _show(result["grid"])
-        if measured is not None:
-            _show(measured.table().style.format({"before": "{:.0%}", "after": "{:.0%}"}).hide(axis="index"),
-                  measured.figure())
-        else:
-            _show(result["edit"].summary(self.pipe))
+        if measured is None:
+            return [result["grid"], result["edit"].summary(self.pipe)]
+        table = measured.table().style.format({"before": "{:.0%}", "after": "{:.0%}"}).hide(axis="index")
+        return [result["grid"], table, measured.figure()]
+
+
+class ComparePanel(Panel):
+    """RECE, UCE and few-shot on the same concepts: the table and figure a paper would print."""
+
+    title = "Compare erasure methods"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        return {
+            "concepts": w.SelectMultiple(options=list(CONCEPTS), value=("apple", "car", "van gogh"),
+                                         description="concepts", rows=5),
+            "methods": w.SelectMultiple(options=list(METHODS), value=tuple(METHODS), description="methods",
+                                        rows=3),
+            "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
+            "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        return len(values["concepts"]) * len(values["methods"])
+
+    def compute(self, step: Callable[[str], None], concepts: tuple[str, ...], methods: tuple[str, ...],
+                per_prompt: int, seed: int) -> Any:
+        from .report import compare
+
+        if not concepts or not methods:
+            raise ValueError("select at least one concept and one method (ctrl/cmd-click to select several)")
+        return compare(self.pipe, self.oracle, concepts, methods, per_prompt=per_prompt, seed=seed, on_step=step)
+
+    def summary(self, table: Any) -> str:
+        best = table.groupby("method")["after"].mean().idxmin()
+        return f"{len(table)} erasures; lowest mean accuracy on the erased concept: {best}"
+
+    def show(self, table: Any) -> list[Any]:
+        from .plots import method_comparison
+
+        fmt = {"before": "{:.0%}", "after": "{:.0%}", "preservation": "{:.0%}", "seconds": "{:.2f}",
+               "dW": "{:.3g}", "relative dW": "{:.2%}"}
+        return [method_comparison(table), table.style.format(fmt).hide(axis="index")]
