@@ -128,6 +128,11 @@ def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
     """Load a pipeline: ``"toy"`` (bundled), a local diffusers folder, or a hub id such as
     ``"CompVis/stable-diffusion-v1-4"`` (SD 1.x / 2.x). Progress bars are off; images come back as PIL.
     """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars, not sampling ones (those are per pipeline)
+    transformers_logging.disable_progress_bar()
     if str(name) == "toy":
         pipe = load_toy(dtype or torch.float32)
     else:
@@ -218,3 +223,27 @@ def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def stable_diffusion_or_tiny(source: str | os.PathLike = "CompVis/stable-diffusion-v1-4",
+                             folder: str | os.PathLike | None = None) -> tuple[StableDiffusionPipeline, str]:
+    """Stable Diffusion from ``source`` (a local folder or cached hub id) on a GPU, if both are there;
+    otherwise the tiny SD-shaped pipeline (written to ``folder`` or a temporary one). Returns the
+    pipeline and a sentence saying plainly which one it is.
+
+    >>> pipe, which = stable_diffusion_or_tiny("/no/such/folder")
+    >>> which.startswith("tiny")
+    True
+    """
+    import tempfile
+
+    why = "no GPU is available"
+    if torch.cuda.is_available():
+        try:
+            return (load(source, dtype=torch.float16, device="cuda"),
+                    f"Stable Diffusion from {source} on {torch.cuda.get_device_name()}")
+        except ValueError as e:
+            why = f"{source} could not be loaded ({str(e).split('. ')[0]})"
+    pipe = load(build_tiny_sd(folder or tempfile.mkdtemp(prefix="tiny-sd-")))
+    return pipe, (f"tiny SD-shaped pipeline with random weights, because {why}: it draws noise, so the "
+                  "images and numbers below show how the analyses run, not what Stable Diffusion does")

@@ -66,9 +66,9 @@ def accuracy_bars(before: dict[str, float], after: dict[str, float], title: str 
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("oracle accuracy")
         ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(frameon=False, ncols=2, loc="lower left", bbox_to_anchor=(0, 1.0))
+        ax.legend(frameon=False, ncols=2, loc="lower right", bbox_to_anchor=(1, 1.0))
         if title:
-            ax.set_title(title, loc="right")
+            ax.set_title(title, loc="left", pad=6)
     return fig
 
 
@@ -218,10 +218,27 @@ def landing_map(points, arrows=None, derived=None, title: str = "", labels: str 
             if sel.any():
                 ax.scatter(points["x"][sel], points["y"][sel], s=size, alpha=alpha, linewidths=0,
                            c=fixed or [c for c, s in zip(colour, sel) if s], zorder=2 if name == "concept" else 1)
+        # greedy placement: each label takes the first of four spots next to its point that no earlier
+        # label covers (boxes estimated in points from the font size, then mapped to data units)
+        span_x = float(points["x"].max() - points["x"].min()) or 1.0
+        span_y = float(points["y"].max() - points["y"].min()) or 1.0
+        per_pt = (span_x / (2.7 * 72), span_y / (2.6 * 72))
+        placed: list[tuple[float, float, float, float]] = []
         for _, p in points.iterrows():
-            if labels == "all" or (labels == "concept" and p["kind"] == "concept"):
-                ax.annotate(p["word"], (p["x"], p["y"]), xytext=(2, 2), textcoords="offset points", fontsize=5,
-                            color=GROUP_COLOURS.get(p["group"], "#555555"), zorder=3)
+            if not (labels == "all" or (labels == "concept" and p["kind"] == "concept")):
+                continue
+            w, h = 5 * 0.55 * len(p["word"]), 6.0
+            for dx, dy, ha in ((2, 2, "left"), (2, -7, "left"), (-2, 2, "right"), (-2, -7, "right")):
+                x0 = p["x"] + (dx if ha == "left" else dx - w) * per_pt[0]
+                y0 = p["y"] + dy * per_pt[1]
+                box = (x0, x0 + w * per_pt[0], y0, y0 + h * per_pt[1])
+                if not any(box[0] < b[1] and b[0] < box[1] and box[2] < b[3] and b[2] < box[3] for b in placed):
+                    break
+            else:
+                dx, dy, ha = 2, 2, "left"
+            placed.append(box)
+            ax.annotate(p["word"], (p["x"], p["y"]), xytext=(dx, dy), textcoords="offset points", fontsize=5,
+                        ha=ha, color=GROUP_COLOURS.get(p["group"], "#555555"), zorder=3)
         if arrows is not None:
             for _, a in arrows.iterrows():
                 ax.annotate("", xy=(a["x1"], a["y1"]), xytext=(a["x0"], a["y0"]), zorder=4,
