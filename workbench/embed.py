@@ -1,20 +1,122 @@
-"""Prompt embeddings: the text encoder's per-token output, exactly as the pipeline conditions on it.
+"""Prompt embeddings: the text encoder's per-token output at any layer, pooled vectors in any space, and
+the text-encoder lens (images generated from an intermediate layer's output).
+
+A *space* names where a prompt's vector lives (``spaces(pipe)`` lists them):
+
+==============================  ================================================================
+``"text"``                      the text encoder's output, as the pipeline conditions on it
+``"text.{i}"``                  the output of text-encoder layer i (``text.{i}`` in ``anatomy``),
+                                made conditioning-ready (through CLIP's final layer norm)
+``"unet.{block}.xattn.{k,v}"``  a UNet cross-attention layer's key or value space: ``W c`` for the
+                                prompt's token rows c, with the layer's current weights
+==============================  ================================================================
+
+A vector is the mean of token rows: over the prompt's real tokens (``pool="mean"``; special tokens
+included, padding not) or over the concept word's own tokens (``pool="concept"``).
 
 >>> import workbench
->>> from workbench.embed import encode
+>>> from workbench.embed import embed, encode
 >>> pipe = workbench.load("toy")
 >>> encode(pipe, ["a red apple", "a car"]).shape
 torch.Size([2, 20, 384])
+>>> encode(pipe, "a car", layer=2).shape
+torch.Size([1, 20, 384])
+>>> embed(pipe, ["apple", "car"], space="unet.mid.0.xattn.k").shape
+(2, 128)
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+from PIL import Image
+
+from .anatomy import parts
+
+POOLS = ("mean", "concept")
+_CACHE_SIZE = 32
+_cache: weakref.WeakKeyDictionary[object, OrderedDict] = weakref.WeakKeyDictionary()
+
+
+def _as_list(prompts: str | Sequence[str]) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def _tokenize(pipe, prompts: list[str], padding: str = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and the real-token mask, truncated as the pipeline does; padded to the pipeline's
+    length, or (``padding="longest"``) only as far as the longest prompt."""
+    if hasattr(pipe, "maybe_convert_prompt"):
+        prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
+    tok = pipe.tokenizer(prompts, padding=padding, max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    return tok.input_ids, tok.attention_mask
+
+
+def _padding_is_invisible(encoder: torch.nn.Module) -> bool:
+    """Whether real tokens' outputs ignore trailing padding: masked attention, or CLIP's causal attention."""
+    return bool(getattr(encoder.config, "use_attention_mask", False)) or type(encoder).__name__.startswith("CLIPText")
+
+
+def _final_norm(encoder: torch.nn.Module) -> torch.nn.Module | None:
+    """CLIP's final layer norm (its hidden states are not conditioning-ready without it); None for BERT,
+    whose layers already end in a layer norm."""
+    for owner in (encoder, getattr(encoder, "text_model", None)):
+        norm = getattr(owner, "final_layer_norm", None)
+        if isinstance(norm, torch.nn.Module):
+            return norm
+    return None
+
+
+def n_layers(pipe) -> int:
+    """Number of transformer layers of ``pipe``'s text encoder."""
+    return sum(1 for name in parts(pipe) if name.startswith("text.") and name.endswith(".ffn.in"))
 
 
 @torch.no_grad()
-def encode(pipe, prompts: str | list[str], batch: int = 256) -> torch.Tensor:
-    """``[n_prompts, tokens, width]`` text-encoder output, float32 on the CPU; one pass per batch."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+def _states(pipe, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """``[layers + 1, n, tokens, width]`` (``layer=None``) or layer ``text.{layer}``'s ``[n, tokens, width]``."""
+    encoder = pipe.text_encoder
+    masked = bool(getattr(encoder.config, "use_attention_mask", False))
+    result = encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device) if masked else None,
+                     output_hidden_states=True)
+    states = torch.stack(result.hidden_states) if layer is None else result.hidden_states[layer + 1]
+    norm = _final_norm(encoder)
+    return (states if norm is None else norm(states)).float().cpu()
+
+
+def hidden_states(pipe, prompts: str | Sequence[str], batch: int = 256) -> torch.Tensor:
+    """``[layers + 1, n_prompts, tokens, width]``: index 0 is the token embeddings entering layer 0,
+    index ``i + 1`` the output of layer ``text.{i}``; every entry conditioning-ready, float32 on the CPU."""
+    prompts = _as_list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass a prompt or a list of prompts")
+    return torch.cat([_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), None)
+                      for i in range(0, len(prompts), batch)], dim=1)
+
+
+def _layer_index(pipe, layer: int) -> int:
+    n = n_layers(pipe)
+    if not -n <= layer < n:
+        raise ValueError(f"layer {layer} does not exist: this text encoder has {n} layers, "
+                         f"give 0..{n - 1} (or -1 for the last)")
+    return layer % n
+
+
+@torch.no_grad()
+def encode(pipe, prompts: str | Sequence[str], batch: int = 256, layer: int | None = None) -> torch.Tensor:
+    """``[n_prompts, tokens, width]`` text-encoder output, float32 on the CPU; one pass per batch.
+
+    ``layer=None`` is what the pipeline conditions on; ``layer=i`` is the output of layer ``text.{i}``
+    (negative counts from the end, so ``-1`` equals ``None``), conditioning-ready.
+    """
+    prompts = _as_list(prompts)
+    if layer is not None:
+        index = _layer_index(pipe, layer)
+        return torch.cat([_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), index)
+                          for i in range(0, len(prompts), batch)]) if prompts else torch.empty(0)
     device = pipe.text_encoder.device
     out = []
     for i in range(0, len(prompts), batch):
@@ -31,3 +133,167 @@ def check_prompt(pipe, text: str) -> None:
             f"the concept {text!r} tokenizes to nothing for this model's tokenizer; give a word or phrase "
             "such as 'apple' or 'van gogh'"
         )
+
+
+def spaces(pipe) -> list[str]:
+    """Every space name ``embed`` accepts for ``pipe``."""
+    unet = [n for n in parts(pipe) if n.startswith("unet.")]
+    return ["text", *(f"text.{i}" for i in range(n_layers(pipe))), *unet]
+
+
+def _check_space(pipe, space: str) -> None:
+    valid = spaces(pipe)
+    if space not in valid:
+        raise ValueError(f"unknown space {space!r}. Spaces of this model: {', '.join(valid)}")
+
+
+def _check_pool(pool: str) -> None:
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}: use 'mean' (all real tokens) or 'concept' (the word's own tokens)")
+
+
+def _weights(pipe, ids: torch.Tensor, mask: torch.Tensor, prompts: list[str], pool: str,
+             words: list[str] | None) -> torch.Tensor:
+    """``[n, tokens]`` pooling weights (rows sum to 1) over each prompt's token positions."""
+    if pool == "mean":
+        w = mask.float()
+        return w / w.sum(1, keepdim=True)
+    special = set(pipe.tokenizer.all_special_ids)
+    w = torch.zeros(ids.shape, dtype=torch.float32)
+    for row, (prompt, word) in enumerate(zip(prompts, words or prompts)):
+        real = [int(t) for t, m in zip(ids[row], mask[row]) if m]
+        want = [t for t in pipe.tokenizer(word, add_special_tokens=False).input_ids if t not in special]
+        if word is prompt or word == prompt:
+            hits = [j for j, t in enumerate(real) if t not in special]
+        else:
+            starts = [j for j in range(len(real) - len(want) + 1) if want and real[j:j + len(want)] == want]
+            hits = list(range(starts[-1], starts[-1] + len(want))) if starts else []
+        if not hits:
+            raise ValueError(f"the word {word!r} has no tokens of its own in the prompt {prompt!r} (empty, or cut "
+                             "off by the tokenizer's length limit); use pool='mean' or a shorter prompt")
+        w[row, hits] = 1.0 / len(hits)
+    return w
+
+
+@torch.no_grad()
+def _to_space(pipe, pooled: torch.Tensor, space: str) -> torch.Tensor:
+    if not space.startswith("unet."):
+        return pooled
+    linear = parts(pipe)[space]
+    # pooling is a mean, so projecting the pooled row equals pooling the projected rows W c
+    return linear(pooled.to(linear.weight.device, linear.weight.dtype)).float().cpu()
+
+
+def _key(pipe, *rest) -> tuple:
+    from .edits import applied
+
+    return (tuple(id(e) for e in applied(pipe)), *rest)
+
+
+def embed(pipe, words: str | Sequence[str], space: str = "text", pool: str = "mean",
+          template: str = "{}", batch: int = 256) -> np.ndarray:
+    """``[n_words, width]`` float32 vectors of ``template.format(word)`` in ``space`` (see the module doc).
+
+    Results are cached in memory per pipeline, keyed by the edits applied to it (``Edit.apply``), the
+    space, pool, template and words; the returned array is read-only. Weights changed in place by other
+    means are not noticed: call :func:`clear_cache` after such a change.
+    """
+    words = _as_list(words)
+    if not words:
+        raise ValueError("no words given: pass a word or a list of words")
+    _check_space(pipe, space)
+    _check_pool(pool)
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} has no '{{}}' where the word goes, e.g. 'a photo of {{}}'")
+    key = _key(pipe, space, pool, template, tuple(words))
+    store = _cache.setdefault(pipe, OrderedDict())
+    if key in store:
+        store.move_to_end(key)
+        return store[key][1]
+    prompts = [template.format(w) for w in words]
+    layer = int(space.split(".")[1]) if space.startswith("text.") else n_layers(pipe) - 1
+    # pooled rows ignore padding, so pad only to the longest prompt when the encoder cannot see padding
+    padding = "longest" if _padding_is_invisible(pipe.text_encoder) else "max_length"
+    vectors = []
+    for i in range(0, len(prompts), batch):
+        ids, mask = _tokenize(pipe, prompts[i:i + batch], padding)
+        w = _weights(pipe, ids, mask, prompts[i:i + batch], pool, words[i:i + batch] if template != "{}" else None)
+        vectors.append(torch.einsum("nt,ntd->nd", w, _states(pipe, ids, mask, layer)))
+    out = _to_space(pipe, torch.cat(vectors), space).numpy().astype(np.float32)
+    out.flags.writeable = False
+    from .edits import applied
+
+    store[key] = (applied(pipe), out)  # holding the edits keeps their ids unique while the entry lives
+    while len(store) > _CACHE_SIZE:
+        store.popitem(last=False)
+    return out
+
+
+def embed_rows(pipe, rows: torch.Tensor, prompts: str | Sequence[str], space: str = "text",
+               pool: str = "mean") -> np.ndarray:
+    """Pool token rows given in the text encoder's output space (e.g. RECE's derived embeddings,
+    ``[tokens, width]`` or ``[n, tokens, width]``, one full token sequence per prompt) into ``space``.
+
+    ``prompts`` are the prompts the rows stand for; their tokenization says which positions are real.
+    UNet spaces project with the layer's current weights. Intermediate ``text.{i}`` spaces are refused:
+    the rows live in the output space, not in layer i's.
+    """
+    prompts = _as_list(prompts)
+    _check_space(pipe, space)
+    _check_pool(pool)
+    last = f"text.{n_layers(pipe) - 1}"
+    if space.startswith("text.") and space != last:
+        raise ValueError(f"rows in the text encoder's output space cannot be placed in {space!r}; use 'text', "
+                         f"{last!r} or a UNet space such as {spaces(pipe)[-1]!r}")
+    rows = rows.detach().float().cpu()
+    rows = rows.unsqueeze(0) if rows.dim() == 2 else rows
+    if rows.dim() != 3 or len(rows) != len(prompts):
+        raise ValueError(f"rows of shape {tuple(rows.shape)} do not match {len(prompts)} prompt(s): give "
+                         "[tokens, width] for one prompt or [n, tokens, width] for n prompts")
+    w = _weights(pipe, *_tokenize(pipe, prompts), prompts, pool, None)
+    if w.shape[1] != rows.shape[1]:
+        raise ValueError(f"rows have {rows.shape[1]} token positions, this model's prompts have {w.shape[1]}")
+    return _to_space(pipe, torch.einsum("nt,ntd->nd", w, rows), space).numpy().astype(np.float32)
+
+
+def clear_cache(pipe=None) -> None:
+    """Forget cached embeddings of ``pipe`` (of every pipeline when None)."""
+    if pipe is None:
+        _cache.clear()
+    else:
+        _cache.pop(pipe, None)
+
+
+@torch.no_grad()
+def lens(pipe, prompt: str, layers: Sequence[int] | None = None, seed: int = 0, steps: int = 20,
+         guidance: float = 5.0, batch: int = 8) -> list[Image.Image]:
+    """The text-encoder lens: one image per layer, generated from that layer's output of ``prompt``
+    (Diffusion Lens; CLIP's states go through its final layer norm, BERT's are used as they are).
+
+    Every image starts from the same noise, ``workbench.seeded(seed)`` as a plain ``pipe(prompt)`` call
+    draws it, so the last layer's image is the pipeline's own. The unconditional embedding for
+    guidance is the empty prompt at the same layer. ``layers`` defaults to every layer; apply an edit
+    (``with edit.apply(pipe):``) to see where an erasure takes hold. Show them with
+    ``plots.image_grid([before, after], ["before", "after"], [f"layer {i}" for i in layers])``.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .models import seeded
+
+    if not isinstance(prompt, str):
+        raise TypeError("lens takes one prompt (a string); call it once per prompt")
+    n = n_layers(pipe)
+    layers = list(range(n)) if layers is None else [_layer_index(pipe, i) for i in layers]
+    states = hidden_states(pipe, [prompt, ""])[[i + 1 for i in layers]]  # [layers, 2, tokens, width]
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    size = pipe.unet.config.sample_size
+    shape = (1, pipe.unet.config.in_channels, size, size)
+    noise = randn_tensor(shape, generator=seeded(seed), device=device, dtype=dtype)
+    images: list[Image.Image] = []
+    for i in range(0, len(layers), batch):
+        chunk = states[i:i + batch].to(device, dtype)
+        images += pipe(prompt_embeds=chunk[:, 0], negative_prompt_embeds=chunk[:, 1],
+                       latents=noise.expand(len(chunk), -1, -1, -1).clone(), num_inference_steps=steps,
+                       guidance_scale=guidance, height=size * pipe.vae_scale_factor,
+                       width=size * pipe.vae_scale_factor).images
+    return images
