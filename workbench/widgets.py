@@ -26,7 +26,6 @@ from .methods import METHODS
 from .toy.world import OBJECTS, PAINTERS
 
 CONCEPTS = (*OBJECTS, *PAINTERS)
-_WIDE = w.Layout(width="320px")
 _STYLE = {"description_width": "110px"}
 
 
@@ -50,7 +49,7 @@ class Panel:
         self.controls: dict[str, w.ValueWidget] = self.make_controls()
         for c in self.controls.values():
             c.style = _STYLE
-            c.layout = _WIDE
+            c.layout = w.Layout(width="320px")  # one Layout per control: hiding one must not hide all
         self.button = w.Button(description="Run", button_style="primary", icon="play",
                                tooltip="run with the settings above")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="", layout=w.Layout(width="240px"))
@@ -271,3 +270,137 @@ class ComparePanel(Panel):
         fmt = {"before": "{:.0%}", "after": "{:.0%}", "preservation": "{:.0%}", "seconds": "{:.2f}",
                "dW": "{:.3g}", "relative dW": "{:.2%}"}
         return [method_comparison(table), table.style.format(fmt).hide(axis="index")]
+
+
+class SweepPanel(Panel):
+    """Erase one concept through one layer's component at a time (or layers 0..i): heatmap and table."""
+
+    title = "Erase layer by layer"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        return {
+            "concept": _concept_control(self.pipe),
+            "method": w.Dropdown(options=list(METHODS), value="fewshot", description="method"),
+            "cumulative": w.Checkbox(value=False, description="layers 0..i", indent=False),
+            "value": w.Dropdown(options=["efficacy", "preservation", "drift", "dW_relative", "seconds"],
+                                value="efficacy", description="colour"),
+            "seeds": w.IntSlider(value=1, min=1, max=5, description="seeds"),
+            "per_prompt": w.IntSlider(value=8, min=1, max=16, description="images/run"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        from .sweep import layers
+
+        per_layer = 2
+        return values["seeds"] * per_layer * len(layers(self.pipe, values["method"]))
+
+    def compute(self, step: Callable[[str], None], concept: str, method: str, cumulative: bool, value: str,
+                seeds: int, per_prompt: int) -> Any:
+        from .sweep import layer_sweep
+
+        measure = self.oracle is not None
+        table = layer_sweep(self.pipe, concept, method, cumulative=cumulative, seeds=range(seeds),
+                            oracle=self.oracle, measure=measure, per_prompt=per_prompt,
+                            per_other=max(1, per_prompt // 2), progress=False, on_run=step)
+        return {"table": table, "value": value if measure or value in ("dW_relative", "seconds") else "dW_relative"}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        table = result["table"]
+        if "efficacy" not in table:
+            return f"{len(table)} runs (no oracle: sizes of the edits only)"
+        best = table.loc[table["efficacy"].idxmin()]
+        return (f"{len(table)} runs; strongest single erasure: {best['part']} "
+                f"(accuracy on the concept {best['efficacy']:.0%})")
+
+    def show(self, result: dict[str, Any]) -> list[Any]:
+        from .plots import sweep_heatmap
+
+        table = result["table"]
+        cols = [c for c in ("part", "component", "layer", "seed", "efficacy", "preservation", "drift", "dW",
+                            "dW_relative", "seconds") if c in table]
+        return [sweep_heatmap(table, result["value"]), table[cols].round(3)]
+
+
+class LandingPanel(Panel):
+    """Where an erased concept lands: a UMAP map with arrows, and its nearest words after the edit."""
+
+    title = "Where the erased concept lands"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        from .embed import POOLS, spaces
+
+        return {
+            "concept": _concept_control(self.pipe),
+            "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
+            "space": w.Dropdown(options=spaces(self.pipe), value="text", description="space"),
+            "pool": w.Dropdown(options=list(POOLS), value="mean", description="pool"),
+            "k": w.IntSlider(value=8, min=1, max=20, description="neighbours"),
+            "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="UMAP seed"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        return 3
+
+    def compute(self, step: Callable[[str], None], concept: str, method: str, space: str, pool: str, k: int,
+                seed: int) -> Any:
+        from .methods import erase
+        from .project import LandingMap
+
+        edit = erase(self.pipe, concept, method, **({"progress": False} if method == "fewshot" else {}))
+        step("erased")
+        umap = LandingMap.fit(self.pipe, space=space, pool=pool, seed=seed)
+        step("map fitted")
+        table = umap.landing(self.pipe, edit, concept, k=k)
+        figure = umap.figure(self.pipe, edit, [concept], title=f"{method} erases {concept!r} ({space})")
+        step("done")
+        return {"edit": edit, "map": umap, "table": table, "figure": figure}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        table = result["table"]
+        return f"after the edit, {result['edit'].concept!r} sits nearest to {table['neighbour'].iloc[0]!r}"
+
+    def show(self, result: dict[str, Any]) -> list[Any]:
+        return [result["figure"], result["table"].round(3)]
+
+
+class SubsetPanel(Panel):
+    """Few-shot erasure through FFN only, attention only, FFN + last attention, or everything."""
+
+    title = "FFN versus attention"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        return {
+            "concepts": w.SelectMultiple(options=list(CONCEPTS), value=("apple", "car", "cat"),
+                                         description="concepts", rows=5),
+            "seeds": w.IntSlider(value=3, min=1, max=5, description="seeds"),
+            "lr": w.FloatLogSlider(value=5e-5, base=10, min=-6, max=-3, description="few-shot lr",
+                                   readout_format=".0e"),
+            "steps": w.IntSlider(value=8, min=1, max=40, description="few-shot steps"),
+            "per_prompt": w.IntSlider(value=8, min=1, max=16, description="images/run"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        from .sweep import SUBSETS
+
+        return len(values["concepts"]) * values["seeds"] * len(SUBSETS)
+
+    def compute(self, step: Callable[[str], None], concepts: tuple[str, ...], seeds: int, lr: float, steps: int,
+                per_prompt: int) -> Any:
+        from .sweep import aggregate, ffn_vs_attention, finding
+
+        if not concepts:
+            raise ValueError("select at least one concept (ctrl/cmd-click to select several)")
+        table = ffn_vs_attention(self.pipe, concepts, seeds=range(seeds), oracle=self.oracle, lr=lr,
+                                 steps=steps, per_prompt=per_prompt, per_other=max(1, per_prompt // 2),
+                                 progress=False, on_run=step)
+        return {"table": table, "summary": aggregate(table), "finding": finding(table)}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        return result["finding"].splitlines()[0]
+
+    def show(self, result: dict[str, Any]) -> list[Any]:
+        from IPython.display import Markdown
+
+        from .plots import subset_bars
+
+        return [subset_bars(result["table"]), result["summary"].round(3), Markdown(result["finding"])]
