@@ -85,7 +85,7 @@ def _demo(args: argparse.Namespace) -> None:
     save(result.figure(), out / "accuracy.png")
     result.edit.save(out / "edit.safetensors")
     print(f"erased {args.concept!r} with {args.method} in {result.edit.seconds:.2f} s: accuracy on it "
-          f"{report['accuracy_on_concept']['before']:.0%} -> {result.efficacy:.0%}, on the other "
+          f"{report['accuracy_on_concept']['before']:.0%} -> {result.after[args.concept]:.0%}, on the other "
           f"{len(result.others)} concepts {report['accuracy_on_others']['before']:.0%} -> "
           f"{report['accuracy_on_others']['after']:.0%} (preservation {result.preservation:.0%}); "
           f"wrote {out}/ ({time.perf_counter() - t0:.0f} s)")

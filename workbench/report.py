@@ -80,8 +80,9 @@ class Erasure:
 
     @property
     def efficacy(self) -> float:
-        """Accuracy on the erased concept after the edit (lower is a stronger erasure)."""
-        return self.after[self.concept]
+        """1 - accuracy on the erased concept after the edit (higher is a stronger erasure), as in
+        :func:`workbench.metrics.evaluate`."""
+        return 1.0 - self.after[self.concept]
 
     @property
     def preservation(self) -> float:
@@ -101,7 +102,8 @@ class Erasure:
         """A JSON-ready summary."""
         return {
             "concept": self.concept, "method": self.edit.method, "edit_seconds": self.edit.seconds,
-            "accuracy_on_concept": {"before": self.before[self.concept], "after": self.efficacy},
+            "accuracy_on_concept": {"before": self.before[self.concept], "after": self.after[self.concept]},
+            "efficacy": self.efficacy,
             "accuracy_on_others": {k: sum(d[c] for c in self.others) / max(1, len(self.others))
                                    for k, d in (("before", self.before), ("after", self.after))},
             "preservation": self.preservation, "per_concept": {"before": self.before, "after": self.after},
@@ -139,7 +141,7 @@ def erase_and_measure(pipe, oracle, concept: str, method: str = "rece", parts: S
 def compare(pipe, oracle, concepts: Sequence[str], methods: Sequence[str] = ("rece", "uce", "fewshot"),
             per_prompt: int = 4, seed: int = 0, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Erase each concept with each method; one row per (method, concept): accuracy on the concept
-    before and after, preservation of its neighbourhood, seconds, and the edit's total ``||dW||``.
+    before and after, efficacy (1 - after), preservation of its neighbourhood, seconds, and the edit's total ``||dW||``.
     ``on_step(label)`` is called after each erasure (for progress bars)."""
     rows = []
     for concept in concepts:
@@ -147,7 +149,7 @@ def compare(pipe, oracle, concepts: Sequence[str], methods: Sequence[str] = ("re
             r = erase_and_measure(pipe, oracle, concept, method, per_prompt=per_prompt, seed=seed)
             summary = r.edit.summary(pipe)
             rows.append({"method": method, "concept": concept, "kind": kind_of(concept),
-                         "before": r.before[concept], "after": r.efficacy, "preservation": r.preservation,
+                         "before": r.before[concept], "after": r.after[concept], "efficacy": r.efficacy, "preservation": r.preservation,
                          "seconds": r.edit.seconds, "dW": float((summary["dW"] ** 2).sum() ** 0.5),
                          "relative dW": float(summary["relative"].mean()), "parts": len(summary)})
             if on_step is not None:

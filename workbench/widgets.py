@@ -222,7 +222,7 @@ class ErasePanel(Panel):
         edit, measured = result["edit"], result["measured"]
         text = f"{edit.method} erased {edit.concept!r} in {edit.seconds:.2f} s"
         if measured is not None:
-            text += (f"; accuracy on it {measured.before[measured.concept]:.0%} &rarr; {measured.efficacy:.0%}, "
+            text += (f"; accuracy on it {measured.before[measured.concept]:.0%} &rarr; {measured.after[measured.concept]:.0%}, "
                      f"preservation {measured.preservation:.0%}")
         return text
 
@@ -268,7 +268,7 @@ class ComparePanel(Panel):
         from .plots import method_comparison
 
         fmt = {"before": "{:.0%}", "after": "{:.0%}", "preservation": "{:.0%}", "seconds": "{:.2f}",
-               "dW": "{:.3g}", "relative dW": "{:.2%}"}
+               "dW": "{:.3g}", "relative dW": "{:.2%}", "efficacy": "{:.0%}"}
         return [method_comparison(table), table.style.format(fmt).hide(axis="index")]
 
 
@@ -308,9 +308,9 @@ class SweepPanel(Panel):
         table = result["table"]
         if "efficacy" not in table:
             return f"{len(table)} runs (no oracle: sizes of the edits only)"
-        best = table.loc[table["efficacy"].idxmin()]
+        best = table.loc[table["efficacy"].idxmax()]
         return (f"{len(table)} runs; strongest single erasure: {best['part']} "
-                f"(accuracy on the concept {best['efficacy']:.0%})")
+                f"(efficacy {best['efficacy']:.0%}: accuracy on the concept {best['accuracy']:.0%})")
 
     def show(self, result: dict[str, Any]) -> list[Any]:
         from .plots import sweep_heatmap
