@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -175,6 +176,19 @@ def _umap():
     return umap.UMAP
 
 
+@contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    """UMAP's numba (through its OpenMP layer) resets the process's OpenMP thread count, which torch
+    shares; on a busy machine every later generation then runs several times slower. Restore it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class LandingMap:
     """A 2-D UMAP map of a vocabulary's embeddings in one space of the *unedited* model."""
@@ -201,7 +215,7 @@ class LandingMap:
         emb = embed(pipe, vocab.word.tolist(), space, pool)
         reducer = _umap()(n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, random_state=seed,
                           transform_seed=seed, n_jobs=1)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _keep_torch_threads():
             warnings.simplefilter("ignore")
             coords = reducer.fit_transform(np.asarray(emb))
         return cls(vocab, np.asarray(emb), np.asarray(coords, np.float64), space, pool, metric, seed, reducer)
@@ -216,7 +230,7 @@ class LandingMap:
         if vectors.ndim != 2 or vectors.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"vectors of shape {vectors.shape} do not fit this {self.space!r} map, whose "
                              f"vectors are {self.embeddings.shape[1]} wide")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _keep_torch_threads():
             warnings.simplefilter("ignore")
             return np.asarray(self.reducer.transform(vectors), np.float64)
 

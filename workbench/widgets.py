@@ -193,7 +193,7 @@ class ErasePanel(Panel):
         return self
 
     def stages(self, values: dict[str, Any]) -> int:
-        return 3 if self.oracle is not None else 2
+        return 3
 
     def compute(self, step: Callable[[str], None], concept: str, method: str, parts: str, epochs: int,
                 ridge: float, lam: float, lr: float, steps: int, per_prompt: int, seed: int) -> dict[str, Any]:
@@ -329,14 +329,26 @@ class LandingPanel(Panel):
     def make_controls(self) -> dict[str, w.ValueWidget]:
         from .embed import POOLS, spaces
 
-        return {
+        controls = {
             "concept": _concept_control(self.pipe),
             "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
-            "space": w.Dropdown(options=spaces(self.pipe), value="text", description="space"),
+            "space": w.Dropdown(options=spaces(self.pipe), value=self._space_for("rece"), description="space"),
             "pool": w.Dropdown(options=list(POOLS), value="mean", description="pool"),
             "k": w.IntSlider(value=8, min=1, max=20, description="neighbours"),
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="UMAP seed"),
         }
+        # UCE and RECE leave the text encoder alone: follow the method to a space where its edit shows
+        controls["method"].observe(lambda change: setattr(controls["space"], "value", self._space_for(change.new)),
+                                   names="value")
+        return controls
+
+    def _space_for(self, method: str) -> str:
+        from .anatomy import select
+
+        if method == "fewshot":
+            return "text"
+        keys = select(self.pipe, "unet.*.xattn.k")
+        return keys[len(keys) // 2]
 
     def stages(self, values: dict[str, Any]) -> int:
         return 3

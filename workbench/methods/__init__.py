@@ -29,7 +29,7 @@ TOY_FEWSHOT_LR = 5e-5
 def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = None, **knobs: Any) -> Edit:
     """Erase ``concept`` with ``method`` (``"rece"``, ``"uce"`` or ``"fewshot"``) scoped to ``parts``.
 
-    For toy-world concepts the preserve list defaults to the other concepts of the same kind, and
+    On the toy model, for its concepts, the preserve list defaults to the other concepts of the same kind, and
     few-shot picks object or style prompts and, on the toy model, :data:`TOY_FEWSHOT_LR`; ``knobs`` go
     to the method unchanged.
     """
@@ -39,7 +39,7 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    toy = concept in (*OBJECTS, *PAINTERS)
+    toy = is_toy(pipe) and concept in (*OBJECTS, *PAINTERS)
     if parts is not None:
         knobs["parts"] = parts
     if method == "fewshot":
