@@ -2,6 +2,8 @@
 
     python benchmarks/erasure.py                 # prints two Markdown tables (about 10 minutes on CPU)
     python benchmarks/erasure.py --per-prompt 4  # quicker, noisier
+    python benchmarks/erasure.py --timing-only   # seconds per erasure and scaling only
+    python benchmarks/erasure.py --bad-input-only
 
 Efficacy: oracle accuracy on the erased concept's prompts (lower is stronger). Preservation: accuracy on
 the other 19 concepts as a fraction of the unedited model's. Peak memory is the process's maximum RSS.
@@ -27,18 +29,21 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(per_prompt: int) -> None:
-    pipe, oracle = workbench.load("toy"), Oracle.load()
-    concepts = [*OBJECTS, *PAINTERS]
-    base = accuracy(pipe, oracle, concepts, per_prompt)
-    methods = {
+def methods(pipe) -> dict:
+    return {
         "rece": lambda c: rece(pipe, c, preserve=preserve_prompts(c), ridge=1e-3),
         "fewshot": lambda c: fewshot(pipe, c, kind="object" if c in OBJECTS else "style", lr=TOY_FEWSHOT_LR,
                                      progress=False),
     }
+
+
+def run(per_prompt: int) -> None:
+    pipe, oracle = workbench.load("toy"), Oracle.load()
+    concepts = [*OBJECTS, *PAINTERS]
+    base = accuracy(pipe, oracle, concepts, per_prompt)
     print("| method | concept | accuracy on concept (before -> after) | preservation | seconds |")
     print("|---|---|---|---|---|")
-    for name, fn in methods.items():
+    for name, fn in methods(pipe).items():
         for c in CONCEPTS:
             t0 = time.perf_counter()
             edit = fn(c)
@@ -48,7 +53,27 @@ def run(per_prompt: int) -> None:
             others = [k for k in concepts if k != c]
             keep = preservation({k: after[k] for k in others}, {k: base[k] for k in others})
             print(f"| {name} | {c} | {base[c]:.0%} -> {after[c]:.0%} | {keep:.0%} | {seconds:.2f} |", flush=True)
+    scaling(pipe)
 
+
+def timing(pipe) -> None:
+    """Seconds per erasure alone (median of 3), without generating images."""
+    print("\n| method | " + " | ".join(CONCEPTS) + " |")
+    print("|---|" + "---|" * len(CONCEPTS))
+    for name, fn in methods(pipe).items():
+        cells = []
+        for c in CONCEPTS:
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn(c)
+                runs.append(time.perf_counter() - t0)
+            cells.append(f"{np.median(runs):.2f}")
+        print(f"| {name} s | " + " | ".join(cells) + " |", flush=True)
+    scaling(pipe)
+
+
+def scaling(pipe) -> None:
     print("\n| preserve prompts | UCE s | RECE s | peak MB |")
     print("|---|---|---|---|")
     pool = [c for c in all_captions() if "apple" not in c]
@@ -114,7 +139,13 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-prompt", type=int, default=8)
     p.add_argument("--bad-input-only", action="store_true", help="only the bad-input table (seconds)")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only seconds per erasure and the scaling table (about a minute)")
     args = p.parse_args()
-    if not args.bad_input_only:
+    if args.timing_only:
+        timing(workbench.load("toy"))
+    elif args.bad_input_only:
+        bad_input(workbench.load("toy"))
+    else:
         run(args.per_prompt)
-    bad_input(workbench.load("toy"))
+        bad_input(workbench.load("toy"))

@@ -8,8 +8,9 @@
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
@@ -25,6 +26,20 @@ STYLE = {
 }
 
 
+def _detached(make: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Close the figure in pyplot once drawn: notebooks then show it once (as the returned value),
+    not a second time from pyplot's list of open figures; saving and displaying it still work."""
+
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs) -> Figure:
+        fig = make(*args, **kwargs)
+        plt.close(fig)
+        return fig
+
+    return wrapper
+
+
+@_detached
 def image_grid(images: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (),
                col_labels: Sequence[str] = (), cell: float = 0.62) -> Figure:
     """A labelled grid: ``images[r][c]`` at row ``r``, column ``c``; ``cell`` inches per image."""
@@ -52,6 +67,7 @@ def image_grid(images: Sequence[Sequence[Image.Image]], row_labels: Sequence[str
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 
 
+@_detached
 def accuracy_bars(before: dict[str, float], after: dict[str, float], title: str = "") -> Figure:
     """Oracle accuracy per concept before and after an edit, as paired bars."""
     import numpy as np
@@ -81,6 +97,7 @@ def _short(layer: str) -> str:
     return layer.split(".", 1)[1] if layer.startswith(("text.", "unet.")) else layer
 
 
+@_detached
 def sweep_heatmap(table, value: str = "efficacy", title: str = "") -> Figure:
     """A layer sweep (:func:`workbench.sweep.layer_sweep`) as layers x components, colour = ``value``
     (mean over seeds and concepts), each cell labelled."""
@@ -119,6 +136,7 @@ def sweep_heatmap(table, value: str = "efficacy", title: str = "") -> Figure:
     return fig
 
 
+@_detached
 def subset_bars(table, values: Sequence[str] = ("efficacy", "preservation", "dW", "seconds")) -> Figure:
     """The FFN-versus-attention comparison (:func:`workbench.sweep.ffn_vs_attention`): one panel per
     value, bars per parameter subset and concept, mean +- std over seeds."""
@@ -158,6 +176,7 @@ def subset_bars(table, values: Sequence[str] = ("efficacy", "preservation", "dW"
     return fig
 
 
+@_detached
 def dw_per_layer(table, by: str | None = None) -> Figure:
     """||ΔW|| per layer (``dW_by_layer`` of a sweep table), one line per ``by`` value, mean +- std.
 
@@ -197,6 +216,7 @@ GROUP_COLOURS = {"fruit": PALETTE[0], "vehicle": PALETTE[1], "sky": PALETTE[2], 
                  "style": PALETTE[5], "colour": PALETTE[4]}
 
 
+@_detached
 def landing_map(points, arrows=None, derived=None, title: str = "", labels: str = "concept") -> Figure:
     """A UMAP map of a vocabulary with an edit's arrows, as drawn by ``LandingMap.figure``.
 
@@ -282,6 +302,7 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+@_detached
 def method_comparison(table) -> Figure:
     """Accuracy on the erased concept (lower is better) and preservation (higher is better) per method,
     one group of bars per concept; ``table`` is :func:`workbench.report.compare`'s."""
