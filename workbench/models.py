@@ -185,6 +185,9 @@ def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
     >>> type(pipe.text_encoder).__name__
     'CLIPTextModel'
     """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     import tempfile

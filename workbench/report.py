@@ -146,7 +146,7 @@ def compare(pipe, oracle, concepts: Sequence[str], methods: Sequence[str] = ("re
     rows = []
     for concept in concepts:
         for method in methods:
-            r = erase_and_measure(pipe, oracle, concept, method, per_prompt=per_prompt, seed=seed)
+            r = erase_and_measure(pipe, oracle, concept, method, per_prompt=per_prompt, seed=seed, progress=False)
             summary = r.edit.summary(pipe)
             rows.append({"method": method, "concept": concept, "kind": kind_of(concept),
                          "before": r.before[concept], "after": r.after[concept], "efficacy": r.efficacy, "preservation": r.preservation,

@@ -201,7 +201,8 @@ class ErasePanel(Panel):
         from .report import before_after, erase_and_measure, showcase
 
         knobs: dict[str, Any] = {"rece": dict(epochs=epochs, ridge=ridge), "uce": dict(lam=lam),
-                                 "fewshot": dict(lr=lr, steps=steps, progress=False)}[method]
+                                 "fewshot": dict(lr=lr, steps=steps)}[method]
+        knobs["progress"] = False
         scope = parts.strip() or None
         if self.oracle is not None:
             step("erasing and measuring")
@@ -358,7 +359,7 @@ class LandingPanel(Panel):
         from .methods import erase
         from .project import LandingMap
 
-        edit = erase(self.pipe, concept, method, **({"progress": False} if method == "fewshot" else {}))
+        edit = erase(self.pipe, concept, method, progress=False)
         step("erased")
         umap = LandingMap.fit(self.pipe, space=space, pool=pool, seed=seed)
         step("map fitted")

@@ -31,7 +31,7 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
 
     On the toy model, for its concepts, the preserve list defaults to the other concepts of the same kind, and
     few-shot picks object or style prompts and, on the toy model, :data:`TOY_FEWSHOT_LR`; ``knobs`` go
-    to the method unchanged.
+    to the method unchanged (``progress`` only to few-shot, the one method that trains).
     """
     from ..metrics import kind_of, preserve_prompts
     from ..models import is_toy
@@ -42,7 +42,10 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
     toy = is_toy(pipe) and concept in (*OBJECTS, *PAINTERS)
     if parts is not None:
         knobs["parts"] = parts
+    progress = knobs.pop("progress", None)  # only few-shot trains, so only it has a progress bar
     if method == "fewshot":
+        if progress is not None:
+            knobs["progress"] = progress
         knobs.setdefault("kind", kind_of(concept) if toy else "object")
         if is_toy(pipe):
             knobs.setdefault("lr", TOY_FEWSHOT_LR)
