@@ -25,7 +25,8 @@ import torch
 
 import workbench
 from workbench import plots
-from workbench.sweep import TOY_FEWSHOT_LR, aggregate, ffn_vs_attention, finding, layer_sweep
+from workbench.methods import TOY_FEWSHOT_LR
+from workbench.sweep import aggregate, ffn_vs_attention, finding, layer_sweep
 from workbench.toy.oracle import Oracle
 
 OUT = Path("out/sweep")

@@ -12,6 +12,7 @@ This is what ``workbench demo``, the quickstart panel and the method comparison 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -19,9 +20,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .anatomy import Selector
-from .edits import Edit
+from .edits import Edit, applied
 from .methods import erase
-from .metrics import accuracy, kind_of, preservation
+from .metrics import accuracy, default_others, kind_of, preservation
 from .models import seeded
 from .plots import accuracy_bars, image_grid
 from .toy.world import GROUP_OF, GROUPS, OBJECTS, PAINTERS, a
@@ -39,15 +40,6 @@ def showcase(concept: str) -> list[str]:
         return [f"an icon of {a(c)}" for c in shown]
     other = next(p for p in PAINTERS if p != concept)
     return [f"a cat by {concept}", f"a boat by {concept}", "a cat", f"a cat by {other}"]
-
-
-def neighbourhood(concept: str) -> list[str]:
-    """The concept, the rest of its group (or the other painters) and one concept of every other group."""
-    if kind_of(concept) == "style":
-        return [concept, *[p for p in PAINTERS if p != concept], "cat", "car"]
-    group = GROUP_OF[concept]
-    return [concept, *[o for o in GROUPS[group] if o != concept],
-            *[objs[0] for g, objs in GROUPS.items() if g != group], "van gogh"]
 
 
 def before_after(pipe, edit: Edit, prompts: Sequence[str], n: int = 4, seed: int = 0) -> Figure:
@@ -112,30 +104,32 @@ class Erasure:
         }
 
 
-_BASE: dict[tuple, dict[str, float]] = {}
+#: The unedited model's accuracy per pipeline and setting, measured once (forgotten with the pipeline).
+_BASE: "weakref.WeakKeyDictionary[object, dict[tuple, dict[str, float]]]" = weakref.WeakKeyDictionary()
 
 
 def erase_and_measure(pipe, oracle, concept: str, method: str = "rece", parts: Selector | None = None,
                       concepts: Sequence[str] | None = None, per_prompt: int = 4, seed: int = 0,
                       **knobs: Any) -> Erasure:
-    """Erase a toy concept and measure accuracy on ``concepts`` (default: its :func:`neighbourhood`).
+    """Erase a toy concept and measure accuracy on ``concepts`` (default: the concept and
+    :func:`workbench.metrics.default_others`, its related concepts and three unrelated objects).
 
     The unedited model's accuracy is computed once per pipeline and setting, then reused. ``seed`` seeds
     the images and, for few-shot, the training.
     """
-    concepts = list(concepts) if concepts is not None else neighbourhood(concept)
+    concepts = list(concepts) if concepts is not None else [concept, *default_others(concept)]
     if concept not in concepts:
         concepts.insert(0, concept)
-    key = (id(pipe), tuple(id(e) for e in getattr(pipe, "_workbench_applied", [])), tuple(concepts),
-           per_prompt, seed)
-    if key not in _BASE:
-        _BASE[key] = accuracy(pipe, oracle, concepts, per_prompt, seed)
+    key = (tuple(id(e) for e in applied(pipe)), tuple(concepts), per_prompt, seed)
+    base = _BASE.setdefault(pipe, {})
+    if key not in base:
+        base[key] = accuracy(pipe, oracle, concepts, per_prompt, seed)
     if method == "fewshot":
         knobs.setdefault("seed", seed)
     edit = erase(pipe, concept, method, parts, **knobs)
     with edit.apply(pipe):
         after = accuracy(pipe, oracle, concepts, per_prompt, seed)
-    return Erasure(concept, edit, dict(_BASE[key]), after, per_prompt, seed)
+    return Erasure(concept, edit, dict(base[key]), after, per_prompt, seed)
 
 
 def compare(pipe, oracle, concepts: Sequence[str], methods: Sequence[str] = ("rece", "uce", "fewshot"),

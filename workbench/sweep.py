@@ -28,14 +28,11 @@ from tqdm.auto import tqdm
 
 from .anatomy import component_of, layer_of, names as part_names, select
 from .edits import Edit
-from .methods import fewshot, rece, uce
+from .methods import METHODS, erase
 from .methods.fewshot import default_parts
-from .metrics import evaluate, kind_of, preserve_prompts
-from .toy.world import OBJECTS, PAINTERS
+from .metrics import evaluate
+from .toy.world import OBJECTS
 
-#: Few-shot learning rate on the toy model: the paper's 1e-5 leaves it unchanged in 8 steps.
-TOY_FEWSHOT_LR = 5e-5
-METHODS = {"fewshot": fewshot, "uce": uce, "rece": rece}
 #: Where each method's edits can go, and the components a layer sweep runs by default.
 _SCOPE = {"fewshot": ("text.*", ("ffn", "attn")), "uce": ("unet.*.xattn.*", ("xattn.k", "xattn.v")),
           "rece": ("unet.*.xattn.*", ("xattn.k", "xattn.v"))}
@@ -72,8 +69,8 @@ def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequenc
     ``components`` default to ``("ffn", "attn")`` for few-shot and ``("xattn.k", "xattn.v")`` for UCE and
     RECE (finer ones such as ``"attn.v"`` work too); ``layers`` picks layer indices (default all).
     ``measure=False`` skips the oracle (only ``||dW||`` and time: works on any pipeline). Other keyword
-    arguments go to the method; few-shot defaults to ``lr=TOY_FEWSHOT_LR``, UCE/RECE to the toy
-    preserve list.
+    arguments go to the method; defaults come from :func:`workbench.methods.erase` (on the toy
+    model: ``TOY_FEWSHOT_LR``, the toy preserve list).
 
     One row per (seed, layer, component). Columns: ``method, concept, seed, subset, part, layer,
     layer_name, component, cumulative`` (what was run), ``efficacy, accuracy, base_accuracy,
@@ -283,13 +280,8 @@ def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | Non
 
 
 def _erase(pipe, method: str, run: _Run, kwargs: dict) -> Edit:
-    toy = run.concept in OBJECTS or run.concept in PAINTERS
-    if method == "fewshot":
-        defaults = {"lr": TOY_FEWSHOT_LR, **({"kind": kind_of(run.concept)} if toy else {})}
-        return fewshot(pipe, run.concept, parts=list(run.selectors), seed=run.seed, progress=False,
-                       **(defaults | kwargs))
-    defaults = {"preserve": preserve_prompts(run.concept)} if toy else {}
-    return METHODS[method](pipe, run.concept, parts=list(run.selectors), **(defaults | kwargs))
+    seeded = {"seed": run.seed} if method == "fewshot" else {}  # the closed forms have no randomness
+    return erase(pipe, run.concept, method, list(run.selectors), progress=False, **seeded, **kwargs)
 
 
 def _compact(pipe, selectors: list[str]) -> str:

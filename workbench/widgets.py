@@ -39,6 +39,10 @@ def _display_data(item: Any) -> Any:
     return item
 
 
+def _concepts_control(value: tuple[str, ...]) -> w.SelectMultiple:
+    return w.SelectMultiple(options=list(CONCEPTS), value=value, description="concepts", rows=5)
+
+
 class Panel:
     """The shared frame of every panel; subclasses define ``controls``, ``compute`` and ``show``."""
 
@@ -242,8 +246,7 @@ class ComparePanel(Panel):
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
         return {
-            "concepts": w.SelectMultiple(options=list(CONCEPTS), value=("apple", "car", "van gogh"),
-                                         description="concepts", rows=5),
+            "concepts": _concepts_control(("apple", "car", "van gogh")),
             "methods": w.SelectMultiple(options=list(METHODS), value=tuple(METHODS), description="methods",
                                         rows=3),
             "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
@@ -383,8 +386,7 @@ class SubsetPanel(Panel):
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
         return {
-            "concepts": w.SelectMultiple(options=list(CONCEPTS), value=("apple", "car", "cat"),
-                                         description="concepts", rows=5),
+            "concepts": _concepts_control(("apple", "car", "cat")),
             "seeds": w.IntSlider(value=3, min=1, max=5, description="seeds"),
             "lr": w.FloatLogSlider(value=5e-5, base=10, min=-6, max=-3, description="few-shot lr",
                                    readout_format=".0e"),
