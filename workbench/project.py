@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 import warnings
 from contextlib import contextmanager
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
