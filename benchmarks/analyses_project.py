@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import workbench
 from workbench import plots
 from workbench.embed import embed
-from workbench.methods import fewshot, rece
-from workbench.metrics import kind_of, preserve_prompts
+from workbench.methods import erase
 from workbench.project import LandingMap, vocabulary
 from workbench.toy.world import all_captions
 
@@ -67,10 +66,10 @@ def main() -> None:
 
     rows, figures = [], []
     for concept in args.concepts:
-        edit, t_rece = timed(rece, pipe, concept, preserve=preserve_prompts(concept))
+        edit, t_rece = timed(erase, pipe, concept, "rece")
         rows.append(("RECE", concept, UNET_SPACE, edit, t_rece))
-        edit, t_fs = timed(fewshot, pipe, concept, kind=kind_of(concept), lr=5e-5, progress=False)
-        rows.append(("few-shot, lr 5e-5", concept, "text", edit, t_fs))
+        edit, t_fs = timed(erase, pipe, concept, "fewshot", progress=False)
+        rows.append(("few-shot", concept, "text", edit, t_fs))
     maps = {}
     tables = []
     for method, concept, space, edit, seconds in rows:

@@ -38,13 +38,39 @@ def test_uce_matches_the_formula_on_the_toy_model(toy):
     edit = uce(toy, "apple", preserve=["a pear", "a car"], lam=0.5)
     emb = encode(toy, ["apple", "", "a pear", "a car"]).double()
     W0 = parts(toy)["unet.mid.0.xattn.k"].weight.detach().double()
-    Ce, Cg, Cp = emb[0], emb[1], emb[2:].reshape(-1, emb.shape[-1])
-    sp = max(0.1, 1 / 2)
+    # "apple" is token 1 ([CLS] apple [SEP] ...): its rows 1.. map to the empty prompt's rows 0..
+    Ce, Cg, Cp = emb[0, 1:], emb[1, :-1], emb[2:].reshape(-1, emb.shape[-1])
+    sp = 1.0
     expected = (0.5 * W0 + (Cg @ W0.T).T @ Ce + sp * W0 @ Cp.T @ Cp) @ torch.linalg.inv(
         0.5 * torch.eye(W0.shape[1], dtype=torch.float64) + Ce.T @ Ce + sp * Cp.T @ Cp)
     got = W0 + edit.deltas["unet.mid.0.xattn.k.weight"].double()
     assert float((got - expected).norm() / (expected - W0).norm()) < 1e-4  # float32 deltas
     assert edit.method == "uce" and set(edit.parts) == {n for n in parts(toy) if n.startswith("unet.")}
+
+
+def test_rece_epoch_matches_the_formula_on_the_toy_model(toy):
+    """One RECE epoch: the concept and its derived embedding both in the erase set (float64 formula)."""
+    edit = rece(toy, "apple", preserve=["a pear"], epochs=1, ridge=0.01, uce_lam=0.5, lam=0.1,
+                preserve_scale=0.1)
+    name = "unet.mid.0.xattn.v"
+    first = uce(toy, "apple", preserve=["a pear"], lam=0.5)
+    emb = encode(toy, ["apple", "", "a pear"]).double()
+    W0 = parts(toy)[name].weight.detach().double()
+    names = [n for n in parts(toy) if n.startswith("unet.")]
+    W1 = {n: parts(toy)[n].weight.detach().double() + first.deltas[f"{n}.weight"].double() for n in names}
+    Wb = {n: parts(toy)[n].weight.detach().double() for n in names}
+    A = sum(W1[n].T @ W1[n] for n in names) + 0.01 * torch.eye(emb.shape[-1], dtype=torch.float64)
+    B = sum(W1[n].T @ Wb[n] for n in names)
+    derived = emb[0] @ torch.linalg.solve(A, B).T
+    assert torch.allclose(edit.extras["derived.0"].double(), derived, rtol=1e-3, atol=1e-4)
+    K = torch.cat([emb[0, 1:], derived[1:]])
+    V = torch.cat([emb[1, :-1] @ W0.T, emb[1, :-1] @ W1[name].T])
+    Cp = emb[2]
+    eye = torch.eye(W0.shape[1], dtype=torch.float64)
+    expected = (0.1 * W1[name] + V.T @ K + 0.1 * W0 @ Cp.T @ Cp) @ torch.linalg.inv(
+        0.1 * eye + K.T @ K + 0.1 * Cp.T @ Cp)
+    got = W0 + edit.deltas[f"{name}.weight"].double()
+    assert float((got - expected).norm() / (expected - W0).norm()) < 1e-4
 
 
 def test_rece_derived_embedding_solves_its_normal_equations():

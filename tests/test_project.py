@@ -14,8 +14,7 @@ from workbench.embed import (
     n_layers,
     spaces,
 )
-from workbench.methods import rece, uce
-from workbench.metrics import preserve_prompts
+from workbench.methods import erase, uce
 from workbench.project import LandingMap, landing, vocabulary
 from workbench.toy.world import OBJECTS, PAINTERS
 
@@ -24,7 +23,7 @@ SPACE = "unet.mid.0.xattn.k"
 
 @pytest.fixture(scope="module")
 def erased(toy):
-    return rece(toy, "apple", preserve=preserve_prompts("apple"), epochs=2)
+    return erase(toy, "apple", "rece", epochs=2)  # erases "apple" in four prompt templates
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +154,7 @@ def test_same_seed_same_map_and_transform_lands_near_fit(toy, unet_map):
 
 def test_derived_embeddings_and_figure(toy, erased, unet_map, tmp_path):
     derived = unet_map.derived(toy, erased)
-    assert derived.epoch.tolist() == [0, 1]
+    assert derived.epoch.tolist() == [0, 1] and derived.concept.tolist() == ["apple", "apple"]
     assert np.isfinite(derived[["x", "y"]].to_numpy()).all()
     arrows = unet_map.arrows(toy, erased, ["apple", "car"])
     assert arrows.loc[0, "shift"] > arrows.loc[1, "shift"]

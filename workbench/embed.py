@@ -125,6 +125,18 @@ def encode(pipe, prompts: str | Sequence[str], batch: int = 256, layer: int | No
     return torch.cat(out) if out else torch.empty(0)
 
 
+def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
+    """Position of each prompt's last word token (after the start token); 0, the start token itself, for
+    an empty prompt.
+
+    >>> import workbench
+    >>> last_word(workbench.load("toy"), ["", "apple", "a photo of an apple"])
+    [0, 1, 5]
+    """
+    _, mask = _tokenize(pipe, _as_list(prompts))
+    return (mask.sum(1) - 2).clamp(min=0).tolist()
+
+
 def check_prompt(pipe, text: str) -> None:
     """Raise ``ValueError`` if ``text`` tokenizes to nothing (only special tokens)."""
     ids = pipe.tokenizer(text, add_special_tokens=False).input_ids

@@ -57,10 +57,18 @@ def probe(concept: str, per_prompt: int) -> tuple[list[str], str]:
 
 
 def preserve_prompts(concept: str) -> list[str]:
-    """A preserve list for erasing a toy concept: every other object, or every other painter's style."""
-    if kind_of(concept) == "object":
-        return [a(o) for o in OBJECTS if o != concept]
-    return [f"{a(o)} by {p}" for p in PAINTERS if p != concept for o in OBJECTS[::3]] + [a(o) for o in OBJECTS]
+    """A preserve list for erasing a toy concept: every other object and style, each in the prompt
+    templates of its kind (the same templates the concept itself is erased in, so that what the erased
+    prompts share with others, "a photo of", "a painting by", is kept).
+
+    >>> preserve_prompts("apple")[:2]
+    ['a photo of a banana', 'a picture of a banana']
+    """
+    from .methods.fewshot import concept_prompts
+
+    kind_of(concept)
+    return [p for other in (*OBJECTS, *PAINTERS) if other != concept
+            for p in concept_prompts(other, kind_of(other))]
 
 
 def predictions(pipe, oracle, concepts: Sequence[str], per_prompt: int | Sequence[int] = 8,

@@ -1,13 +1,17 @@
 """Erasure methods. Each returns an :class:`~workbench.edits.Edit` and leaves the pipeline as it was.
 
 :func:`erase` is the one entry point that picks a method by name and fills in the toy world's defaults
-(the preserve list, the few-shot prompt kind); the methods themselves take every knob explicitly.
+(the erased and preserved prompts, the few-shot prompt kind); the methods themselves take every knob
+explicitly.
 
 >>> import workbench
 >>> from workbench.methods import erase
 >>> pipe = workbench.load("toy")
->>> erase(pipe, "apple", "uce").params["preserve"][:2]
-['a banana', 'a cherry']
+>>> edit = erase(pipe, "apple", "uce")
+>>> edit.params["erase"]
+['a photo of an apple', 'a picture of an apple', 'an icon of an apple', 'apple']
+>>> edit.params["preserve"][:2]
+['a photo of a banana', 'a picture of a banana']
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any
 
 from ..anatomy import Selector
 from ..edits import Edit
-from .fewshot import fewshot
+from .fewshot import concept_prompts, fewshot
 from .rece import rece
 from .uce import uce
 
@@ -29,9 +33,10 @@ TOY_FEWSHOT_LR = 5e-5
 def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = None, **knobs: Any) -> Edit:
     """Erase ``concept`` with ``method`` (``"rece"``, ``"uce"`` or ``"fewshot"``) scoped to ``parts``.
 
-    On the toy model, for its concepts, the preserve list defaults to the other concepts of the same kind, and
-    few-shot picks object or style prompts and, on the toy model, :data:`TOY_FEWSHOT_LR`; ``knobs`` go
-    to the method unchanged (``progress`` only to few-shot, the one method that trains).
+    On the toy model, for its concepts: UCE and RECE erase the concept in the prompt templates of its kind
+    (:func:`concept_prompts`, the ones few-shot trains on) and keep :func:`workbench.metrics.preserve_prompts`;
+    few-shot picks object or style prompts and :data:`TOY_FEWSHOT_LR`. ``knobs`` go to the method
+    unchanged (``progress`` only to few-shot, the one method that trains).
     """
     from ..metrics import kind_of, preserve_prompts
     from ..models import is_toy
@@ -51,7 +56,10 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
             knobs.setdefault("lr", TOY_FEWSHOT_LR)
         return fewshot(pipe, concept, **knobs)
     knobs.setdefault("preserve", preserve_prompts(concept) if toy else [])
-    return (rece if method == "rece" else uce)(pipe, concept, **knobs)
+    prompts = concept_prompts(concept, kind_of(concept)) if toy else concept
+    edit = (rece if method == "rece" else uce)(pipe, prompts, **knobs)
+    edit.concept = concept
+    return edit
 
 
-__all__ = ["erase", "uce", "rece", "fewshot", "METHODS", "TOY_FEWSHOT_LR"]
+__all__ = ["erase", "uce", "rece", "fewshot", "concept_prompts", "METHODS", "TOY_FEWSHOT_LR"]

@@ -34,6 +34,18 @@ OBJECT_TEMPLATES = ("a photo of {a}", "a picture of {a}", "an icon of {a}", "{c}
 STYLE_TEMPLATES = ("a painting in the style of {c}", "a painting by {c}", "art by {c}", "{c}")
 
 
+def concept_prompts(concept: str, kind: str = "object") -> list[str]:
+    """The prompt templates of ``kind`` (``"object"`` or ``"style"``) filled in with ``concept``.
+
+    >>> concept_prompts("apple")
+    ['a photo of an apple', 'a picture of an apple', 'an icon of an apple', 'apple']
+    """
+    if kind not in ("object", "style"):
+        raise ValueError(f"kind must be 'object' or 'style', not {kind!r}")
+    templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
+    return [t.format(a=with_article(concept), c=concept) for t in templates]
+
+
 def default_parts(pipe) -> list[str]:
     """Every FFN of the text encoder plus the last layer's attention (the paper's default)."""
     last = max(int(n.split(".")[1]) for n in select(pipe, "text.*"))
@@ -80,8 +92,7 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
     prompt templates (``"object"`` or ``"style"``); ``steps`` overrides ``epochs``.
     """
     check_prompt(pipe, concept)
-    if kind not in ("object", "style"):
-        raise ValueError(f"kind must be 'object' or 'style', not {kind!r}")
+    prompts = concept_prompts(concept, kind)
     names = default_parts(pipe) if parts is None else select(pipe, parts)
     bad = [n for n in names if not n.startswith("text.")]
     if bad:
@@ -91,8 +102,6 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
     if images is None:
         images = DATA / "fewshot" / concept.replace(" ", "-")
     imgs = load_images(images, size)
-    templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
-    prompts = [t.format(a=with_article(concept), c=concept) for t in templates]
 
     with Timer() as timer:
         torch.manual_seed(seed)

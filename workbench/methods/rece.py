@@ -3,6 +3,10 @@
 UCE first; then, each epoch, (A) derive in closed form the embedding that still makes the edited model
 produce what the original made for the concept, and (B) erase that embedding too with a UCE step.
 
+The erase set of step (B) grows: the concept itself and every embedding derived so far stay in it, each
+with its target, so a later epoch cannot give back what an earlier one erased (with only the newest
+embedding in it, the preserve term pulls the concept back and efficacy swings from epoch to epoch).
+
 >>> import workbench
 >>> from workbench.methods import rece
 >>> pipe = workbench.load("toy")
@@ -18,9 +22,9 @@ import torch
 
 from ..anatomy import Selector
 from ..edits import Edit, Timer
-from ..embed import check_prompt, encode
+from ..embed import check_prompt, encode, last_word
 from .solver import Gram, solve
-from .uce import XATTN, _as_list, cross_attention_parts, default_preserve_scale, edit_weights
+from .uce import XATTN, _as_list, aligned_rows, cross_attention_parts, edit_weights
 
 
 def derive_embedding(base: dict[str, torch.Tensor], current: dict[str, torch.Tensor],
@@ -39,9 +43,10 @@ def derive_embedding(base: dict[str, torch.Tensor], current: dict[str, torch.Ten
 
 def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence[str] = (),
          parts: Selector = XATTN, epochs: int = 3, ridge: float = 1e-3, lam: float = 0.1,
-         preserve_scale: float = 0.1, uce_lam: float = 0.5,
+         preserve_scale: float = 0.1, uce_lam: float = 0.5, uce_preserve_scale: float = 1.0,
          validate: Callable[[Edit], float] | None = None) -> Edit:
-    """Erase ``concept`` with UCE, then ``epochs`` rounds of derived-embedding erasure.
+    """Erase ``concept`` with UCE (``uce_lam``, ``uce_preserve_scale``), then ``epochs`` rounds of
+    derived-embedding erasure (``ridge``, ``lam``, ``preserve_scale``).
 
     ``validate(edit) -> score`` (higher is better) is called after each epoch and the best epoch is kept.
     The derived embeddings are returned as ``edit.extras["derived.{epoch}"]``.
@@ -51,24 +56,30 @@ def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence
         check_prompt(pipe, text)
     names = cross_attention_parts(pipe, parts, "RECE")
     with Timer() as timer:
+        k = len(concepts)
         emb = encode(pipe, concepts + [guide, ""] + list(preserve))
-        keys, guide_keys, empty = emb[:len(concepts)], emb[len(concepts)], emb[len(concepts) + 1]
-        keep = Gram.of(emb[len(concepts) + 2:]) if preserve else None
-        guides = guide_keys.unsqueeze(0).expand(len(concepts), -1, -1)
-        base_w, first_w = edit_weights(pipe, names, keys, guides, keep, uce_lam, 1.0,
-                                       default_preserve_scale(preserve))
+        full, empty = emb[:k], emb[k + 1].expand(k, -1, -1)
+        at = last_word(pipe, concepts + [guide])
+        keys, guide_rows = aligned_rows(full, at[:k], emb[k].expand(k, -1, -1), [at[k]] * k)
+        keep = Gram.of(emb[k + 2:]) if preserve else None
+        base_w, first_w = edit_weights(pipe, names, keys, guide_rows, keep, uce_lam, 1.0, uce_preserve_scale)
         base = {n: base_w[f"{n}.weight"] for n in names}
         current = {n: first_w[f"{n}.weight"] for n in names}
         first = Edit.between(base_w, first_w, method="uce", concept=", ".join(concepts))
+        erase_keys = [keys.double()]
+        targets = {n: [guide_rows.double() @ base[n].double().T] for n in names}
         candidates, scores, derived = [first], [], {}
         for epoch in range(epochs):
-            c_new = derive_embedding(base, current, keys, ridge)
-            derived[f"derived.{epoch}"] = c_new.reshape(-1, keys.shape[-1]) if len(concepts) == 1 else c_new
-            gram = Gram.of(c_new)
-            harmless = empty.unsqueeze(0).expand(len(concepts), -1, -1).reshape(-1, keys.shape[-1]).double()
+            c_new = derive_embedding(base, current, full, ridge)
+            derived[f"derived.{epoch}"] = c_new[0] if k == 1 else c_new
+            rows, harmless = aligned_rows(c_new, at[:k], empty, [0] * k)
+            erase_keys.append(rows.double())
+            K = torch.cat(erase_keys)
+            gram = Gram.of(K)
             for n in names:
                 Wc = current[n]
-                current[n] = solve(Wc, gram, harmless @ Wc.double().T, c_new, keep, preserve_weight=base[n],
+                targets[n].append(harmless.double() @ Wc.double().T)
+                current[n] = solve(Wc, gram, torch.cat(targets[n]), K, keep, preserve_weight=base[n],
                                    lam=lam, preserve_scale=preserve_scale)
             candidates.append(Edit.between({f"{n}.weight": base[n] for n in names},
                                            {f"{n}.weight": current[n] for n in names},
@@ -82,6 +93,6 @@ def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence
     chosen.method, chosen.seconds = "rece", timer.seconds
     chosen.params = dict(erase=concepts, guide=guide, preserve=list(preserve), parts=names, epochs=epochs,
                          best_epoch=best, ridge=ridge, lam=lam, preserve_scale=preserve_scale,
-                         uce_lam=uce_lam, scores=scores)
+                         uce_lam=uce_lam, uce_preserve_scale=uce_preserve_scale, scores=scores)
     chosen.extras = derived
     return chosen

@@ -15,7 +15,7 @@ import torch
 
 from ..anatomy import Selector, parts as all_parts, select
 from ..edits import Edit, Timer
-from ..embed import check_prompt, encode
+from ..embed import check_prompt, encode, last_word
 from .solver import Gram, solve
 
 XATTN = "unet.*.xattn.*"
@@ -35,8 +35,23 @@ def cross_attention_parts(pipe, selector: Selector, method: str) -> list[str]:
     return names
 
 
-def default_preserve_scale(preserve: Sequence[str]) -> float:
-    return max(0.1, 1.0 / len(preserve)) if preserve else 1.0
+def aligned_rows(prompts: torch.Tensor, at: Sequence[int], guides: torch.Tensor,
+                 guide_at: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of each erased prompt that carry its concept, and the guide's rows they map to.
+
+    A prompt's rows run from its last word token to the end of the sequence (the word, the end token and
+    the padding, which see the whole prompt in context); the guide's run from its own last word (its start
+    token when it is empty); both are cut to the same length. Rows before the last word ("a photo of",
+    the start token) are shared with prompts that must not change, so they stay out of the erase set.
+    ``prompts`` and ``guides`` are ``[n, tokens, width]``; returns two ``[rows, width]`` tensors.
+    """
+    tokens = prompts.shape[1]
+    keys, targets = [], []
+    for p, a, g, b in zip(prompts, at, guides, guide_at):
+        n = tokens - max(a, b)
+        keys.append(p[a:a + n])
+        targets.append(g[b:b + n])
+    return torch.cat(keys), torch.cat(targets)
 
 
 def edit_weights(pipe, names: list[str], keys: torch.Tensor, guide_keys: torch.Tensor,
@@ -56,10 +71,11 @@ def edit_weights(pipe, names: list[str], keys: torch.Tensor, guide_keys: torch.T
 
 def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", preserve: Sequence[str] = (),
         parts: Selector = XATTN, lam: float = 0.5, erase_scale: float = 1.0,
-        preserve_scale: float | None = None) -> Edit:
+        preserve_scale: float = 1.0) -> Edit:
     """Erase ``erase`` (concept prompts) by mapping their keys/values to those of ``guide``.
 
-    ``preserve`` prompts keep their outputs. The pipeline is not changed: apply the returned edit.
+    Each prompt is erased through the rows that carry its concept (:func:`aligned_rows`); ``preserve``
+    prompts keep their outputs on every row. The pipeline is not changed: apply the returned edit.
     """
     erase, preserve = _as_list(erase), _as_list(preserve)
     guides = _as_list(guide) * (len(erase) if isinstance(guide, str) else 1)
@@ -68,13 +84,14 @@ def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", prese
     for text in erase:
         check_prompt(pipe, text)
     names = cross_attention_parts(pipe, parts, "UCE")
-    scale = default_preserve_scale(preserve) if preserve_scale is None else preserve_scale
     with Timer() as timer:
         emb = encode(pipe, erase + guides + preserve)
-        keys, guide_keys = emb[:len(erase)], emb[len(erase):2 * len(erase)]
+        at = last_word(pipe, erase + guides)
+        keys, guide_keys = aligned_rows(emb[:len(erase)], at[:len(erase)], emb[len(erase):2 * len(erase)],
+                                        at[len(erase):])
         keep = Gram.of(emb[2 * len(erase):]) if preserve else None
-        base, new = edit_weights(pipe, names, keys, guide_keys, keep, lam, erase_scale, scale)
+        base, new = edit_weights(pipe, names, keys, guide_keys, keep, lam, erase_scale, preserve_scale)
     params = dict(erase=erase, guide=guides, preserve=preserve, parts=names, lam=lam,
-                  erase_scale=erase_scale, preserve_scale=scale)
+                  erase_scale=erase_scale, preserve_scale=preserve_scale)
     return Edit.between(base, new, method="uce", concept=", ".join(erase), params=params,
                         seconds=timer.seconds)
