@@ -38,13 +38,15 @@ def methods(pipe) -> dict:
     }
 
 
-def run(per_prompt: int, erased: tuple[str, ...] = CONCEPTS) -> None:
+def run(per_prompt: int, erased: tuple[str, ...] = CONCEPTS, only: str | None = None) -> None:
     pipe, oracle = workbench.load("toy"), Oracle.load()
     concepts = [*OBJECTS, *PAINTERS]
     base = accuracy(pipe, oracle, concepts, per_prompt)
     print("| method | concept | accuracy on concept (before -> after) | preservation | seconds |")
     print("|---|---|---|---|---|")
     for name, fn in methods(pipe).items():
+        if only not in (None, name):
+            continue
         for c in erased:
             t0 = time.perf_counter()
             edit = fn(c)
@@ -140,6 +142,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-prompt", type=int, default=8)
     p.add_argument("--all", action="store_true", help="erase each of the 20 concepts, not only the 8 above")
+    p.add_argument("--method", choices=["rece", "fewshot"], help="only this method")
     p.add_argument("--bad-input-only", action="store_true", help="only the bad-input table (seconds)")
     p.add_argument("--timing-only", action="store_true",
                    help="only seconds per erasure and the scaling table (about a minute)")
@@ -149,5 +152,5 @@ if __name__ == "__main__":
     elif args.bad_input_only:
         bad_input(workbench.load("toy"))
     else:
-        run(args.per_prompt, (*OBJECTS, *PAINTERS) if args.all else CONCEPTS)
+        run(args.per_prompt, (*OBJECTS, *PAINTERS) if args.all else CONCEPTS, args.method)
         bad_input(workbench.load("toy"))
