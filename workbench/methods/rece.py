@@ -3,7 +3,9 @@
 UCE first; then, each epoch, (A) derive in closed form the embedding that still makes the edited model
 produce what the original made for the concept, and (B) erase that embedding too with a UCE step.
 
-The erase set of step (B) grows: the concept itself and every embedding derived so far stay in it, each
+Both steps act on the rows that carry the concept (:func:`~workbench.methods.uce.aligned_rows`); the
+derived embeddings are kept for every row, so they can be drawn and projected like any prompt's. The
+erase set of step (B) grows: the concept itself and every embedding derived so far stay in it, each
 with its target, so a later epoch cannot give back what an earlier one erased (with only the newest
 embedding in it, the preserve term pulls the concept back and efficacy swings from epoch to epoch).
 
