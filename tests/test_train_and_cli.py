@@ -42,7 +42,9 @@ def test_cli_erase_then_generate_with_the_edit(tmp_path, capsys):
     cli.main(["erase", "--concept", "apple", "--method", "uce", "--out", str(edit_path)])
     assert "uce erased 'apple'" in capsys.readouterr().out
     edit = Edit.load(edit_path)
-    assert edit.method == "uce" and len(edit.params["preserve"]) == 15  # the other toy objects
+    # the toy defaults: "apple" in four templates; the 19 other concepts in the templates of their kind
+    assert edit.method == "uce" and edit.params["erase"][0] == "a photo of an apple"
+    assert len(edit.params["erase"]) == 4 and len(edit.params["preserve"]) == 19 * 4
     before, after = tmp_path / "before.png", tmp_path / "after.png"
     cli.main(["generate", "--prompt", "an apple", "--steps", "10", "--out", str(before)])
     cli.main(["generate", "--prompt", "an apple", "--steps", "10", "--edit", str(edit_path), "--out", str(after)])
