@@ -34,12 +34,14 @@ def test_solver_matches_the_formula_in_float64():
     assert float((got - expected).norm() / expected.norm()) < 1e-6
 
 
-def test_uce_matches_the_formula_on_the_toy_model(toy):
-    edit = uce(toy, "apple", preserve=["a pear", "a car"], lam=0.5)
-    emb = encode(toy, ["apple", "", "a pear", "a car"]).double()
+@pytest.mark.parametrize("prompt, word", [("apple", 1), ("a photo of an apple", 5)])
+def test_uce_matches_the_formula_on_the_toy_model(toy, prompt, word):
+    edit = uce(toy, prompt, preserve=["a pear", "a car"], lam=0.5)
+    emb = encode(toy, [prompt, "", "a pear", "a car"]).double()
     W0 = parts(toy)["unet.mid.0.xattn.k"].weight.detach().double()
-    # "apple" is token 1 ([CLS] apple [SEP] ...): its rows 1.. map to the empty prompt's rows 0..
-    Ce, Cg, Cp = emb[0, 1:], emb[1, :-1], emb[2:].reshape(-1, emb.shape[-1])
+    # [CLS] a photo of an apple [SEP] ...: only the rows from the last word on are erased, onto the empty
+    # prompt's rows from its start token on
+    Ce, Cg, Cp = emb[0, word:], emb[1, :-word], emb[2:].reshape(-1, emb.shape[-1])
     sp = 1.0
     expected = (0.5 * W0 + (Cg @ W0.T).T @ Ce + sp * W0 @ Cp.T @ Cp) @ torch.linalg.inv(
         0.5 * torch.eye(W0.shape[1], dtype=torch.float64) + Ce.T @ Ce + sp * Cp.T @ Cp)

@@ -66,7 +66,7 @@ def preserve_prompts(concept: str) -> list[str]:
     """
     from .methods.fewshot import concept_prompts
 
-    kind_of(concept)
+    kind_of(concept)  # a concept outside the toy world gets kind_of's error
     return [p for other in (*OBJECTS, *PAINTERS) if other != concept
             for p in concept_prompts(other, kind_of(other))]
 

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .embed import embed, embed_rows
 from .models import DATA
@@ -273,15 +272,15 @@ class LandingMap:
         for. Empty when the edit has none."""
         erased = list(edit.params.get("erase") or [edit.concept])
         # an edit that erased the concept in several templates shows the bare concept's embedding
-        chosen = [erased.index(edit.concept)] if edit.concept in erased and len(erased) > 1 else range(len(erased))
+        chosen = [erased.index(edit.concept)] if edit.concept in erased else list(range(len(erased)))
         prompts = [erased[i] for i in chosen]
         rows = []
         keys = sorted((k for k in edit.extras if k.startswith("derived.")), key=lambda k: int(k.split(".")[1]))
         if not keys:
             return pd.DataFrame(columns=["label", "concept", "epoch", "x", "y", "nearest", "distance"])
         with edit.apply(pipe):
-            vectors = [embed_rows(pipe, _rows(edit.extras[k], len(erased))[list(chosen)], prompts, self.space,
-                                  self.pool) for k in keys]
+            rows_of = {k: edit.extras[k].reshape(len(erased), -1, edit.extras[k].shape[-1]) for k in keys}
+            vectors = [embed_rows(pipe, rows_of[k][chosen], prompts, self.space, self.pool) for k in keys]
         vectors = np.concatenate(vectors)
         coords = self.transform(vectors)
         d = _distances(vectors, self.embeddings, self.metric)
@@ -309,8 +308,3 @@ class LandingMap:
         if title == "" and edit is not None:
             title = f"{edit.method}: {edit.concept} ({self.space}, {self.pool})"
         return landing_map(self.points(), arrows, derived, title=title)
-
-
-def _rows(derived: torch.Tensor, n: int) -> torch.Tensor:
-    """RECE's derived rows as ``[n, tokens, width]`` (it stores one prompt's as ``[tokens, width]``)."""
-    return derived.unsqueeze(0) if n == 1 and derived.dim() == 2 else derived
