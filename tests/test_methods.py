@@ -34,13 +34,14 @@ def test_solver_matches_the_formula_in_float64():
     assert float((got - expected).norm() / expected.norm()) < 1e-6
 
 
-@pytest.mark.parametrize("prompt, word", [("apple", 1), ("a photo of an apple", 5)])
+@pytest.mark.parametrize("prompt, word", [("apple", 1), ("a photo of an apple", 5),
+                                          ("a painting by mondrian", 4)])  # mon ##dr ##ian: all three
 def test_uce_matches_the_formula_on_the_toy_model(toy, prompt, word):
     edit = uce(toy, prompt, preserve=["a pear", "a car"], lam=0.5)
     emb = encode(toy, [prompt, "", "a pear", "a car"]).double()
     W0 = parts(toy)["unet.mid.0.xattn.k"].weight.detach().double()
-    # [CLS] a photo of an apple [SEP] ...: only the rows from the last word on are erased, onto the empty
-    # prompt's rows from its start token on
+    # [CLS] a photo of an apple [SEP] ...: only the rows from the last word's first token on are erased,
+    # onto the empty prompt's rows from its start token on
     Ce, Cg, Cp = emb[0, word:], emb[1, :-word], emb[2:].reshape(-1, emb.shape[-1])
     sp = 1.0
     expected = (0.5 * W0 + (Cg @ W0.T).T @ Ce + sp * W0 @ Cp.T @ Cp) @ torch.linalg.inv(
@@ -175,3 +176,12 @@ def test_fewshot_image_folders(toy, tmp_path):
 def test_uce_refuses_text_parts(toy):
     with pytest.raises(ValueError, match="few-shot"):
         uce(toy, "apple", parts="text.1.ffn")
+
+
+def test_erase_fills_in_the_toy_defaults_and_knobs_override_them(toy):
+    from workbench.methods import TOY_LAMBDA, erase
+
+    edit = erase(toy, "apple", "rece", epochs=1)
+    assert {k: edit.params[k] for k in TOY_LAMBDA["rece"]} == TOY_LAMBDA["rece"] and edit.params["epochs"] == 1
+    assert erase(toy, "apple", "uce", lam=0.3).params["lam"] == 0.3
+    assert uce(toy, "apple").params["lam"] == 0.5  # the method itself keeps the paper's value

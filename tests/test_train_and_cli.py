@@ -37,6 +37,7 @@ def test_cli_generate_writes_an_image(tmp_path, capsys):
 
 def test_cli_erase_then_generate_with_the_edit(tmp_path, capsys):
     from workbench.edits import Edit
+    from workbench.methods import TOY_LAMBDA
 
     edit_path = tmp_path / "apple.safetensors"
     cli.main(["erase", "--concept", "apple", "--method", "uce", "--out", str(edit_path)])
@@ -45,6 +46,7 @@ def test_cli_erase_then_generate_with_the_edit(tmp_path, capsys):
     # the toy defaults: "apple" in four templates; the 19 other concepts in the templates of their kind
     assert edit.method == "uce" and edit.params["erase"][0] == "a photo of an apple"
     assert len(edit.params["erase"]) == 4 and len(edit.params["preserve"]) == 19 * 4
+    assert edit.params["lam"] == TOY_LAMBDA["uce"]["lam"]
     before, after = tmp_path / "before.png", tmp_path / "after.png"
     cli.main(["generate", "--prompt", "an apple", "--steps", "10", "--out", str(before)])
     cli.main(["generate", "--prompt", "an apple", "--steps", "10", "--edit", str(edit_path), "--out", str(after)])

@@ -126,15 +126,19 @@ def encode(pipe, prompts: str | Sequence[str], batch: int = 256, layer: int | No
 
 
 def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
-    """Position of each prompt's last word token (after the start token); 0, the start token itself, for
-    an empty prompt.
+    """Position of the first token of each prompt's last word (after the start token); 0, the start
+    token itself, for an empty prompt. A word the tokenizer splits keeps all its pieces.
 
     >>> import workbench
-    >>> last_word(workbench.load("toy"), ["", "apple", "a photo of an apple"])
-    [0, 1, 5]
+    >>> last_word(workbench.load("toy"), ["", "apple", "a photo of an apple", "a painting by mondrian"])
+    [0, 1, 5, 4]
     """
-    _, mask = _tokenize(pipe, _as_list(prompts))
-    return (mask.sum(1) - 2).clamp(min=0).tolist()
+    prompts = _as_list(prompts)
+    _, mask = _tokenize(pipe, prompts)
+    _, prefix_mask = _tokenize(pipe, [" ".join(text.split()[:-1]) for text in prompts])
+    last = (mask.sum(1) - 2).clamp(min=0)  # the last token before the end token
+    first = (prefix_mask.sum(1) - 1).clamp(min=0).minimum(last)  # one past the prefix's last token
+    return [f if text.split() else 0 for f, text in zip(first.tolist(), prompts)]
 
 
 def check_prompt(pipe, text: str) -> None:

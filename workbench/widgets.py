@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
-from .methods import METHODS
+from .methods import METHODS, TOY_LAMBDA
 from .toy.world import OBJECTS, PAINTERS
 
 CONCEPTS = (*OBJECTS, *PAINTERS)
@@ -166,6 +166,8 @@ class ErasePanel(Panel):
     title = "Erase a concept"
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
+        from .models import is_toy
+
         controls = {
             "concept": _concept_control(self.pipe),
             "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
@@ -174,8 +176,8 @@ class ErasePanel(Panel):
             "epochs": w.IntSlider(value=3, min=1, max=6, description="RECE epochs"),
             "ridge": w.FloatLogSlider(value=1e-3, base=10, min=-4, max=-1, description="RECE ridge",
                                       readout_format=".0e"),
-            "lam": w.FloatLogSlider(value=0.5, base=10, min=-2, max=1, description="UCE lambda",
-                                    readout_format=".2g"),
+            "lam": w.FloatLogSlider(value=TOY_LAMBDA["uce"]["lam"] if is_toy(self.pipe) else 0.5, base=10,
+                                    min=-2, max=1, description="UCE lambda", readout_format=".2g"),
             "lr": w.FloatLogSlider(value=5e-5, base=10, min=-6, max=-3, description="few-shot lr",
                                    readout_format=".0e"),
             "steps": w.IntSlider(value=8, min=1, max=40, description="few-shot steps"),
