@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from collections import Counter
 
 import numpy as np
 
 import workbench
-from workbench.metrics import accuracy, preservation
+from workbench.metrics import accuracy, hits, kind_of, predictions, preservation
 from workbench.methods import erase, fewshot, rece, uce
 from workbench.toy.oracle import Oracle
 from workbench.toy.world import OBJECTS, PAINTERS, all_captions
@@ -44,19 +45,38 @@ def run(per_prompt: int, erased: tuple[str, ...] = CONCEPTS, only: str | None = 
     base = accuracy(pipe, oracle, concepts, per_prompt)
     print("| method | concept | accuracy on concept (before -> after) | preservation | seconds |")
     print("|---|---|---|---|---|")
+    labels: dict[str, dict[str, list[str]]] = {}
     for name, fn in methods(pipe).items():
         if only not in (None, name):
             continue
+        labels[name] = {}
         for c in erased:
             t0 = time.perf_counter()
             edit = fn(c)
             seconds = time.perf_counter() - t0
             with edit.apply(pipe):
-                after = accuracy(pipe, oracle, concepts, per_prompt)
+                preds = predictions(pipe, oracle, concepts, per_prompt)
+            after = hits(preds)
+            labels[name][c] = [p[head] for k, head, p in preds if k == c]
             others = [k for k in concepts if k != c]
             keep = preservation({k: after[k] for k in others}, {k: base[k] for k in others})
             print(f"| {name} | {c} | {base[c]:.0%} -> {after[c]:.0%} | {keep:.0%} | {seconds:.2f} |", flush=True)
+    floors(labels)
     scaling(pipe)
+
+
+def floors(labels: dict[str, dict[str, list[str]]]) -> None:
+    """What the oracle calls each concept's images after erasing it, and its floor: the share of the *other*
+    erased concepts' images (same kind) that it calls this concept. An accuracy near the floor is the
+    oracle's bias, not a concept left in the model."""
+    print("\n| method | concept | the oracle calls its erased images | floor |")
+    print("|---|---|---|---|")
+    for name, by_concept in labels.items():
+        for c, seen in by_concept.items():
+            rest = [x for k, v in by_concept.items() if k != c and kind_of(k) == kind_of(c) for x in v]
+            common = ", ".join(f"{label} {n}" for label, n in Counter(seen).most_common(3))
+            floor = f"{np.mean([x == c for x in rest]):.0%} of {len(rest)}" if rest else "-"
+            print(f"| {name} | {c} | {common} | {floor} |", flush=True)
 
 
 def timing(pipe) -> None:

@@ -96,10 +96,15 @@ def predictions(pipe, oracle, concepts: Sequence[str], per_prompt: int | Sequenc
 
 def accuracy(pipe, oracle, concepts: list[str], per_prompt: int = 8, seed: int = 1234) -> dict[str, float]:
     """The oracle's accuracy on each concept's prompts, all images generated in batches."""
-    hits: dict[str, list[bool]] = {c: [] for c in concepts}
-    for c, head, pred in predictions(pipe, oracle, concepts, per_prompt, seed):
-        hits[c].append(pred[head] == c)
-    return {c: float(np.mean(hits[c])) for c in concepts}
+    return hits(predictions(pipe, oracle, concepts, per_prompt, seed))
+
+
+def hits(preds: Sequence[tuple[str, str, dict[str, str]]]) -> dict[str, float]:
+    """Per concept, the share of its images in which the oracle sees it (``predictions``'s output)."""
+    seen: dict[str, list[bool]] = {}
+    for c, head, pred in preds:
+        seen.setdefault(c, []).append(pred[head] == c)
+    return {c: float(np.mean(v)) for c, v in seen.items()}
 
 
 def preservation(after: dict[str, float], before: dict[str, float]) -> float:
