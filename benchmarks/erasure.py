@@ -7,7 +7,9 @@
     python benchmarks/erasure.py --bad-input-only
 
 Efficacy: oracle accuracy on the erased concept's prompts (lower is stronger). Preservation: accuracy on
-the other 19 concepts as a fraction of the unedited model's. Peak memory is the process's maximum RSS.
+the other 19 concepts as a fraction of the unedited model's. After the first table, a second one says
+what the oracle calls each erased concept's images and its floor for that concept: how often it gives
+the concept's label to the other erased concepts' images. Peak memory is the process's maximum RSS.
 """
 from __future__ import annotations
 
