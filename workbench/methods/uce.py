@@ -39,9 +39,10 @@ def aligned_rows(prompts: torch.Tensor, at: Sequence[int], guides: torch.Tensor,
                  guide_at: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of each erased prompt that carry its concept, and the guide's rows they map to.
 
-    A prompt's rows run from its last word token to the end of the sequence (the word, the end token and
-    the padding, which see the whole prompt in context); the guide's run from its own last word (its start
-    token when it is empty); both are cut to the same length. Rows before the last word ("a photo of",
+    A prompt's rows run from the first token of its last word (``at``, from :func:`~workbench.embed.last_word`)
+    to the end of the sequence (the word, the end token and the padding, which see the whole prompt in
+    context); the guide's run from its own last word (its start token when it is empty); both are cut to
+    the same length. Rows before the last word ("a photo of",
     the start token) are shared with prompts that must not change, so they stay out of the erase set.
     ``prompts`` and ``guides`` are ``[n, tokens, width]``; returns two ``[rows, width]`` tensors.
     """
