@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import workbench
 from workbench.toy.oracle import Oracle
@@ -17,3 +18,15 @@ def oracle():
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     return workbench.build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def state_of(pipe) -> dict[str, torch.Tensor]:
+    """Every text-encoder and UNet tensor of ``pipe``, cloned."""
+    return {**{f"te.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()},
+            **{f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()}}
+
+
+def same_state(pipe, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``pipe``'s tensors equal ``state`` exactly."""
+    now = state_of(pipe)
+    return all(torch.equal(now[k], v) for k, v in state.items())

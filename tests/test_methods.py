@@ -4,22 +4,16 @@ import torch
 from PIL import Image
 
 import workbench
+from conftest import same_state, state_of
 from workbench.anatomy import parts
 from workbench.edits import Edit, applied
 from workbench.embed import encode
 from workbench.methods import fewshot, rece, uce
 from workbench.methods.rece import derive_embedding
 from workbench.methods.solver import Gram, solve
+from workbench.toy import TOY_CONCEPTS, TOY_LAMBDA
 
-
-def _state(pipe):
-    return {**{f"te.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()},
-            **{f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()}}
-
-
-def _same(pipe, state):
-    now = _state(pipe)
-    return all(torch.equal(now[k], v) for k, v in state.items())
+APPLES = TOY_CONCEPTS.image_folder("apple")
 
 
 def test_solver_matches_the_formula_in_float64():
@@ -88,21 +82,21 @@ def test_rece_derived_embedding_solves_its_normal_equations():
 
 
 def test_rece_returns_derived_embeddings_and_keeps_the_best_epoch(toy):
-    state = _state(toy)
+    state = state_of(toy)
     scores = iter([0.0, 5.0, 1.0, 2.0])
     edit = rece(toy, "apple", epochs=3, validate=lambda e: next(scores))
     assert edit.params["best_epoch"] == 1 and len(edit.extras) == 3
     assert edit.extras["derived.0"].shape == (20, 384)
-    assert _same(toy, state)  # methods never change the pipeline
+    assert same_state(toy, state)  # methods never change the pipeline
 
 
 def test_apply_and_revert_are_exact_and_edits_stack(toy):
-    state = _state(toy)
+    state = state_of(toy)
     a, b = uce(toy, "apple"), uce(toy, "car")
     with a.apply(toy), b.apply(toy):
         assert applied(toy) == [a, b]
-        assert not _same(toy, state)
-    assert _same(toy, state) and applied(toy) == []
+        assert not same_state(toy, state)
+    assert same_state(toy, state) and applied(toy) == []
 
 
 def test_save_load_roundtrip_and_wrong_model(toy, tiny_sd_dir, tmp_path):
@@ -112,11 +106,11 @@ def test_save_load_roundtrip_and_wrong_model(toy, tiny_sd_dir, tmp_path):
     assert all(torch.equal(loaded.deltas[k], v) for k, v in edit.deltas.items())
     assert torch.equal(loaded.extras["derived.0"], edit.extras["derived.0"])
     sd = workbench.load(tiny_sd_dir)
-    state = _state(sd)
+    state = state_of(sd)
     with pytest.raises(ValueError, match="made for another model"):
         with loaded.apply(sd):
             pass
-    assert _same(sd, state)
+    assert same_state(sd, state)
 
 
 def test_summary_reports_norms(toy):
@@ -131,29 +125,29 @@ def test_nan_result_is_refused(toy):
 
 
 def test_concept_that_tokenizes_to_nothing(toy):
-    state = _state(toy)
+    state = state_of(toy)
     for method in (uce, rece, fewshot):
         with pytest.raises(ValueError, match="tokenizes to nothing"):
             method(toy, "   ")
-    assert _same(toy, state)
+    assert same_state(toy, state)
 
 
 def test_fewshot_changes_only_selected_parts(toy):
-    state = _state(toy)
-    edit = fewshot(toy, "apple", parts="text.2.ffn", steps=2, lr=1e-3, progress=False)
+    state = state_of(toy)
+    edit = fewshot(toy, "apple", APPLES, parts="text.2.ffn", steps=2, lr=1e-3, progress=False)
     assert set(edit.parts) == {"text.2.ffn.in", "text.2.ffn.out"}
     assert all(float(d.abs().max()) > 0 for d in edit.deltas.values())
-    assert _same(toy, state)
+    assert same_state(toy, state)
     with edit.apply(toy):
-        now = _state(toy)
+        now = state_of(toy)
         changed = {k for k, v in state.items() if not torch.equal(now[k], v)}
     assert changed == {f"te.encoder.layer.2.{m}.dense.{w}" for m in ("intermediate", "output") for w in ("weight", "bias")}
-    assert _same(toy, state)
+    assert same_state(toy, state)
 
 
 def test_fewshot_is_deterministic(toy):
-    a = fewshot(toy, "cat", steps=2, lr=1e-4, progress=False)
-    b = fewshot(toy, "cat", steps=2, lr=1e-4, progress=False)
+    a = fewshot(toy, "cat", TOY_CONCEPTS.image_folder("cat"), steps=2, lr=1e-4, progress=False)
+    b = fewshot(toy, "cat", TOY_CONCEPTS.image_folder("cat"), steps=2, lr=1e-4, progress=False)
     assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
 
 
@@ -179,7 +173,7 @@ def test_uce_refuses_text_parts(toy):
 
 
 def test_erase_fills_in_the_toy_defaults_and_knobs_override_them(toy):
-    from workbench.methods import TOY_LAMBDA, erase
+    from workbench.methods import erase
 
     edit = erase(toy, "apple", "rece", epochs=1)
     assert {k: edit.params[k] for k in TOY_LAMBDA["rece"]} == TOY_LAMBDA["rece"] and edit.params["epochs"] == 1

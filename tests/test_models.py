@@ -4,6 +4,7 @@ import torch
 
 import workbench
 from workbench import models
+from workbench.toy import model as toy_model
 from workbench.toy.world import OBJECTS, a
 
 
@@ -65,7 +66,7 @@ def test_hub_id_not_cached_gives_a_clear_error(monkeypatch):
 
 
 def test_missing_data_file_says_how_to_rebuild(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "TOY_DIR", tmp_path / "toy")
+    monkeypatch.setattr(toy_model, "TOY_DIR", tmp_path / "toy")
     with pytest.raises(FileNotFoundError, match="python -m workbench.toy.train"):
         workbench.load("toy")
     from workbench.toy.oracle import Oracle

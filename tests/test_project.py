@@ -11,11 +11,12 @@ from workbench.embed import (
     encode,
     hidden_states,
     lens,
-    n_layers,
     spaces,
 )
 from workbench.methods import erase, uce
 from workbench.project import LandingMap, landing, vocabulary
+from workbench.anatomy import n_text_layers
+from workbench.toy import TOY_CONCEPTS
 from workbench.toy.world import OBJECTS, PAINTERS
 
 SPACE = "unet.mid.0.xattn.k"
@@ -38,7 +39,7 @@ def cosine(a, b):
 
 
 def test_vocabulary_has_concepts_related_words_and_distractors():
-    v = vocabulary()
+    v = vocabulary(TOY_CONCEPTS)
     assert set(OBJECTS) | set(PAINTERS) <= set(v.word[v.kind == "concept"])
     assert (v.kind == "distractor").sum() >= 200
     assert {"fruit", "vehicle", "sky", "animal", "style"} <= set(v.group[v.kind == "related"])
@@ -50,7 +51,7 @@ def test_layer_outputs_are_conditioning_ready(toy, tiny_sd_dir):
     for pipe in (toy, sd):
         prompts = ["a red apple", "a car by van gogh"]
         states = hidden_states(pipe, prompts)
-        assert states.shape[0] == n_layers(pipe) + 1
+        assert states.shape[0] == n_text_layers(pipe) + 1
         torch.testing.assert_close(encode(pipe, prompts, layer=-1), encode(pipe, prompts))
         torch.testing.assert_close(encode(pipe, prompts, layer=0), states[1])
         assert not torch.allclose(states[1], states[-1])
@@ -91,7 +92,7 @@ def test_unet_spaces_change_under_uce_and_text_spaces_do_not(toy):
 
 
 def test_embeddings_are_cached_per_edit_state(toy):
-    words = vocabulary().word.tolist()[::6]
+    words = vocabulary(TOY_CONCEPTS).word.tolist()[::6]
     first = embed(toy, words, SPACE)
     assert embed(toy, words, SPACE) is first
     assert not first.flags.writeable
@@ -119,7 +120,7 @@ def test_bad_inputs_say_what_is_accepted(toy, erased):
 
 def test_landing_is_measured_in_the_original_space(toy, erased, unet_map):
     table = unet_map.landing(toy, erased, "apple", k=5)
-    v = vocabulary()
+    v = vocabulary(TOY_CONCEPTS)
     others = v.word != "apple"
     base = embed(toy, v.word[others].tolist(), SPACE)
     with erased.apply(toy):
@@ -146,8 +147,11 @@ def test_same_seed_same_map_and_transform_lands_near_fit(toy, unet_map):
     again = LandingMap.fit(toy, space=SPACE, seed=0)
     np.testing.assert_array_equal(again.coords, unet_map.coords)
     moved = unet_map.transform(unet_map.embeddings[:60])
-    extent = np.ptp(unet_map.coords, axis=0).max()
-    assert np.median(np.linalg.norm(moved - unet_map.coords[:60], axis=1)) < 0.05 * extent
+    own = np.linalg.norm(moved - unet_map.coords[:60], axis=1)
+    # UMAP's transform re-embeds a fitted point near, not at, its place: within a fifth of the typical
+    # distance between two points of the map (a margin no CPU's float rounding can cross)
+    typical = np.median(np.linalg.norm(unet_map.coords[:60, None] - unet_map.coords[None, :60], axis=2))
+    assert np.median(own) < 0.2 * typical
     with pytest.raises(ValueError, match="128 wide"):
         unet_map.transform(np.zeros((2, 384)))
 
@@ -166,7 +170,7 @@ def test_derived_embeddings_and_figure(toy, erased, unet_map, tmp_path):
 
 def test_lens_last_layer_is_the_pipeline_image(toy, tiny_sd_dir):
     images = lens(toy, "an apple", steps=2)
-    assert len(images) == n_layers(toy) == 6
+    assert len(images) == n_text_layers(toy) == 6
     plain = toy("an apple", num_inference_steps=2, guidance_scale=5.0, generator=workbench.seeded(0)).images[0]
     assert np.abs(np.asarray(images[-1], int) - np.asarray(plain, int)).max() <= 1
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[-1]))

@@ -5,21 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import same_state, state_of
 from workbench.anatomy import select
 from workbench.methods.fewshot import default_parts
-from workbench.metrics import default_others, drift, evaluate
+from workbench.metrics import drift, evaluate
 from workbench.plots import dw_per_layer, save, subset_bars, sweep_heatmap
 from workbench.sweep import aggregate, ffn_vs_attention, finding, layer_sweep, layers
-
-
-def _state(pipe):
-    return {**{f"te.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()},
-            **{f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()}}
-
-
-def _same(pipe, state):
-    now = _state(pipe)
-    return all(torch.equal(now[k], v) for k, v in state.items())
+from workbench.toy import TOY_CONCEPTS
 
 
 def _selected(pipe, part: str) -> set[str]:
@@ -27,18 +19,18 @@ def _selected(pipe, part: str) -> set[str]:
 
 
 def test_uce_sweep_edits_one_cross_attention_matrix_per_run(toy):
-    state = _state(toy)
+    state = state_of(toy)
     table = layer_sweep(toy, "apple", method="uce", measure=False, progress=False)
     xattn = layers(toy, "uce")
     assert len(table) == 2 * len(xattn)
     for row in table.itertuples():
         assert row.parts_edited == (f"{xattn[row.layer]}.{row.component}",) == tuple(select(toy, row.part))
         assert row.dW > 0 and set(row.dW_by_layer) == {xattn[row.layer]}
-    assert _same(toy, state)
+    assert same_state(toy, state)
 
 
 def test_fewshot_sweep_edits_only_the_named_part_and_cumulative_includes_earlier_layers(toy):
-    state = _state(toy)
+    state = state_of(toy)
     single = layer_sweep(toy, "cat", layers=[1, 3], measure=False, progress=False, steps=1)
     assert list(zip(single["layer"], single["component"])) == [(1, "ffn"), (1, "attn"), (3, "ffn"), (3, "attn")]
     for row in single.itertuples():
@@ -49,7 +41,7 @@ def test_fewshot_sweep_edits_only_the_named_part_and_cumulative_includes_earlier
     assert row["cumulative"] and row["seed"] == 3 and row["layer"] == 2
     assert set(row["parts_edited"]) == set(select(toy, ["text.0.ffn", "text.1.ffn", "text.2.ffn"]))
     assert list(row["dW_by_layer"]) == ["text.0", "text.1", "text.2"]
-    assert _same(toy, state)
+    assert same_state(toy, state)
 
 
 def test_ffn_vs_attention_subsets_edit_what_they_say(toy):
@@ -65,7 +57,7 @@ def test_ffn_vs_attention_subsets_edit_what_they_say(toy):
 
 def test_measured_rows(toy, oracle):
     table = layer_sweep(toy, "apple", method="uce", components=["xattn.v"], layers=[2], seeds=(0, 7),
-                        oracle=oracle, others=["banana", "car"], per_prompt=2, per_other=1, progress=False)
+                        judge=oracle, others=["banana", "car"], per_prompt=2, per_other=1, progress=False)
     for col in ("part", "component", "layer", "concept", "method", "efficacy", "preservation", "dW",
                 "seconds", "seed", "drift", "drift_chance", "preservation_related", "preservation_unrelated"):
         assert col in table.columns
@@ -88,17 +80,17 @@ def test_evaluate_refuses_a_baseline_measured_otherwise(toy, oracle):
 
 
 def test_default_others_are_related_then_unrelated():
-    assert default_others("car") == ["truck", "boat", "airplane", "apple", "sun", "cat"]
-    assert default_others("van gogh")[:3] == ["seurat", "mondrian", "picasso"]
+    assert TOY_CONCEPTS.others("car") == ["truck", "boat", "airplane", "apple", "sun", "cat"]
+    assert TOY_CONCEPTS.others("van gogh") == ["seurat", "mondrian", "picasso", "apple", "car", "sun"]
 
 
 def test_drift_on_hand_made_predictions():
-    preds = [{"object": o} for o in ("cat", "dog", "dog", "fish", "car", "apple", "cat", "sun")]
-    d = drift(preds, "cat")
+    labels = ["cat", "dog", "dog", "fish", "car", "apple", "cat", "sun"]
+    d = drift(labels, "cat", TOY_CONCEPTS)
     assert d["drift"] == pytest.approx(3 / 8)  # dog, dog, fish
     assert d["drift_chance"] == pytest.approx(6 / 8 * 3 / 15)
-    assert drift([{"object": "cat"}] * 4, "cat") == {"drift": 0.0, "drift_chance": 0.0}
-    assert all(math.isnan(v) for v in drift(preds, "seurat").values())
+    assert drift(["cat"] * 4, "cat", TOY_CONCEPTS) == {"drift": 0.0, "drift_chance": 0.0}
+    assert all(math.isnan(v) for v in drift(["plain"] * 8, "seurat", TOY_CONCEPTS).values())
 
 
 def _table(eff: dict[str, float], related_share: float = 0.3) -> pd.DataFrame:

@@ -21,8 +21,9 @@ def test_quick_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkey
     assert torch.load(ckpt, weights_only=False)["step"] == 6 and ckpt.stat().st_mtime_ns != first
 
     from workbench import models
+    from workbench.toy import model as toy_model
 
-    monkeypatch.setattr(models, "TOY_DIR", out)
+    monkeypatch.setattr(toy_model, "TOY_DIR", out)
     pipe = models.load("toy")
     assert pipe("a cat", num_inference_steps=2).images[0].size == (32, 32)
 
@@ -37,7 +38,7 @@ def test_cli_generate_writes_an_image(tmp_path, capsys):
 
 def test_cli_erase_then_generate_with_the_edit(tmp_path, capsys):
     from workbench.edits import Edit
-    from workbench.methods import TOY_LAMBDA
+    from workbench.toy import TOY_LAMBDA
 
     edit_path = tmp_path / "apple.safetensors"
     cli.main(["erase", "--concept", "apple", "--method", "uce", "--out", str(edit_path)])

@@ -147,7 +147,7 @@ def test_sweep_panel_cumulative_without_oracle_on_the_toy(toy):
     for comp in ("xattn.k", "xattn.v"):  # layers 0..i: each run edits one more layer than the last
         rows = table[table["component"] == comp].sort_values("layer")
         assert [len(p) for p in rows["parts_edited"]] == list(range(1, len(names) + 1))
-    assert images_in(panel) == 1 and "no oracle" in panel.status.value
+    assert images_in(panel) == 1 and "no judge" in panel.status.value
     assert unchanged(toy, base)
 
     panel.set(cumulative=False, method="rece")
@@ -170,7 +170,7 @@ def test_sweep_panel_without_oracle_shows_edit_sizes(tiny_sd_dir):
     assert len(table) == 2 * len(layers(pipe, "uce")) == panel.progress.max
     assert "efficacy" not in table and (table["dW_relative"] > 0).all()
     assert panel.result["value"] == "dW_relative"  # efficacy needs the oracle: the heatmap falls back
-    assert images_in(panel) == 1 and "no oracle" in panel.status.value
+    assert images_in(panel) == 1 and "no judge" in panel.status.value
     assert unchanged(pipe, base)
 
 

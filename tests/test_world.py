@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from workbench.models import DATA
+from workbench.toy.paths import FEWSHOT_DIR
 from workbench.toy.render import SIZE, render
 from workbench.toy.world import (COLOURS, GROUPS, OBJECTS, PAINTERS, PLAIN, STYLES, Scene,
                                  all_captions, caption_for, sample_scene)
@@ -57,5 +57,5 @@ def test_captions_name_their_labels():
 
 def test_fewshot_sets_are_shipped():
     for concept in (*OBJECTS, *PAINTERS):
-        files = sorted((DATA / "fewshot" / concept.replace(" ", "-")).glob("*.png"))
+        files = sorted((FEWSHOT_DIR / concept.replace(" ", "-")).glob("*.png"))
         assert len(files) >= 4, concept

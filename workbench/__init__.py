@@ -7,6 +7,8 @@
 """
 import logging
 
+__version__ = "0.1.0"
+
 
 class _QuietTorchvisionFallback(logging.Filter):
     """transformers warns that image processors fall back to PIL without torchvision: that is intended."""
@@ -17,7 +19,7 @@ class _QuietTorchvisionFallback(logging.Filter):
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_QuietTorchvisionFallback())
 
-from .models import build_tiny_sd, load, seeded  # noqa: E402
+from .models import build_tiny_sd, load  # noqa: E402
+from .sampling import generate, seeded  # noqa: E402
 
-__all__ = ["load", "seeded", "build_tiny_sd"]
-__version__ = "0.1.0"
+__all__ = ["load", "seeded", "generate", "build_tiny_sd"]

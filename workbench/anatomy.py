@@ -31,11 +31,19 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import weakref
 from typing import Iterable
 
 from torch import nn
 
 Selector = str | Iterable[str]
+#: parts() per pipeline, with the modules they were read from (recomputed when those are replaced).
+_PARTS: "weakref.WeakKeyDictionary[object, tuple[tuple[int, int], dict[str, nn.Linear]]]" = weakref.WeakKeyDictionary()
+
+
+def as_list(x: str | Iterable[str]) -> list[str]:
+    """``[x]`` for one string, ``list(x)`` for several: ``as_list("a") == ["a"]``."""
+    return [x] if isinstance(x, str) else list(x)
 
 _TEXT_LAYERS: tuple[dict[str, str], ...] = (
     {  # CLIP
@@ -72,7 +80,20 @@ def _text_layers(encoder: nn.Module) -> tuple[nn.ModuleList, dict[str, str]]:
 
 
 def parts(pipe) -> dict[str, nn.Linear]:
-    """Every editable part of ``pipe``: stable name -> its ``nn.Linear``, in network order."""
+    """Every editable part of ``pipe``: stable name -> its ``nn.Linear``, in network order (computed once
+    per pipeline and text encoder / UNet)."""
+    key = (id(pipe.text_encoder), id(pipe.unet))
+    try:
+        cached = _PARTS.get(pipe)
+    except TypeError:  # an object that cannot be weakly referenced: no cache
+        return _find_parts(pipe)
+    if cached is None or cached[0] != key:
+        cached = (key, _find_parts(pipe))
+        _PARTS[pipe] = cached
+    return dict(cached[1])
+
+
+def _find_parts(pipe) -> dict[str, nn.Linear]:
     out: dict[str, nn.Linear] = {}
     layers, inner = _text_layers(pipe.text_encoder)
     for i, layer in enumerate(layers):
@@ -95,6 +116,11 @@ def parts(pipe) -> dict[str, nn.Linear]:
     return out
 
 
+def n_text_layers(pipe) -> int:
+    """Number of transformer layers of ``pipe``'s text encoder."""
+    return len(_text_layers(pipe.text_encoder)[0])
+
+
 def names(pipe) -> list[str]:
     """All part names of ``pipe``."""
     return list(parts(pipe))
@@ -105,7 +131,7 @@ def select(pipe, selector: Selector) -> list[str]:
 
     Raises ``KeyError`` listing the available names when a glob matches nothing.
     """
-    patterns = [selector] if isinstance(selector, str) else list(selector)
+    patterns = as_list(selector)
     available = names(pipe)
     chosen: set[str] = set()
     for pattern in patterns:

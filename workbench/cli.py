@@ -16,23 +16,25 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from .concepts import a
+from .edits import Edit
 from .methods import METHODS, erase
-from .models import load, seeded
+from .models import load
 from .plots import image_grid, save
-from .toy.world import OBJECTS, PAINTERS, a
+from .report import before_after, erase_and_measure, showcase
+from .sampling import GUIDANCE, STEPS, generate
+from .toy import TOY_CONCEPTS
+from .toy.world import OBJECTS
 
 #: Columns of the sample grid: how each object row is prompted.
 SAMPLE_COLUMNS = ("{o}", "{o}", "a red {b}", "a blue {b}", "{o} by van gogh", "{o} by seurat",
                   "{o} by mondrian", "{o} by picasso")
 
 
-def sample_grid(pipe, seed: int = 0, steps: int = 20, guidance: float = 5.0):
+def sample_grid(pipe, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE):
     """One row per toy object, one column per prompt form (plain, colour, each painter)."""
     prompts = [col.format(o=a(o), b=o) for o in OBJECTS for col in SAMPLE_COLUMNS]
-    images = []
-    for i in range(0, len(prompts), 32):
-        images += pipe(prompts[i:i + 32], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=seeded(seed + i)).images
+    images = generate(pipe, prompts, seed, steps, guidance)
     n = len(SAMPLE_COLUMNS)
     rows = [images[r * n:(r + 1) * n] for r in range(len(OBJECTS))]
     labels = [c.replace("{o} ", "").replace(" {b}", "").replace("{o}", "plain") for c in SAMPLE_COLUMNS]
@@ -40,8 +42,6 @@ def sample_grid(pipe, seed: int = 0, steps: int = 20, guidance: float = 5.0):
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .edits import Edit
-
     pipe = load(args.model)
     t0 = time.perf_counter()
     with Edit.load(args.edit).apply(pipe) if args.edit else nullcontext():
@@ -51,8 +51,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _draw(args: argparse.Namespace, pipe) -> None:
     if args.prompt:
-        images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      generator=seeded(args.seed)).images
+        images = generate(pipe, args.prompt, args.seed, args.steps, args.guidance)
         fig = image_grid([images], [], args.prompt)
     elif args.model == "toy":
         fig = sample_grid(pipe, args.seed, args.steps, args.guidance)
@@ -71,15 +70,12 @@ def _erase_cmd(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .report import before_after, erase_and_measure, showcase
-    from .toy.oracle import Oracle
-
-    pipe, oracle = load("toy"), Oracle.load()
+    pipe = load("toy")
     out = Path(args.out)
     t0 = time.perf_counter()
-    result = erase_and_measure(pipe, oracle, args.concept, args.method, args.parts,
-                               concepts=[*OBJECTS, *PAINTERS], per_prompt=args.per_prompt, seed=args.seed)
-    save(before_after(pipe, result.edit, showcase(args.concept), seed=args.seed), out / "before_after.png")
+    result = erase_and_measure(pipe, None, args.concept, args.method, args.parts,
+                               concepts=TOY_CONCEPTS.names, per_prompt=args.per_prompt, seed=args.seed)
+    save(before_after(pipe, result.edit, showcase(pipe, args.concept), seed=args.seed), out / "before_after.png")
     report = result.report()
     (out / "report.json").write_text(json.dumps(report, indent=1))
     save(result.figure(), out / "accuracy.png")
@@ -98,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--model", default="toy", help="'toy', a diffusers folder, or a hub id")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--steps", type=int, default=STEPS)
+    g.add_argument("--guidance", type=float, default=GUIDANCE)
     g.add_argument("--edit", type=Path, help="an edit file (.safetensors) to apply first")
     g.add_argument("--out", type=Path, default=Path("out/samples.png"), help=".png, .pdf or .svg")
     g.set_defaults(run=_generate)

@@ -18,28 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import diffusers
+import pandas as pd
 import torch
+import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .anatomy import component_of, layer_of, parts
 
 _STACK = "_workbench_applied"
 
 
-def _param(pipe, key: str) -> torch.nn.Parameter:
+def _param(table: dict[str, torch.nn.Module], key: str) -> torch.nn.Parameter:
+    """The parameter ``key`` ("<part>.<weight|bias>") of a :func:`~workbench.anatomy.parts` table."""
     part, attr = key.rsplit(".", 1)
-    table = parts(pipe)
     if part not in table:
         raise KeyError(part)
     return getattr(table[part], attr)
 
 
 def versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    from . import __version__
-
+    """The versions of the libraries an edit was made with."""
     return {"workbench": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__}
 
@@ -67,7 +68,7 @@ class Edit:
                     f"the {meta.get('method', 'edit')} result for {key} has NaN or inf values; nothing was "
                     "changed. Lower the erase scale or raise the regulariser (lam / ridge) and try again."
                 )
-            deltas[key] = (value.float() - base[key].float()).contiguous()
+            deltas[key] = (value.float() - base[key].float()).cpu().contiguous()
         return cls(deltas=deltas, **meta)
 
     @property
@@ -77,10 +78,10 @@ class Edit:
 
     def check(self, pipe) -> None:
         """Raise ``ValueError`` if this edit does not fit ``pipe`` (other names or shapes)."""
-        problems = []
+        problems, table = [], parts(pipe)
         for key, delta in self.deltas.items():
             try:
-                p = _param(pipe, key)
+                p = _param(table, key)
             except (KeyError, AttributeError):
                 problems.append(f"{key}: no such part")
                 continue
@@ -100,10 +101,10 @@ class Edit:
         Edits nest: ``with a.apply(pipe), b.apply(pipe): ...`` erases both concepts.
         """
         self.check(pipe)
-        saved = {}
+        saved, table = {}, parts(pipe)
         with torch.no_grad():
             for key, delta in self.deltas.items():
-                p = _param(pipe, key)
+                p = _param(table, key)
                 saved[key] = p.detach().clone()
                 p.add_(delta.to(p.device, p.dtype))
         stack = getattr(pipe, _STACK, [])
@@ -113,21 +114,19 @@ class Edit:
         finally:
             with torch.no_grad():
                 for key, value in saved.items():
-                    _param(pipe, key).copy_(value)
+                    _param(table, key).copy_(value)
             setattr(pipe, _STACK, [e for e in getattr(pipe, _STACK) if e is not self])
 
     def summary(self, pipe=None):
         """One row per part: ``||dW||`` (Frobenius, weight and bias together) and, given the
         pipeline, the base norm and the relative change."""
-        import pandas as pd
-
-        rows = []
+        rows, table = [], parts(pipe) if pipe is not None else {}
         for part in self.parts:
             keys = [k for k in self.deltas if k.rsplit(".", 1)[0] == part]
             dw = float(torch.sqrt(sum(self.deltas[k].double().pow(2).sum() for k in keys)))
             row = {"part": part, "layer": layer_of(part), "component": component_of(part), "dW": dw}
             if pipe is not None:
-                w = float(torch.sqrt(sum(_param(pipe, k).detach().double().pow(2).sum() for k in keys)))
+                w = float(torch.sqrt(sum(_param(table, k).detach().double().pow(2).sum() for k in keys)))
                 row.update(W=w, relative=dw / w if w else float("nan"))
             rows.append(row)
         return pd.DataFrame(rows)
@@ -146,8 +145,6 @@ class Edit:
     @classmethod
     def load(cls, path: str | Path) -> "Edit":
         """Read an edit written by :meth:`save`."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no edit file at {path}; write one with `edit.save(path)` or `workbench erase`")

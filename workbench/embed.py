@@ -32,17 +32,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .anatomy import parts
+from .anatomy import as_list, n_text_layers, parts
+from .edits import applied
+from .sampling import GUIDANCE, STEPS, seeded
 
 POOLS = ("mean", "concept")
 _CACHE_SIZE = 32
 _cache: weakref.WeakKeyDictionary[object, OrderedDict] = weakref.WeakKeyDictionary()
-
-
-def _as_list(prompts: str | Sequence[str]) -> list[str]:
-    return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
 def _tokenize(pipe, prompts: list[str], padding: str = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,11 +69,6 @@ def _final_norm(encoder: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def n_layers(pipe) -> int:
-    """Number of transformer layers of ``pipe``'s text encoder."""
-    return sum(1 for name in parts(pipe) if name.startswith("text.") and name.endswith(".ffn.in"))
-
-
 @torch.no_grad()
 def _states(pipe, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
     """``[layers + 1, n, tokens, width]`` (``layer=None``) or layer ``text.{layer}``'s ``[n, tokens, width]``."""
@@ -90,7 +84,7 @@ def _states(pipe, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> t
 def hidden_states(pipe, prompts: str | Sequence[str], batch: int = 256) -> torch.Tensor:
     """``[layers + 1, n_prompts, tokens, width]``: index 0 is the token embeddings entering layer 0,
     index ``i + 1`` the output of layer ``text.{i}``; every entry conditioning-ready, float32 on the CPU."""
-    prompts = _as_list(prompts)
+    prompts = as_list(prompts)
     if not prompts:
         raise ValueError("no prompts given: pass a prompt or a list of prompts")
     return torch.cat([_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), None)
@@ -98,7 +92,7 @@ def hidden_states(pipe, prompts: str | Sequence[str], batch: int = 256) -> torch
 
 
 def _layer_index(pipe, layer: int) -> int:
-    n = n_layers(pipe)
+    n = n_text_layers(pipe)
     if not -n <= layer < n:
         raise ValueError(f"layer {layer} does not exist: this text encoder has {n} layers, "
                          f"give 0..{n - 1} (or -1 for the last)")
@@ -112,7 +106,7 @@ def encode(pipe, prompts: str | Sequence[str], batch: int = 256, layer: int | No
     ``layer=None`` is what the pipeline conditions on; ``layer=i`` is the output of layer ``text.{i}``
     (negative counts from the end, so ``-1`` equals ``None``), conditioning-ready.
     """
-    prompts = _as_list(prompts)
+    prompts = as_list(prompts)
     if layer is not None:
         index = _layer_index(pipe, layer)
         return torch.cat([_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), index)
@@ -133,7 +127,7 @@ def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
     >>> last_word(workbench.load("toy"), ["", "apple", "a photo of an apple", "a painting by mondrian"])
     [0, 1, 5, 4]
     """
-    prompts = _as_list(prompts)
+    prompts = as_list(prompts)
     _, mask = _tokenize(pipe, prompts)
     _, prefix_mask = _tokenize(pipe, [" ".join(text.split()[:-1]) for text in prompts])
     last = (mask.sum(1) - 2).clamp(min=0)  # the last token before the end token
@@ -154,7 +148,7 @@ def check_prompt(pipe, text: str) -> None:
 def spaces(pipe) -> list[str]:
     """Every space name ``embed`` accepts for ``pipe``."""
     unet = [n for n in parts(pipe) if n.startswith("unet.")]
-    return ["text", *(f"text.{i}" for i in range(n_layers(pipe))), *unet]
+    return ["text", *(f"text.{i}" for i in range(n_text_layers(pipe))), *unet]
 
 
 def _check_space(pipe, space: str) -> None:
@@ -201,8 +195,6 @@ def _to_space(pipe, pooled: torch.Tensor, space: str) -> torch.Tensor:
 
 
 def _key(pipe, *rest) -> tuple:
-    from .edits import applied
-
     return (tuple(id(e) for e in applied(pipe)), *rest)
 
 
@@ -214,7 +206,7 @@ def embed(pipe, words: str | Sequence[str], space: str = "text", pool: str = "me
     space, pool, template and words; the returned array is read-only. Weights changed in place by other
     means are not noticed: call :func:`clear_cache` after such a change.
     """
-    words = _as_list(words)
+    words = as_list(words)
     if not words:
         raise ValueError("no words given: pass a word or a list of words")
     _check_space(pipe, space)
@@ -227,7 +219,7 @@ def embed(pipe, words: str | Sequence[str], space: str = "text", pool: str = "me
         store.move_to_end(key)
         return store[key][1]
     prompts = [template.format(w) for w in words]
-    layer = int(space.split(".")[1]) if space.startswith("text.") else n_layers(pipe) - 1
+    layer = int(space.split(".")[1]) if space.startswith("text.") else n_text_layers(pipe) - 1
     # pooled rows ignore padding, so pad only to the longest prompt when the encoder cannot see padding
     padding = "longest" if _padding_is_invisible(pipe.text_encoder) else "max_length"
     vectors = []
@@ -237,8 +229,6 @@ def embed(pipe, words: str | Sequence[str], space: str = "text", pool: str = "me
         vectors.append(torch.einsum("nt,ntd->nd", w, _states(pipe, ids, mask, layer)))
     out = _to_space(pipe, torch.cat(vectors), space).numpy().astype(np.float32)
     out.flags.writeable = False
-    from .edits import applied
-
     store[key] = (applied(pipe), out)  # holding the edits keeps their ids unique while the entry lives
     while len(store) > _CACHE_SIZE:
         store.popitem(last=False)
@@ -254,10 +244,10 @@ def embed_rows(pipe, rows: torch.Tensor, prompts: str | Sequence[str], space: st
     UNet spaces project with the layer's current weights. Intermediate ``text.{i}`` spaces are refused:
     the rows live in the output space, not in layer i's.
     """
-    prompts = _as_list(prompts)
+    prompts = as_list(prompts)
     _check_space(pipe, space)
     _check_pool(pool)
-    last = f"text.{n_layers(pipe) - 1}"
+    last = f"text.{n_text_layers(pipe) - 1}"
     if space.startswith("text.") and space != last:
         raise ValueError(f"rows in the text encoder's output space cannot be placed in {space!r}; use 'text', "
                          f"{last!r} or a UNet space such as {spaces(pipe)[-1]!r}")
@@ -281,8 +271,8 @@ def clear_cache(pipe=None) -> None:
 
 
 @torch.no_grad()
-def lens(pipe, prompt: str, layers: Sequence[int] | None = None, seed: int = 0, steps: int = 20,
-         guidance: float = 5.0, batch: int = 8) -> list[Image.Image]:
+def lens(pipe, prompt: str, layers: Sequence[int] | None = None, seed: int = 0, steps: int = STEPS,
+         guidance: float = GUIDANCE, batch: int = 8) -> list[Image.Image]:
     """The text-encoder lens: one image per layer, generated from that layer's output of ``prompt``
     (Diffusion Lens; CLIP's states go through its final layer norm, BERT's are used as they are).
 
@@ -292,13 +282,9 @@ def lens(pipe, prompt: str, layers: Sequence[int] | None = None, seed: int = 0, 
     (``with edit.apply(pipe):``) to see where an erasure takes hold. Show them with
     ``plots.image_grid([before, after], ["before", "after"], [f"layer {i}" for i in layers])``.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from .models import seeded
-
     if not isinstance(prompt, str):
         raise TypeError("lens takes one prompt (a string); call it once per prompt")
-    n = n_layers(pipe)
+    n = n_text_layers(pipe)
     layers = list(range(n)) if layers is None else [_layer_index(pipe, i) for i in layers]
     states = hidden_states(pipe, [prompt, ""])[[i + 1 for i in layers]]  # [layers, 2, tokens, width]
     device, dtype = pipe.unet.device, pipe.unet.dtype

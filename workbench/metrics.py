@@ -1,14 +1,17 @@
-"""Efficacy and preservation of an erasure, measured by the toy world's oracle.
+"""Efficacy and preservation of an erasure, measured by a judge on a model's concept set.
 
-*Accuracy on the erased concept* is the share of images, generated from the concept's prompts, in which
-the oracle still sees the concept (lower is a stronger erasure). *Preservation* is the oracle's accuracy
-on every other concept's prompts, as a fraction of the unedited model's accuracy on them.
+*Accuracy on the erased concept* is the share of images, generated from the concept's probe prompts, in
+which the judge (:mod:`workbench.judges`) still sees the concept, choosing among the labels of the
+concept's kind (lower is a stronger erasure). *Preservation* is the judge's accuracy on other concepts'
+prompts, as a fraction of the unedited model's accuracy on them. The concept set (:mod:`workbench.concepts`)
+says how to prompt each concept and which are related; it defaults to the pipeline's profile.
 
 >>> import workbench
 >>> from workbench.metrics import accuracy
->>> from workbench.toy.oracle import Oracle
+>>> from workbench.profile import profile_of
 >>> pipe = workbench.load("toy")
->>> accuracy(pipe, Oracle.load(), ["apple", "van gogh"], per_prompt=4)
+>>> oracle = profile_of(pipe).judge()          # the toy world's judge
+>>> accuracy(pipe, oracle, ["apple", "van gogh"], per_prompt=4)
 {'apple': 1.0, 'van gogh': 1.0}
 
 :func:`evaluate` is the quick measure a layer sweep runs after every edit: a few images of the concept
@@ -16,7 +19,7 @@ on every other concept's prompts, as a fraction of the unedited model's accuracy
 one batched, seeded pass, against a baseline of the unedited model that is measured once and reused.
 
 >>> from workbench.methods import uce
->>> scores = evaluate(pipe, Oracle.load(), "apple", edit=uce(pipe, "apple"), per_prompt=1, per_other=1,
+>>> scores = evaluate(pipe, oracle, "apple", edit=uce(pipe, "apple"), per_prompt=1, per_other=1,
 ...                   others=["banana", "car"])
 >>> sorted(k for k in scores if k.startswith("preservation"))
 ['preservation', 'preservation_related', 'preservation_unrelated']
@@ -27,84 +30,54 @@ from typing import Sequence
 
 import numpy as np
 
-from .models import seeded
-from .toy.world import GROUP_OF, GROUPS, OBJECTS, PAINTERS, a
-
-GUIDANCE, STEPS = 5.0, 20
-
-
-def kind_of(concept: str) -> str:
-    """``"object"`` or ``"style"`` for a toy-world concept."""
-    if concept in OBJECTS:
-        return "object"
-    if concept in PAINTERS:
-        return "style"
-    raise ValueError(f"{concept!r} is not a toy-world concept; objects: {', '.join(OBJECTS)}; "
-                     f"styles: {', '.join(PAINTERS)}")
+from .concepts import KINDS, ConceptSet
+from .judges import Judge
+from .profile import profile_of
+from .sampling import generate
 
 
-def probe(concept: str, per_prompt: int) -> tuple[list[str], str]:
-    """Prompts that should show ``concept``, and the oracle head that checks it.
+def _concept_set(pipe, concept_set: ConceptSet | None) -> ConceptSet:
+    return concept_set if concept_set is not None else profile_of(pipe).concept_set()
 
-    Objects cycle through four phrasings ("an apple", "an icon of an apple", "a blue apple",
-    "an apple by seurat"), styles through objects ("a cat by van gogh", ...).
+
+def predictions(pipe, judge: Judge, concepts: Sequence[str], per_prompt: int | Sequence[int] = 8,
+                seed: int = 1234, concept_set: ConceptSet | None = None) -> list[tuple[str, str]]:
+    """Generate each concept's probe images (seeded batches, :func:`workbench.sampling.generate`) and let
+    ``judge`` choose, for each, among the labels of the concept's kind.
+
+    ``per_prompt`` is one count for every concept or one per concept. Returns ``(concept, label)`` per
+    image, in prompt order.
     """
-    if kind_of(concept) == "object":
-        forms = (a(concept), f"an icon of {a(concept)}", f"a blue {concept}", f"{a(concept)} by seurat")
-        return [forms[k % len(forms)] for k in range(per_prompt)], "object"
-    objects = [OBJECTS[(k * 5) % len(OBJECTS)] for k in range(per_prompt)]
-    return [f"{a(o)} by {concept}" for o in objects], "style"
-
-
-def preserve_prompts(concept: str) -> list[str]:
-    """A preserve list for erasing a toy concept: every other object and style, each in the prompt
-    templates of its kind (the same templates the concept itself is erased in, so that what the erased
-    prompts share with others, "a photo of", "a painting by", is kept).
-
-    >>> preserve_prompts("apple")[:2]
-    ['a photo of a banana', 'a picture of a banana']
-    """
-    from .methods.fewshot import concept_prompts
-
-    kind_of(concept)  # a concept outside the toy world gets kind_of's error
-    return [p for other in (*OBJECTS, *PAINTERS) if other != concept
-            for p in concept_prompts(other, kind_of(other))]
-
-
-def predictions(pipe, oracle, concepts: Sequence[str], per_prompt: int | Sequence[int] = 8,
-                seed: int = 1234) -> list[tuple[str, str, dict[str, str]]]:
-    """Generate each concept's probe images (in seeded batches of 32) and classify them with ``oracle``.
-
-    ``per_prompt`` is one count for every concept or one per concept. Returns ``(concept, head,
-    prediction)`` per image, in prompt order; ``prediction`` is the oracle's dict of labels.
-    """
+    cs = _concept_set(pipe, concept_set)
     counts = [per_prompt] * len(concepts) if isinstance(per_prompt, int) else list(per_prompt)
     if len(counts) != len(concepts):
         raise ValueError(f"give one image count or one per concept ({len(concepts)}), not {len(counts)}")
-    prompts, heads, wanted = [], [], []
+    prompts, wanted = [], []
     for c, n in zip(concepts, counts):
-        ps, head = probe(c, n)
+        ps = cs.probe(c, n)
         prompts += ps
-        heads += [head] * len(ps)
         wanted += [c] * len(ps)
-    images = []
-    for i in range(0, len(prompts), 32):
-        images += pipe(prompts[i:i + 32], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                       generator=seeded(seed + i)).images
-    return list(zip(wanted, heads, oracle.predict(images) if images else []))
+    images = generate(pipe, prompts, seed)
+    labels = [""] * len(images)
+    for kind in KINDS:
+        idx = [i for i, c in enumerate(wanted) if cs.kind(c) == kind]
+        for i, label in zip(idx, judge.choose([images[i] for i in idx], cs.labels(kind)) if idx else []):
+            labels[i] = label
+    return list(zip(wanted, labels))
 
 
-def accuracy(pipe, oracle, concepts: list[str], per_prompt: int = 8, seed: int = 1234) -> dict[str, float]:
-    """The oracle's accuracy on each concept's prompts, all images generated in batches."""
-    return hits(predictions(pipe, oracle, concepts, per_prompt, seed))
-
-
-def hits(preds: Sequence[tuple[str, str, dict[str, str]]]) -> dict[str, float]:
-    """Per concept, the share of its images in which the oracle sees it (``predictions``'s output)."""
+def hits(preds: Sequence[tuple[str, str]]) -> dict[str, float]:
+    """Per concept, the share of its images in which the judge sees it (``predictions``'s output)."""
     seen: dict[str, list[bool]] = {}
-    for c, head, pred in preds:
-        seen.setdefault(c, []).append(pred[head] == c)
+    for c, label in preds:
+        seen.setdefault(c, []).append(label == c)
     return {c: float(np.mean(v)) for c, v in seen.items()}
+
+
+def accuracy(pipe, judge: Judge, concepts: Sequence[str], per_prompt: int = 8, seed: int = 1234,
+             concept_set: ConceptSet | None = None) -> dict[str, float]:
+    """The judge's accuracy on each concept's probe prompts, all images generated in batches."""
+    return hits(predictions(pipe, judge, concepts, per_prompt, seed, concept_set))
 
 
 def preservation(after: dict[str, float], before: dict[str, float]) -> float:
@@ -112,86 +85,84 @@ def preservation(after: dict[str, float], before: dict[str, float]) -> float:
     return float(np.mean(list(after.values())) / max(1e-9, np.mean(list(before.values()))))
 
 
-def related(concept: str) -> tuple[str, ...]:
-    """The concepts an erased ``concept`` may drift to: the rest of its object group, or the other painters."""
-    if kind_of(concept) == "object":
-        return tuple(o for o in GROUPS[GROUP_OF[concept]] if o != concept)
-    return tuple(p for p in PAINTERS if p != concept)
-
-
-def default_others(concept: str) -> list[str]:
-    """A fixed preservation set for ``concept``: its related concepts, then three unrelated objects
-    (the first object of each other group)."""
-    own = GROUP_OF.get(concept)
-    return [*related(concept), *[objs[0] for g, objs in GROUPS.items() if g != own][:3]]
-
-
-def drift(preds: Sequence[dict[str, str]], concept: str) -> dict[str, float]:
-    """Where an erased object went: the share of its images the oracle calls a *related* object (same
+def drift(labels: Sequence[str], concept: str, concept_set: ConceptSet) -> dict[str, float]:
+    """Where an erased object went: the share of its images the judge calls a *related* object (same
     group, not the concept itself), and the share expected by chance.
 
-    Chance spreads the images that no longer show the concept uniformly over the other objects, so
-    ``drift > drift_chance`` means erased images land on related objects more often than on unrelated
-    ones. Groups are object groups; for a style both values are NaN.
+    Chance spreads the images that no longer show the concept uniformly over the other labels of its
+    kind, so ``drift > drift_chance`` means erased images land on related objects more often than on
+    unrelated ones. For a style both values are NaN.
 
-    >>> preds = [{"object": o} for o in ("apple", "pear", "banana", "car")]
-    >>> drift(preds, "apple")
-    {'drift': 0.5, 'drift_chance': 0.15}
+    >>> cs = ConceptSet.of(objects=["apple", "pear", "banana", "car", "truck"],
+    ...                    groups={"fruit": ["apple", "pear", "banana"], "vehicle": ["car", "truck"]})
+    >>> drift(["apple", "pear", "banana", "car"], "apple", cs)
+    {'drift': 0.5, 'drift_chance': 0.375}
     """
-    if kind_of(concept) == "style" or not preds:
+    if concept_set.kind(concept) == "style" or not labels:
         return {"drift": float("nan"), "drift_chance": float("nan")}
-    near = related(concept)
-    moved = sum(p["object"] != concept for p in preds) / len(preds)
-    return {"drift": sum(p["object"] in near for p in preds) / len(preds),
-            "drift_chance": moved * len(near) / (len(OBJECTS) - 1)}
+    near = concept_set.related(concept)
+    moved = sum(label != concept for label in labels) / len(labels)
+    return {"drift": sum(label in near for label in labels) / len(labels),
+            "drift_chance": moved * len(near) / (len(concept_set.labels("object")) - 1)}
 
 
-def evaluate(pipe, oracle, concept: str, edit=None, others: Sequence[str] | None = None,
-             per_prompt: int = 8, per_other: int = 4, seed: int = 1234, before: dict | None = None) -> dict:
+def evaluate(pipe, judge: Judge, concept: str, edit=None, others: Sequence[str] | None = None,
+             per_prompt: int = 8, per_other: int = 4, seed: int = 1234, before: dict | None = None,
+             concept_set: ConceptSet | None = None) -> dict:
     """Efficacy, preservation and drift of ``edit`` (or of the pipeline as it is, for ``edit=None``).
 
     One batched, seeded generation pass: ``per_prompt`` images of the concept's probe prompts and
-    ``per_other`` of each concept in ``others`` (default :func:`default_others`: related, then
-    unrelated). ``before`` is this function's result on the unedited model with the same settings;
-    it is measured first when not given, so pass it when scoring many edits.
+    ``per_other`` of each concept in ``others`` (default: the concept set's
+    :meth:`~workbench.concepts.ConceptSet.others`, related then unrelated). ``before`` is this
+    function's result on the unedited model with the same settings; it is measured first when not
+    given, so pass it when scoring many edits.
 
-    Returns ``accuracy`` (oracle accuracy on the concept), ``efficacy`` (1 - accuracy),
+    Returns ``accuracy`` (the judge's accuracy on the concept), ``efficacy`` (1 - accuracy),
     ``base_accuracy``, ``preservation`` (accuracy on the others as a share of the unedited model's;
     also ``_related`` and ``_unrelated``), ``drift`` and ``drift_chance`` (see :func:`drift`),
     ``n_images`` and ``others`` (accuracy per other concept).
     """
-    others = default_others(concept) if others is None else list(others)
+    cs = _concept_set(pipe, concept_set)
+    others = cs.others(concept) if others is None else list(others)
+    settings = _settings(concept, others, per_prompt, per_other, seed)
+    if edit is not None:
+        if before is None:
+            before = evaluate(pipe, judge, concept, None, concept_set=cs, **settings)
+        with edit.apply(pipe):
+            return evaluate(pipe, judge, concept, None, before=before, concept_set=cs, **settings)
+    if before is not None and before.get("settings") != settings:
+        raise ValueError(f"`before` was measured with other settings ({before.get('settings')}) than these "
+                         f"({settings}); measure the baseline with the same others, counts and seed")
+    preds = predictions(pipe, judge, [concept, *others], [per_prompt] + [per_other] * len(others), seed, cs)
+    return {**_scores(preds, concept, others, before, cs), "settings": settings}
+
+
+def _settings(concept: str, others: list[str], per_prompt: int, per_other: int, seed: int) -> dict:
+    """The settings a baseline must share with a measurement, checked."""
     if per_prompt < 1 or per_other < 1:
         raise ValueError(f"per_prompt and per_other must be at least 1 (got {per_prompt}, {per_other})")
     if concept in others:
         raise ValueError(f"{concept!r} is in its own preservation set; give other concepts as `others`")
-    settings = {"others": others, "per_prompt": per_prompt, "per_other": per_other, "seed": seed}
-    if edit is not None:
-        if before is None:
-            before = evaluate(pipe, oracle, concept, None, **settings)
-        with edit.apply(pipe):
-            return evaluate(pipe, oracle, concept, None, before=before, **settings)
-    if before is not None and before.get("settings") != settings:
-        raise ValueError(f"`before` was measured with other settings ({before.get('settings')}) than these "
-                         f"({settings}); measure the baseline with the same others, counts and seed")
-    preds = predictions(pipe, oracle, [concept, *others], [per_prompt] + [per_other] * len(others), seed)
-    own = [p for c, _, p in preds if c == concept]
-    head = preds[0][1]
-    acc = {c: float(np.mean([p[h] == c for k, h, p in preds if k == c])) for c in others}
+    return {"others": others, "per_prompt": per_prompt, "per_other": per_other, "seed": seed}
+
+
+def _scores(preds: list[tuple[str, str]], concept: str, others: list[str], before: dict | None,
+            cs: ConceptSet) -> dict:
+    """:func:`evaluate`'s numbers from the judge's labels (and the baseline's, when given)."""
+    own = [label for c, label in preds if c == concept]
+    acc = hits([(c, label) for c, label in preds if c != concept])
     base = before["others"] if before is not None else acc
-    near = set(related(concept))
+    near = set(cs.related(concept))
     split = {"related": [c for c in others if c in near], "unrelated": [c for c in others if c not in near]}
-    accuracy_now = float(np.mean([p[head] == concept for p in own]))
+    accuracy_now = float(np.mean([label == concept for label in own]))
     return {
         "accuracy": accuracy_now,
         "efficacy": 1.0 - accuracy_now,
         "base_accuracy": before["accuracy"] if before is not None else accuracy_now,
         "preservation": preservation(acc, base) if others else float("nan"),
-        **{f"preservation_{k}": preservation({c: acc[c] for c in cs}, {c: base[c] for c in cs})
-           if cs else float("nan") for k, cs in split.items()},
-        **drift(own, concept),
+        **{f"preservation_{k}": preservation({c: acc[c] for c in group}, {c: base[c] for c in group})
+           if group else float("nan") for k, group in split.items()},
+        **drift(own, concept, cs),
         "n_images": len(own),
         "others": acc,
-        "settings": settings,
     }
-

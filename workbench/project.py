@@ -1,9 +1,9 @@
 """Where an erased concept lands: its nearest vocabulary words after an edit, and a UMAP map with arrows.
 
-The vocabulary is the toy world's concepts (objects and painters), words related to each group, and a
-few hundred unrelated distractors (``vocabulary()``). Neighbours and distances are always measured in
-the original high-dimensional space (cosine distance by default); the 2-D map only illustrates them.
-Embeddings come from :func:`workbench.embed.embed`, so any space works: ``"text"``, ``"text.{i}"`` or a
+The vocabulary is a concept set's concepts, words related to each group, and a few hundred unrelated
+distractors (``vocabulary(concept_set)``; the pipeline's concept set by default). Neighbours and
+distances are always measured in the original high-dimensional space (cosine distance by default); the
+2-D map only illustrates them. Embeddings come from :func:`workbench.embed.embed`, so any space works: ``"text"``, ``"text.{i}"`` or a
 UNet cross-attention key/value space such as ``"unet.mid.0.xattn.k"`` (where UCE and RECE act).
 
 >>> import workbench
@@ -11,7 +11,7 @@ UNet cross-attention key/value space such as ``"unet.mid.0.xattn.k"`` (where UCE
 >>> from workbench.project import landing
 >>> pipe = workbench.load("toy")
 >>> edit = uce(pipe, "apple")
->>> words = ["pear", "banana", "car", "truck", "happy", "table"]     # default: vocabulary()
+>>> words = ["pear", "banana", "car", "truck", "happy", "table"]     # default: the model's vocabulary
 >>> table = landing(pipe, edit, "apple", vocabulary=words, space="unet.mid.0.xattn.k", k=3)
 >>> list(table.columns)
 ['concept', 'rank', 'neighbour', 'kind', 'group', 'distance', 'distance_before', 'rank_before']
@@ -30,28 +30,38 @@ from __future__ import annotations
 
 import sys
 import warnings
-from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from .concepts import ConceptSet
 from .embed import embed, embed_rows
-from .models import DATA
-from .toy.world import GROUP_OF, OBJECTS, PAINTERS
+from .plots import landing_map
+from .profile import profile_of
 
-VOCABULARY_FILE = DATA / "vocabulary.txt"
 METRICS = ("cosine", "euclidean")
 
 
-@lru_cache(maxsize=1)
-def _read_vocabulary() -> pd.DataFrame:
-    rows = [(o, "concept", GROUP_OF[o]) for o in OBJECTS] + [(p, "concept", "style") for p in PAINTERS]
+def _read_vocabulary(concepts: ConceptSet) -> pd.DataFrame:
+    """The concepts, then the words of the concept set's vocabulary file: ``[related <group>]`` sections
+    and distractor sections."""
+    if concepts.vocabulary is None:
+        raise ValueError(f"the concept set {concepts.name!r} has no vocabulary file; give the words as a list")
+    return _parse_vocabulary(tuple((c, concepts.group(c)) for c in concepts.names), Path(concepts.vocabulary))
+
+
+@lru_cache(maxsize=4)
+def _parse_vocabulary(concepts: tuple[tuple[str, str], ...], path: Path) -> pd.DataFrame:
+    rows = [(c, "concept", group) for c, group in concepts]
     kind = group = None
-    for line in VOCABULARY_FILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -60,26 +70,29 @@ def _read_vocabulary() -> pd.DataFrame:
             kind, group = ("related", head[1]) if head[0] == "related" else ("distractor", "")
             continue
         if kind is None:
-            raise ValueError(f"{VOCABULARY_FILE}: the word {line!r} comes before any [section] header")
+            raise ValueError(f"{path}: the word {line!r} comes before any [section] header")
         rows.append((line, kind, group))
     table = pd.DataFrame(rows, columns=["word", "kind", "group"])
     dupes = table.word[table.word.duplicated()].tolist()
     if dupes:
-        raise ValueError(f"{VOCABULARY_FILE} repeats {', '.join(dupes)}; each word may appear once")
+        raise ValueError(f"{path} repeats {', '.join(dupes)}; each word may appear once")
     return table
 
 
-def vocabulary() -> pd.DataFrame:
-    """The default vocabulary: one row per word with its ``kind`` ("concept", "related" or
-    "distractor") and ``group`` ("fruit", "vehicle", "sky", "animal", "style", "colour" or "")."""
-    return _read_vocabulary().copy()
+def vocabulary(concepts: ConceptSet) -> pd.DataFrame:
+    """A concept set's vocabulary: one row per word with its ``kind`` ("concept", "related" or
+    "distractor") and ``group`` (the concept's group, a related word's, or "" for a distractor)."""
+    return _read_vocabulary(concepts).copy()
 
 
-def _as_vocabulary(words: Sequence[str] | pd.DataFrame | None) -> pd.DataFrame:
+def _as_vocabulary(pipe, words: Sequence[str] | pd.DataFrame | None) -> pd.DataFrame:
     """A vocabulary table from None (the default), a table with a ``word`` column, or a list of words;
     words the default vocabulary knows keep its kind and group, others are kind "extra"."""
+    concepts = profile_of(pipe).concepts
     if words is None:
-        return vocabulary()
+        if concepts is None:
+            raise ValueError("this model has no concept set, so no default vocabulary: give the words as a list")
+        return vocabulary(concepts)
     if isinstance(words, pd.DataFrame):
         if "word" not in words.columns:
             raise ValueError("a vocabulary table needs a 'word' column (and optionally 'kind', 'group')")
@@ -87,7 +100,8 @@ def _as_vocabulary(words: Sequence[str] | pd.DataFrame | None) -> pd.DataFrame:
     else:
         if isinstance(words, str):
             raise TypeError("give the vocabulary as a list of words, not one string")
-        known = _read_vocabulary().set_index("word")
+        known = (_read_vocabulary(concepts) if concepts is not None and concepts.vocabulary is not None
+                 else pd.DataFrame(columns=["word", "kind", "group"])).set_index("word")
         table = pd.DataFrame({"word": list(words)})
         table["kind"] = [known.kind.get(w, "extra") for w in table.word]
         table["group"] = [known.group.get(w, "") for w in table.word]
@@ -118,8 +132,6 @@ def _check_metric(metric: str) -> None:
 
 
 def _applied(pipe, edit) -> Any:
-    from contextlib import nullcontext
-
     return nullcontext() if edit is None else edit.apply(pipe)
 
 
@@ -151,7 +163,7 @@ def landing(pipe, edit, concept: str, k: int = 5, vocabulary: Sequence[str] | pd
     left out of its neighbours.
     """
     _check_metric(metric)
-    vocab = _as_vocabulary(vocabulary)
+    vocab = _as_vocabulary(pipe, vocabulary)
     base = embed(pipe, vocab.word.tolist(), space, pool)
     before = embed(pipe, [concept], space, pool)[0]
     with _applied(pipe, edit):
@@ -180,8 +192,6 @@ def _umap():
 def _keep_torch_threads() -> Iterator[None]:
     """UMAP's numba (through its OpenMP layer) resets the process's OpenMP thread count, which torch
     shares; on a busy machine every later generation then runs several times slower. Restore it."""
-    import torch
-
     threads = torch.get_num_threads()
     try:
         yield
@@ -209,7 +219,7 @@ class LandingMap:
         """Fit UMAP on ``pipe``'s embeddings of ``vocabulary`` (default :func:`vocabulary`); call it on the
         unedited model. The same seed gives the same coordinates."""
         _check_metric(metric)
-        vocab = _as_vocabulary(vocabulary)
+        vocab = _as_vocabulary(pipe, vocabulary)
         if len(vocab) <= n_neighbors:
             raise ValueError(f"{len(vocab)} words are too few for n_neighbors={n_neighbors}; give more words")
         emb = embed(pipe, vocab.word.tolist(), space, pool)
@@ -298,13 +308,14 @@ class LandingMap:
 
     def figure(self, pipe, edit=None, concepts: Sequence[str] = (), title: str = ""):
         """:func:`workbench.plots.landing_map` of this map, with arrows for ``concepts`` (default: the
-        edit's erased concepts) and RECE's derived embeddings when the edit has them."""
-        from .plots import landing_map
-
+        edit's erased concepts) and RECE's derived embeddings when the edit has them; groups are coloured
+        as the model's concept set says."""
         if edit is not None and not concepts:
             concepts = list(edit.params.get("erase") or [edit.concept])
         arrows = self.arrows(pipe, edit, concepts) if concepts else None
         derived = self.derived(pipe, edit) if edit is not None else None
         if title == "" and edit is not None:
             title = f"{edit.method}: {edit.concept} ({self.space}, {self.pool})"
-        return landing_map(self.points(), arrows, derived, title=title)
+        concepts = profile_of(pipe).concepts
+        return landing_map(self.points(), arrows, derived, title=title,
+                           colours=concepts.colours if concepts is not None else None)

@@ -1,12 +1,11 @@
-"""Erase and measure in one call: the edit, the oracle's accuracy before and after, and the figures.
+"""Erase and measure in one call: the edit, the judge's accuracy before and after, and the figures.
 
 This is what ``workbench demo``, the quickstart panel and the method comparison share.
 
 >>> import workbench
 >>> from workbench.report import erase_and_measure
->>> from workbench.toy.oracle import Oracle
 >>> pipe = workbench.load("toy")
->>> result = erase_and_measure(pipe, Oracle.load(), "apple", "uce", concepts=["apple", "pear"], per_prompt=2)
+>>> result = erase_and_measure(pipe, None, "apple", "uce", concepts=["apple", "pear"], per_prompt=2)
 >>> result.table()[["concept", "before", "after"]].shape
 (2, 3)
 """
@@ -20,43 +19,37 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .anatomy import Selector
+from .concepts import ConceptSet
 from .edits import Edit, applied
+from .judges import Judge
 from .methods import erase
-from .metrics import accuracy, default_others, kind_of, preservation
-from .models import seeded
+from .metrics import accuracy, preservation
 from .plots import accuracy_bars, image_grid
-from .toy.world import GROUP_OF, GROUPS, OBJECTS, PAINTERS, a
+from .profile import profile_of
+from .sampling import generate
 
-STEPS, GUIDANCE = 20, 5.0
 
-
-def showcase(concept: str) -> list[str]:
-    """Prompts that show an erasure at a glance: the concept, two related concepts and an unrelated one."""
-    if concept not in (*OBJECTS, *PAINTERS):
-        return [concept, f"a picture of {concept}"]
-    if kind_of(concept) == "object":
-        group = GROUP_OF[concept]
-        shown = [concept, *[o for o in GROUPS[group] if o != concept][:2], "car" if group != "vehicle" else "cat"]
-        return [f"an icon of {a(c)}" for c in shown]
-    other = next(p for p in PAINTERS if p != concept)
-    return [f"a cat by {concept}", f"a boat by {concept}", "a cat", f"a cat by {other}"]
+def showcase(pipe, concept: str) -> list[str]:
+    """Prompts that show an erasure at a glance (the model's concept set's
+    :meth:`~workbench.concepts.ConceptSet.showcase`; for a model without one, the concept itself)."""
+    concepts = profile_of(pipe).concepts
+    return concepts.showcase(concept) if concepts is not None else [concept, f"a picture of {concept}"]
 
 
 def before_after(pipe, edit: Edit, prompts: Sequence[str], n: int = 4, seed: int = 0) -> Figure:
     """One row per prompt: ``n`` images before the edit, then the same seeds after it."""
     rows = []
     for prompt in prompts:
-        row = pipe([prompt] * n, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=seeded(seed)).images
+        row = generate(pipe, [prompt] * n, seed, batch=n)
         with edit.apply(pipe):
-            row += pipe([prompt] * n, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                        generator=seeded(seed)).images
+            row += generate(pipe, [prompt] * n, seed, batch=n)
         rows.append(row)
     return image_grid(rows, list(prompts), ["before"] * n + ["after"] * n)
 
 
 @dataclass
 class Erasure:
-    """An edit and the oracle's accuracy per concept before and after it."""
+    """An edit and the judge's accuracy per concept before and after it."""
 
     concept: str
     edit: Edit
@@ -64,6 +57,7 @@ class Erasure:
     after: dict[str, float]
     per_prompt: int
     seed: int
+    concept_set: ConceptSet
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -83,8 +77,8 @@ class Erasure:
 
     def table(self) -> pd.DataFrame:
         """One row per concept measured: kind, group, accuracy before and after."""
-        return pd.DataFrame([{"concept": c, "kind": kind_of(c),
-                              "group": GROUP_OF.get(c, "style"), "erased": c == self.concept,
+        cs = self.concept_set
+        return pd.DataFrame([{"concept": c, "kind": cs.kind(c), "group": cs.group(c), "erased": c == self.concept,
                               "before": self.before[c], "after": self.after[c]} for c in self.before])
 
     def figure(self) -> Figure:
@@ -108,31 +102,33 @@ class Erasure:
 _BASE: "weakref.WeakKeyDictionary[object, dict[tuple, dict[str, float]]]" = weakref.WeakKeyDictionary()
 
 
-def erase_and_measure(pipe, oracle, concept: str, method: str = "rece", parts: Selector | None = None,
+def erase_and_measure(pipe, judge: Judge | None, concept: str, method: str = "rece", parts: Selector | None = None,
                       concepts: Sequence[str] | None = None, per_prompt: int = 4, seed: int = 0,
-                      **knobs: Any) -> Erasure:
-    """Erase a toy concept and measure accuracy on ``concepts`` (default: the concept and
-    :func:`workbench.metrics.default_others`, its related concepts and three unrelated objects).
+                      concept_set: ConceptSet | None = None, **knobs: Any) -> Erasure:
+    """Erase ``concept`` and measure the judge's accuracy on ``concepts`` (default: the concept and the
+    concept set's :meth:`~workbench.concepts.ConceptSet.others`, its related concepts and three unrelated
+    ones). ``judge`` and ``concept_set`` default to the model profile's.
 
     The unedited model's accuracy is computed once per pipeline and setting, then reused. ``seed`` seeds
-    the images and, for few-shot, the training.
+    the images and, for methods that train, the training.
     """
-    concepts = list(concepts) if concepts is not None else [concept, *default_others(concept)]
+    profile = profile_of(pipe)
+    judge = judge if judge is not None else profile.judge()
+    cs = concept_set if concept_set is not None else profile.concept_set()
+    concepts = list(concepts) if concepts is not None else [concept, *cs.others(concept)]
     if concept not in concepts:
         concepts.insert(0, concept)
-    key = (tuple(id(e) for e in applied(pipe)), tuple(concepts), per_prompt, seed)
+    key = (tuple(id(e) for e in applied(pipe)), id(judge), id(cs), tuple(concepts), per_prompt, seed)
     base = _BASE.setdefault(pipe, {})
     if key not in base:
-        base[key] = accuracy(pipe, oracle, concepts, per_prompt, seed)
-    if method == "fewshot":
-        knobs.setdefault("seed", seed)
-    edit = erase(pipe, concept, method, parts, **knobs)
+        base[key] = accuracy(pipe, judge, concepts, per_prompt, seed, cs)
+    edit = erase(pipe, concept, method, parts, **{"seed": seed, **knobs})
     with edit.apply(pipe):
-        after = accuracy(pipe, oracle, concepts, per_prompt, seed)
-    return Erasure(concept, edit, dict(base[key]), after, per_prompt, seed)
+        after = accuracy(pipe, judge, concepts, per_prompt, seed, cs)
+    return Erasure(concept, edit, dict(base[key]), after, per_prompt, seed, cs)
 
 
-def compare(pipe, oracle, concepts: Sequence[str], methods: Sequence[str] = ("rece", "uce", "fewshot"),
+def compare(pipe, judge: Judge | None, concepts: Sequence[str], methods: Sequence[str] = ("rece", "uce", "fewshot"),
             per_prompt: int = 4, seed: int = 0, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Erase each concept with each method; one row per (method, concept): accuracy on the concept
     before and after, efficacy (1 - after), preservation of its neighbourhood, seconds, and the edit's total ``||dW||``.
@@ -140,9 +136,9 @@ def compare(pipe, oracle, concepts: Sequence[str], methods: Sequence[str] = ("re
     rows = []
     for concept in concepts:
         for method in methods:
-            r = erase_and_measure(pipe, oracle, concept, method, per_prompt=per_prompt, seed=seed, progress=False)
+            r = erase_and_measure(pipe, judge, concept, method, per_prompt=per_prompt, seed=seed, progress=False)
             summary = r.edit.summary(pipe)
-            rows.append({"method": method, "concept": concept, "kind": kind_of(concept),
+            rows.append({"method": method, "concept": concept, "kind": r.concept_set.kind(concept),
                          "before": r.before[concept], "after": r.after[concept], "efficacy": r.efficacy, "preservation": r.preservation,
                          "seconds": r.edit.seconds, "dW": float((summary["dW"] ** 2).sum() ** 0.5),
                          "relative dW": float(summary["relative"].mean()), "parts": len(summary)})

@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .anatomy import component_of, layer_of, names as part_names, select
+from .anatomy import as_list, component_of, layer_of, names as part_names, select
+from .concepts import ConceptSet
 from .edits import Edit
-from .methods import METHODS, erase
+from .judges import Judge
+from .methods import erase
 from .methods.fewshot import default_parts
 from .metrics import evaluate
-from .toy.world import OBJECTS
+from .profile import profile_of
 
 #: Where each method's edits can go, and the components a layer sweep runs by default.
 _SCOPE = {"fewshot": ("text.*", ("ffn", "attn")), "uce": ("unet.*.xattn.*", ("xattn.k", "xattn.v")),
@@ -60,17 +62,18 @@ def layers(pipe, method: str = "fewshot") -> list[str]:
 
 
 def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequence[str] | None = None,
-                cumulative: bool = False, seeds: Sequence[int] = (0,), oracle=None, *,
+                cumulative: bool = False, seeds: Sequence[int] = (0,), judge: Judge | None = None, *,
                 layers: Sequence[int] | None = None, measure: bool = True, others: Sequence[str] | None = None,
                 per_prompt: int = 8, per_other: int = 4, eval_seed: int = 1234, progress: bool = True,
-                on_run: Callable[[str], None] | None = None, **method_kwargs) -> pd.DataFrame:
+                on_run: Callable[[str], None] | None = None, concept_set: ConceptSet | None = None,
+                **method_kwargs) -> pd.DataFrame:
     """Erase ``concept`` with ``method`` scoped to one layer's component at a time (or layers 0..i).
 
     ``components`` default to ``("ffn", "attn")`` for few-shot and ``("xattn.k", "xattn.v")`` for UCE and
     RECE (finer ones such as ``"attn.v"`` work too); ``layers`` picks layer indices (default all).
-    ``measure=False`` skips the oracle (only ``||dW||`` and time: works on any pipeline). Other keyword
-    arguments go to the method; defaults come from :func:`workbench.methods.erase` (on the toy
-    model: ``TOY_FEWSHOT_LR``, the toy preserve list).
+    ``judge`` and ``concept_set`` default to the model profile's; ``measure=False`` skips measuring (only
+    ``||dW||`` and time: works on any pipeline). Other keyword arguments go to the method, after the
+    defaults of :func:`workbench.methods.erase`.
 
     One row per (seed, layer, component). Columns: ``method, concept, seed, subset, part, layer,
     layer_name, component, cumulative`` (what was run), ``efficacy, accuracy, base_accuracy,
@@ -81,23 +84,22 @@ def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequenc
     spent measuring them.
     """
     runs = _layer_runs(pipe, concept, method, components, cumulative, seeds, layers)
-    return _run_table(pipe, runs, method, oracle, measure=measure, others=others, per_prompt=per_prompt,
-                     per_other=per_other, eval_seed=eval_seed, progress=progress, on_run=on_run, **method_kwargs)
+    measurer = _Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
+    return _run_table(pipe, runs, method, measurer, progress, on_run, method_kwargs)
 
 
-def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1, 2), oracle=None, *,
-                     per_layer: bool = False, measure: bool = True, others: Sequence[str] | None = None,
+def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1, 2), judge: Judge | None = None,
+                     *, per_layer: bool = False, measure: bool = True, others: Sequence[str] | None = None,
                      per_prompt: int = 8, per_other: int = 4, eval_seed: int = 1234, progress: bool = True,
-                     on_run: Callable[[str], None] | None = None, **fewshot_kwargs) -> pd.DataFrame:
+                     on_run: Callable[[str], None] | None = None, concept_set: ConceptSet | None = None,
+                     **fewshot_kwargs) -> pd.DataFrame:
     """Few-shot unlearning of each concept through each parameter subset of :data:`SUBSETS`, per seed.
 
     ``per_layer=True`` adds the layer sweep (``subset == "layer"``) for every concept and seed.
     Summarise with :func:`aggregate` and :func:`finding`.
     """
-    if isinstance(concepts, str):
-        concepts = [concepts]
     runs = []
-    for concept in concepts:
+    for concept in as_list(concepts):
         for seed in seeds:
             for name, selector in SUBSETS.items():
                 chosen = default_parts(pipe) if selector is None else select(pipe, selector)
@@ -105,57 +107,82 @@ def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1
                                  "all", name, False, seed))
         if per_layer:
             runs += _layer_runs(pipe, concept, "fewshot", None, False, seeds, None)
-    return _run_table(pipe, runs, "fewshot", oracle, measure=measure, others=others, per_prompt=per_prompt,
-                     per_other=per_other, eval_seed=eval_seed, progress=progress, on_run=on_run, **fewshot_kwargs)
+    measurer = _Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
+    return _run_table(pipe, runs, "fewshot", measurer, progress, on_run, fewshot_kwargs)
 
 
-def _run_table(pipe, runs: Sequence[_Run], method: str, oracle=None, *, measure: bool = True,
-              others: Sequence[str] | None = None, per_prompt: int = 8, per_other: int = 4,
-              eval_seed: int = 1234, progress: bool = True, on_run: Callable[[str], None] | None = None,
-              **method_kwargs) -> pd.DataFrame:
-    """Run the planned runs, each measured against its concept's baseline (measured once); ``on_run(label)``
-    is called after each run (for progress bars other than the text one)."""
+@dataclass
+class _Measurer:
+    """Measures runs against each concept's baseline, measured once (or nothing, for ``judge=None``)."""
+
+    judge: Judge | None
+    concept_set: ConceptSet | None
+    settings: dict
+    baselines: dict[str, dict] = field(default_factory=dict)
+    base_seconds: float = 0.0
+
+    @classmethod
+    def make(cls, pipe, judge: Judge | None, concept_set: ConceptSet | None, measure: bool,
+             others: Sequence[str] | None, per_prompt: int, per_other: int, eval_seed: int) -> "_Measurer":
+        profile = profile_of(pipe)
+        if measure:
+            judge = judge if judge is not None else profile.judge()
+            concept_set = concept_set if concept_set is not None else profile.concept_set()
+        settings = dict(others=others, per_prompt=per_prompt, per_other=per_other, seed=eval_seed)
+        return cls(judge if measure else None, concept_set, settings)
+
+    def __call__(self, pipe, concept: str, edit: Edit) -> dict:
+        """The run's scores (empty when not measuring) and the seconds they took."""
+        if self.judge is None:
+            return {"eval_seconds": float("nan")}
+        if concept not in self.baselines:
+            t0 = time.perf_counter()
+            self.baselines[concept] = evaluate(pipe, self.judge, concept, concept_set=self.concept_set,
+                                               **self.settings)
+            self.base_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = evaluate(pipe, self.judge, concept, edit=edit, before=self.baselines[concept],
+                          concept_set=self.concept_set, **self.settings)
+        return {**{k: v for k, v in scores.items() if k not in ("others", "settings")},
+                "eval_seconds": time.perf_counter() - t0}
+
+
+def _run_table(pipe, runs: Sequence[_Run], method: str, measure: _Measurer, progress: bool,
+               on_run: Callable[[str], None] | None, method_kwargs: dict) -> pd.DataFrame:
+    """Run the planned runs and measure each; ``on_run(label)`` is called after each run (for progress
+    bars other than the text one)."""
     _check_method(method)
     if "parts" in method_kwargs:
         raise ValueError("the sweep chooses `parts` itself; give `components` and `layers` instead")
-    if measure and oracle is None:
-        from .toy.oracle import Oracle
-
-        oracle = Oracle.load()
     order = {layer: i for i, layer in enumerate(dict.fromkeys(layer_of(n) for n in part_names(pipe)))}
-    settings = dict(others=others, per_prompt=per_prompt, per_other=per_other, seed=eval_seed)
-    baselines: dict[str, dict] = {}
-    base_seconds = 0.0
     rows = []
     for run in tqdm(runs, desc=f"{method} sweep", disable=not progress):
-        if measure and run.concept not in baselines:
-            t0 = time.perf_counter()
-            baselines[run.concept] = evaluate(pipe, oracle, run.concept, **settings)
-            base_seconds += time.perf_counter() - t0
-        edit = _erase(pipe, method, run, method_kwargs)
-        summary = edit.summary(pipe)
-        by_layer = summary.assign(sq=summary["dW"] ** 2).groupby("layer")["sq"].sum() ** 0.5
+        edit = erase(pipe, run.concept, method, list(run.selectors), progress=False, seed=run.seed,
+                     **method_kwargs)
         row = dict(method=method, concept=run.concept, seed=run.seed, subset=run.subset,
                    part=_compact(pipe, list(run.selectors)), layer=run.layer, layer_name=run.layer_name,
                    component=run.component, cumulative=run.cumulative)
-        t0 = time.perf_counter()
-        if measure:
-            scores = evaluate(pipe, oracle, run.concept, edit=edit, before=baselines[run.concept], **settings)
-            row |= {k: v for k, v in scores.items() if k not in ("others", "settings")}
-        row |= dict(dW=math.sqrt(float((summary["dW"] ** 2).sum())),
-                    dW_relative=math.sqrt(float((summary["dW"] ** 2).sum()) / float((summary["W"] ** 2).sum())),
-                    dW_by_layer={k: float(by_layer[k]) for k in sorted(by_layer.index, key=order.__getitem__)},
-                    parts_edited=tuple(edit.parts), seconds=edit.seconds,
-                    eval_seconds=time.perf_counter() - t0 if measure else float("nan"))
+        row |= measure(pipe, run.concept, edit)
+        row |= _sizes(edit.summary(pipe), order)
+        row |= dict(parts_edited=tuple(edit.parts), seconds=edit.seconds)
         rows.append(row)
         if on_run is not None:
             on_run(f"{row['part']} (seed {run.seed})")
     table = pd.DataFrame(rows)
     if len(table):
         table["layer"] = table["layer"].astype("Int64")
-    table.attrs.update(baselines={c: {k: v for k, v in b.items() if k != "settings"} for c, b in baselines.items()},
-                       base_seconds=base_seconds)
+    table.attrs.update(baselines={c: {k: v for k, v in b.items() if k != "settings"}
+                                  for c, b in measure.baselines.items()},
+                       base_seconds=measure.base_seconds)
     return table
+
+
+def _sizes(summary: pd.DataFrame, order: dict[str, int]) -> dict:
+    """||dW|| of an edit: all parts together, relative to their weights, and per layer in network order."""
+    by_layer = summary.assign(sq=summary["dW"] ** 2).groupby("layer")["sq"].sum() ** 0.5
+    total = float((summary["dW"] ** 2).sum())
+    return dict(dW=math.sqrt(total), dW_relative=math.sqrt(total / float((summary["W"] ** 2).sum())),
+                dW_by_layer={k: float(by_layer[k]) for k in sorted(by_layer.index, key=order.__getitem__)})
 
 
 VALUES = ("efficacy", "preservation", "drift", "drift_chance", "dW", "seconds")
@@ -219,7 +246,7 @@ def _finding_ffn(table: pd.DataFrame, about: float, much_less: float) -> str:
 
 
 def _finding_drift(table: pd.DataFrame, alpha: float) -> str:
-    objects = table[table["concept"].isin(OBJECTS)]
+    objects = table[table["drift"].notna()]  # drift is measured for object concepts only
     if objects.empty:
         return "(b) Erased objects drift to related objects: not measured (drift is defined for objects; no object concept)."
     moved = int(round(float((objects["efficacy"] * objects["n_images"]).sum())))
@@ -241,8 +268,8 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(METHODS)}")
+    if method not in _SCOPE:
+        raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(_SCOPE)}")
 
 
 def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | None, cumulative: bool,
@@ -277,11 +304,6 @@ def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | Non
                                  tuple(f"{layer}.{comp}" for layer in upto), i, all_layers[i], comp,
                                  cumulative, seed))
     return runs
-
-
-def _erase(pipe, method: str, run: _Run, kwargs: dict) -> Edit:
-    seeded = {"seed": run.seed} if method == "fewshot" else {}  # the closed forms have no randomness
-    return erase(pipe, run.concept, method, list(run.selectors), progress=False, **seeded, **kwargs)
 
 
 def _compact(pipe, selectors: list[str]) -> str:

@@ -4,12 +4,17 @@ Each panel runs once when it is made (so "run all cells" shows a full result wit
 again on every click of Run. ``panel.result`` holds the last result, ``panel.set(**values)`` sets
 controls from code, and ``panel.run()`` is what the button does.
 
+A panel measures through the judge it is given (the toy oracle, a CLIP judge); without one it shows
+images and the sizes of the edits. Concept choices come from the model's concept set, method knobs
+start at the model's defaults (:func:`workbench.methods.defaults`).
+
 >>> import workbench
->>> from workbench.toy.oracle import Oracle
+>>> from workbench.profile import profile_of
 >>> from workbench.widgets import ErasePanel
->>> panel = ErasePanel(workbench.load("toy"), Oracle.load(), run=False)
->>> panel.set(concept="cat", method="uce").values()["method"]
-'uce'
+>>> pipe = workbench.load("toy")
+>>> panel = ErasePanel(pipe, profile_of(pipe).judge(), run=False)
+>>> panel.set(concept="cat", method="uce").values()["method"], panel.values()["lam"]
+('uce', 2.0)
 """
 from __future__ import annotations
 
@@ -19,13 +24,19 @@ from typing import Any, Callable
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
-from IPython.display import Image, display
+from IPython.display import Image, Markdown, display
 from matplotlib.figure import Figure
 
-from .methods import METHODS, TOY_LAMBDA
-from .toy.world import OBJECTS, PAINTERS
+from .anatomy import select
+from .embed import POOLS, spaces
+from .judges import Judge
+from .methods import METHODS, defaults, erase
+from .plots import method_comparison, subset_bars, sweep_heatmap
+from .profile import profile_of
+from .project import LandingMap
+from .report import before_after, compare, erase_and_measure, showcase
+from .sweep import SUBSETS, aggregate, ffn_vs_attention, finding, layer_sweep, layers
 
-CONCEPTS = (*OBJECTS, *PAINTERS)
 _STYLE = {"description_width": "110px"}
 
 
@@ -39,8 +50,10 @@ def _display_data(item: Any) -> Any:
     return item
 
 
-def _concepts_control(value: tuple[str, ...]) -> w.SelectMultiple:
-    return w.SelectMultiple(options=list(CONCEPTS), value=value, description="concepts", rows=5)
+def _concepts_control(pipe, value: tuple[str, ...]) -> w.SelectMultiple:
+    names = profile_of(pipe).concept_set().names
+    return w.SelectMultiple(options=names, value=tuple(v for v in value if v in names), description="concepts",
+                            rows=5)
 
 
 class Panel:
@@ -48,8 +61,8 @@ class Panel:
 
     title = ""
 
-    def __init__(self, pipe, oracle=None, run: bool = True, **values: Any) -> None:
-        self.pipe, self.oracle = pipe, oracle
+    def __init__(self, pipe, judge: Judge | None = None, run: bool = True, **values: Any) -> None:
+        self.pipe, self.judge = pipe, judge
         self.controls: dict[str, w.ValueWidget] = self.make_controls()
         for c in self.controls.values():
             c.style = _STYLE
@@ -149,38 +162,41 @@ class Panel:
 
 
 def _concept_control(pipe, value: str = "apple") -> w.ValueWidget:
-    from .models import is_toy
-
-    if is_toy(pipe):
-        return w.Dropdown(options=list(CONCEPTS), value=value, description="concept")
+    """A dropdown of the model's concepts, or a text field for a model without a concept set."""
+    concepts = profile_of(pipe).concepts
+    if concepts is not None:
+        return w.Dropdown(options=concepts.names, value=value if value in concepts else concepts.names[0],
+                          description="concept")
     return w.Text(value=value, description="concept", continuous_update=False)
 
 
 class ErasePanel(Panel):
-    """Erase one concept, then show before/after images and the oracle's accuracy table and bars.
+    """Erase one concept, then show before/after images and the judge's accuracy table and bars.
 
-    On a model without an oracle (Stable Diffusion, the tiny SD-shaped pipeline) it shows the images
-    and the size of the edit per part.
+    Without a judge (e.g. Stable Diffusion with no CLIP judge given) it shows the images and the size of
+    the edit per part.
     """
 
     title = "Erase a concept"
+    #: The method each knob control belongs to, and the knob's name there.
+    KNOBS = {"epochs": ("rece", "epochs"), "ridge": ("rece", "ridge"), "lam": ("uce", "lam"),
+             "lr": ("fewshot", "lr"), "steps": ("fewshot", "steps")}
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
-        from .models import is_toy
-
+        start = {name: defaults(self.pipe, method)[knob] for name, (method, knob) in self.KNOBS.items()}
         controls = {
             "concept": _concept_control(self.pipe),
             "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
             "parts": w.Text(value="", placeholder="method default, e.g. unet.*.xattn.v",
                             description="parts", continuous_update=False),
-            "epochs": w.IntSlider(value=3, min=1, max=6, description="RECE epochs"),
-            "ridge": w.FloatLogSlider(value=1e-3, base=10, min=-4, max=-1, description="RECE ridge",
+            "epochs": w.IntSlider(value=start["epochs"], min=1, max=6, description="RECE epochs"),
+            "ridge": w.FloatLogSlider(value=start["ridge"], base=10, min=-4, max=-1, description="RECE ridge",
                                       readout_format=".0e"),
-            "lam": w.FloatLogSlider(value=TOY_LAMBDA["uce"]["lam"] if is_toy(self.pipe) else 0.5, base=10,
-                                    min=-2, max=1, description="UCE lambda", readout_format=".2g"),
-            "lr": w.FloatLogSlider(value=5e-5, base=10, min=-6, max=-3, description="few-shot lr",
+            "lam": w.FloatLogSlider(value=start["lam"], base=10, min=-2, max=1, description="UCE lambda",
+                                    readout_format=".2g"),
+            "lr": w.FloatLogSlider(value=start["lr"], base=10, min=-6, max=-3, description="few-shot lr",
                                    readout_format=".0e"),
-            "steps": w.IntSlider(value=8, min=1, max=40, description="few-shot steps"),
+            "steps": w.IntSlider(value=start["steps"], min=1, max=40, description="few-shot steps"),
             "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
         }
@@ -189,8 +205,7 @@ class ErasePanel(Panel):
 
     def _knobs_for_method(self) -> None:
         method = self.controls["method"].value
-        owners = {"epochs": "rece", "ridge": "rece", "lam": "uce", "lr": "fewshot", "steps": "fewshot"}
-        for name, owner in owners.items():
+        for name, (owner, _) in self.KNOBS.items():
             self.controls[name].layout.display = "" if owner == method else "none"
 
     def set(self, **values: Any) -> "ErasePanel":
@@ -201,27 +216,20 @@ class ErasePanel(Panel):
     def stages(self, values: dict[str, Any]) -> int:
         return 3
 
-    def compute(self, step: Callable[[str], None], concept: str, method: str, parts: str, epochs: int,
-                ridge: float, lam: float, lr: float, steps: int, per_prompt: int, seed: int) -> dict[str, Any]:
-        from .methods import erase
-        from .report import before_after, erase_and_measure, showcase
-
-        knobs: dict[str, Any] = {"rece": dict(epochs=epochs, ridge=ridge), "uce": dict(lam=lam),
-                                 "fewshot": dict(lr=lr, steps=steps)}[method]
-        knobs["progress"] = False
+    def compute(self, step: Callable[[str], None], concept: str, method: str, parts: str, per_prompt: int,
+                seed: int, **knobs: Any) -> dict[str, Any]:
+        mine = {self.KNOBS[name][1]: v for name, v in knobs.items() if self.KNOBS[name][0] == method}
         scope = parts.strip() or None
-        if self.oracle is not None:
+        if self.judge is not None:
             step("erasing and measuring")
-            result = erase_and_measure(self.pipe, self.oracle, concept, method, scope, per_prompt=per_prompt,
-                                       seed=seed, **knobs)
+            result = erase_and_measure(self.pipe, self.judge, concept, method, scope, per_prompt=per_prompt,
+                                       seed=seed, progress=False, **mine)
             edit = result.edit
         else:
             step("erasing")
-            if method == "fewshot":
-                knobs["seed"] = seed
-            result, edit = None, erase(self.pipe, concept, method, scope, **knobs)
+            result, edit = None, erase(self.pipe, concept, method, scope, seed=seed, progress=False, **mine)
         step("drawing before and after")
-        grid = before_after(self.pipe, edit, showcase(concept), n=per_prompt, seed=seed)
+        grid = before_after(self.pipe, edit, showcase(self.pipe, concept), n=per_prompt, seed=seed)
         step("done")
         return {"edit": edit, "measured": result, "grid": grid}
 
@@ -248,7 +256,7 @@ class ComparePanel(Panel):
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
         return {
-            "concepts": _concepts_control(("apple", "car", "van gogh")),
+            "concepts": _concepts_control(self.pipe, ("apple", "car", "van gogh")),
             "methods": w.SelectMultiple(options=list(METHODS), value=tuple(METHODS), description="methods",
                                         rows=3),
             "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
@@ -260,19 +268,15 @@ class ComparePanel(Panel):
 
     def compute(self, step: Callable[[str], None], concepts: tuple[str, ...], methods: tuple[str, ...],
                 per_prompt: int, seed: int) -> Any:
-        from .report import compare
-
         if not concepts or not methods:
             raise ValueError("select at least one concept and one method (ctrl/cmd-click to select several)")
-        return compare(self.pipe, self.oracle, concepts, methods, per_prompt=per_prompt, seed=seed, on_step=step)
+        return compare(self.pipe, self.judge, concepts, methods, per_prompt=per_prompt, seed=seed, on_step=step)
 
     def summary(self, table: Any) -> str:
         best = table.groupby("method")["after"].mean().idxmin()
         return f"{len(table)} erasures; lowest mean accuracy on the erased concept: {best}"
 
     def show(self, table: Any) -> list[Any]:
-        from .plots import method_comparison
-
         fmt = {"before": "{:.0%}", "after": "{:.0%}", "preservation": "{:.0%}", "seconds": "{:.2f}",
                "dW": "{:.3g}", "relative dW": "{:.2%}", "efficacy": "{:.0%}"}
         return [method_comparison(table), table.style.format(fmt).hide(axis="index")]
@@ -295,32 +299,26 @@ class SweepPanel(Panel):
         }
 
     def stages(self, values: dict[str, Any]) -> int:
-        from .sweep import layers
-
         per_layer = 2
         return values["seeds"] * per_layer * len(layers(self.pipe, values["method"]))
 
     def compute(self, step: Callable[[str], None], concept: str, method: str, cumulative: bool, value: str,
                 seeds: int, per_prompt: int) -> Any:
-        from .sweep import layer_sweep
-
-        measure = self.oracle is not None
+        measure = self.judge is not None
         table = layer_sweep(self.pipe, concept, method, cumulative=cumulative, seeds=range(seeds),
-                            oracle=self.oracle, measure=measure, per_prompt=per_prompt,
+                            judge=self.judge, measure=measure, per_prompt=per_prompt,
                             per_other=max(1, per_prompt // 2), progress=False, on_run=step)
         return {"table": table, "value": value if measure or value in ("dW_relative", "seconds") else "dW_relative"}
 
     def summary(self, result: dict[str, Any]) -> str:
         table = result["table"]
         if "efficacy" not in table:
-            return f"{len(table)} runs (no oracle: sizes of the edits only)"
+            return f"{len(table)} runs (no judge: sizes of the edits only)"
         best = table.loc[table["efficacy"].idxmax()]
         return (f"{len(table)} runs; strongest single erasure: {best['part']} "
                 f"(efficacy {best['efficacy']:.0%}: accuracy on the concept {best['accuracy']:.0%})")
 
     def show(self, result: dict[str, Any]) -> list[Any]:
-        from .plots import sweep_heatmap
-
         table = result["table"]
         cols = [c for c in ("part", "component", "layer", "seed", "efficacy", "preservation", "drift", "dW",
                             "dW_relative", "seconds") if c in table]
@@ -333,8 +331,6 @@ class LandingPanel(Panel):
     title = "Where the erased concept lands"
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
-        from .embed import POOLS, spaces
-
         controls = {
             "concept": _concept_control(self.pipe),
             "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
@@ -349,8 +345,6 @@ class LandingPanel(Panel):
         return controls
 
     def _space_for(self, method: str) -> str:
-        from .anatomy import select
-
         if method == "fewshot":
             return "text"
         keys = select(self.pipe, "unet.*.xattn.k")
@@ -361,9 +355,6 @@ class LandingPanel(Panel):
 
     def compute(self, step: Callable[[str], None], concept: str, method: str, space: str, pool: str, k: int,
                 seed: int) -> Any:
-        from .methods import erase
-        from .project import LandingMap
-
         edit = erase(self.pipe, concept, method, progress=False)
         step("erased")
         umap = LandingMap.fit(self.pipe, space=space, pool=pool, seed=seed)
@@ -387,27 +378,24 @@ class SubsetPanel(Panel):
     title = "FFN versus attention"
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
+        start = defaults(self.pipe, "fewshot")
         return {
-            "concepts": _concepts_control(("apple", "car", "cat")),
+            "concepts": _concepts_control(self.pipe, ("apple", "car", "cat")),
             "seeds": w.IntSlider(value=3, min=1, max=5, description="seeds"),
-            "lr": w.FloatLogSlider(value=5e-5, base=10, min=-6, max=-3, description="few-shot lr",
+            "lr": w.FloatLogSlider(value=start["lr"], base=10, min=-6, max=-3, description="few-shot lr",
                                    readout_format=".0e"),
-            "steps": w.IntSlider(value=8, min=1, max=40, description="few-shot steps"),
+            "steps": w.IntSlider(value=start["steps"], min=1, max=40, description="few-shot steps"),
             "per_prompt": w.IntSlider(value=8, min=1, max=16, description="images/run"),
         }
 
     def stages(self, values: dict[str, Any]) -> int:
-        from .sweep import SUBSETS
-
         return len(values["concepts"]) * values["seeds"] * len(SUBSETS)
 
     def compute(self, step: Callable[[str], None], concepts: tuple[str, ...], seeds: int, lr: float, steps: int,
                 per_prompt: int) -> Any:
-        from .sweep import aggregate, ffn_vs_attention, finding
-
         if not concepts:
             raise ValueError("select at least one concept (ctrl/cmd-click to select several)")
-        table = ffn_vs_attention(self.pipe, concepts, seeds=range(seeds), oracle=self.oracle, lr=lr,
+        table = ffn_vs_attention(self.pipe, concepts, seeds=range(seeds), judge=self.judge, lr=lr,
                                  steps=steps, per_prompt=per_prompt, per_other=max(1, per_prompt // 2),
                                  progress=False, on_run=step)
         return {"table": table, "summary": aggregate(table), "finding": finding(table)}
@@ -416,8 +404,4 @@ class SubsetPanel(Panel):
         return result["finding"].splitlines()[0]
 
     def show(self, result: dict[str, Any]) -> list[Any]:
-        from IPython.display import Markdown
-
-        from .plots import subset_bars
-
         return [subset_bars(result["table"]), result["summary"].round(3), Markdown(result["finding"])]

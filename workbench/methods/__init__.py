@@ -1,8 +1,9 @@
 """Erasure methods. Each returns an :class:`~workbench.edits.Edit` and leaves the pipeline as it was.
 
-:func:`erase` is the one entry point that picks a method by name and fills in the toy world's defaults
-(the erased and preserved prompts, the few-shot prompt kind); the methods themselves take every knob
-explicitly.
+:func:`erase` is the one entry point that picks a method by name and fills in the defaults of the
+model's profile (:mod:`workbench.profile`: on the toy model, the prompts a concept is erased in, the
+preserve list, the few-shot images and the toy's measured lambdas); the methods themselves take every
+knob explicitly, with the papers' defaults.
 
 >>> import workbench
 >>> from workbench.methods import erase
@@ -12,63 +13,61 @@ explicitly.
 ['a photo of an apple', 'a picture of an apple', 'an icon of an apple', 'apple']
 >>> edit.params["preserve"][:2]
 ['a photo of a banana', 'a picture of a banana']
+>>> defaults(pipe, "uce")["lam"], defaults(object(), "uce")["lam"]    # the toy's lambda, the paper's
+(2.0, 0.5)
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 from ..anatomy import Selector
 from ..edits import Edit
-from .fewshot import concept_prompts, fewshot
+from ..profile import profile_of
+from .fewshot import fewshot
 from .rece import rece
 from .uce import uce
 
-METHODS = ("rece", "uce", "fewshot")
+#: Every method by name, in the order the panels list them.
+METHODS: dict[str, Callable[..., Edit]] = {"rece": rece, "uce": uce, "fewshot": fewshot}
+#: Knobs ``erase()`` passes on only to methods that take them.
+_OPTIONAL = ("seed", "progress")
 
-#: Few-shot learning rate on the toy model: the paper's 1e-5 leaves its small text encoder unchanged in
-#: 8 steps; 5e-5 erases without drifting to related concepts (benchmarks/erasure.py).
-TOY_FEWSHOT_LR = 5e-5
 
-#: UCE's and RECE's lambda on the toy model. A third of the directions of its text embeddings carry
-#: almost nothing of the preserved prompts, so the papers' values (UCE 0.5, RECE's epochs 0.1) let an edit
-#: move them freely and other concepts fade (preservation 79-89% for five of the 20 concepts); these keep
-#: preservation at 93% or more and erase as much (benchmarks/erasure.py).
-TOY_LAMBDA = {"uce": dict(lam=2.0), "rece": dict(uce_lam=2.0, lam=0.5)}
+def _method(method: str) -> Callable[..., Edit]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def defaults(pipe, method: str) -> dict[str, Any]:
+    """Every knob of ``method`` with its default on ``pipe``: the method's signature, then the model
+    profile's method defaults (what :func:`erase` and the panels start from)."""
+    params = inspect.signature(_method(method)).parameters
+    values = {n: p.default for n, p in list(params.items())[2:] if p.default is not inspect.Parameter.empty}
+    return {**values, **profile_of(pipe).defaults.get(method, {})}
 
 
 def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = None, **knobs: Any) -> Edit:
     """Erase ``concept`` with ``method`` (``"rece"``, ``"uce"`` or ``"fewshot"``) scoped to ``parts``.
 
-    On the toy model, for its concepts: UCE and RECE erase the concept in the prompt templates of its kind
-    (:func:`concept_prompts`, the ones few-shot trains on) and keep :func:`workbench.metrics.preserve_prompts`,
-    with :data:`TOY_LAMBDA`; few-shot picks object or style prompts and :data:`TOY_FEWSHOT_LR`. ``knobs`` go
-    to the method unchanged and override those defaults (``progress`` only to few-shot, the one method that
-    trains).
+    The model profile's defaults for the method and concept come first (:meth:`Profile.knobs
+    <workbench.profile.Profile.knobs>`), then ``knobs``; ``seed`` and ``progress`` reach only methods
+    that take them (the closed forms have no randomness and no training loop). A knob the method does
+    not take is refused with the list of those it does.
     """
-    from ..metrics import kind_of, preserve_prompts
-    from ..models import is_toy
-    from ..toy.world import OBJECTS, PAINTERS
-
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    toy = is_toy(pipe) and concept in (*OBJECTS, *PAINTERS)
+    fn = _method(method)
+    accepted = list(inspect.signature(fn).parameters)[2:]
+    unknown = [k for k in knobs if k not in accepted and k not in _OPTIONAL]
+    if unknown:
+        raise TypeError(f"{method} has no knob {', '.join(map(repr, unknown))}; its knobs: {', '.join(accepted)}")
+    settings = {**profile_of(pipe).knobs(method, concept), **knobs}
     if parts is not None:
-        knobs["parts"] = parts
-    progress = knobs.pop("progress", None)  # only few-shot trains, so only it has a progress bar
-    if method == "fewshot":
-        if progress is not None:
-            knobs["progress"] = progress
-        knobs.setdefault("kind", kind_of(concept) if toy else "object")
-        if is_toy(pipe):
-            knobs.setdefault("lr", TOY_FEWSHOT_LR)
-        return fewshot(pipe, concept, **knobs)
-    knobs.setdefault("preserve", preserve_prompts(concept) if toy else [])
-    if toy:
-        knobs = {**TOY_LAMBDA[method], **knobs}
-    prompts = concept_prompts(concept, kind_of(concept)) if toy else concept
-    edit = (rece if method == "rece" else uce)(pipe, prompts, **knobs)
+        settings["parts"] = parts
+    target = concept if "prompts" in accepted else settings.pop("prompts", concept)
+    edit = fn(pipe, target, **{k: v for k, v in settings.items() if k in accepted})
     edit.concept = concept
     return edit
 
 
-__all__ = ["erase", "uce", "rece", "fewshot", "concept_prompts", "METHODS", "TOY_FEWSHOT_LR", "TOY_LAMBDA"]
+__all__ = ["erase", "defaults", "uce", "rece", "fewshot", "METHODS"]

@@ -1,18 +1,20 @@
 """Few-shot unlearning (Fuchi & Takagi, BMVC 2024): update only the text encoder, from a few images.
 
 The loss is the *negative* denoising loss of the concept's images under concept prompts; the UNet and
-VAE stay frozen, gradients reach only the selected text-encoder parts.
+VAE stay frozen, gradients reach only the selected text-encoder parts. Those parts are trained as
+float32 master copies while every forward pass runs in the pipeline's own dtype and device, so a
+float16 or bfloat16 pipeline loses no update below its weights' last bit.
 
 >>> import workbench
 >>> from workbench.methods import fewshot
+>>> from workbench.toy import TOY_CONCEPTS
 >>> pipe = workbench.load("toy")
->>> edit = fewshot(pipe, "apple", progress=False)
+>>> edit = fewshot(pipe, "apple", images=TOY_CONCEPTS.image_folder("apple"), progress=False)
 >>> sorted({p.split(".")[2] for p in edit.parts})
 ['attn', 'ffn']
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from pathlib import Path
@@ -22,34 +24,19 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image, UnidentifiedImageError
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..anatomy import Selector, parts as all_parts, select
+from ..anatomy import Selector, n_text_layers, parts as all_parts, select
+from ..concepts import TEMPLATES, a
 from ..edits import Edit, Timer
 from ..embed import check_prompt
-from ..models import DATA, seeded
-from ..toy.world import a as with_article
-
-OBJECT_TEMPLATES = ("a photo of {a}", "a picture of {a}", "an icon of {a}", "{c}")
-STYLE_TEMPLATES = ("a painting in the style of {c}", "a painting by {c}", "art by {c}", "{c}")
-
-
-def concept_prompts(concept: str, kind: str = "object") -> list[str]:
-    """The prompt templates of ``kind`` (``"object"`` or ``"style"``) filled in with ``concept``.
-
-    >>> concept_prompts("apple")
-    ['a photo of an apple', 'a picture of an apple', 'an icon of an apple', 'apple']
-    """
-    if kind not in ("object", "style"):
-        raise ValueError(f"kind must be 'object' or 'style', not {kind!r}")
-    templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
-    return [t.format(a=with_article(concept), c=concept) for t in templates]
+from ..sampling import seeded
 
 
 def default_parts(pipe) -> list[str]:
     """Every FFN of the text encoder plus the last layer's attention (the paper's default)."""
-    last = max(int(n.split(".")[1]) for n in select(pipe, "text.*"))
-    return select(pipe, ["text.*.ffn", f"text.{last}.attn"])
+    return select(pipe, ["text.*.ffn", f"text.{n_text_layers(pipe) - 1}.attn"])
 
 
 def load_images(images: str | Path | Sequence[Image.Image | str | Path], size: int) -> list[Image.Image]:
@@ -82,82 +69,100 @@ def load_images(images: str | Path | Sequence[Image.Image | str | Path], size: i
     return out
 
 
+@torch.no_grad()
+def image_latents(pipe, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The VAE's latent means of ``images``, scaled as the UNet sees them, in the pipeline's dtype."""
+    pixels = torch.stack([torch.from_numpy(np.array(im)) for im in images]).permute(0, 3, 1, 2)
+    pixels = pixels.to(pipe.vae.device, pipe.vae.dtype) / 127.5 - 1
+    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def _masters(pipe, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Float32 copies of the named parts' parameters (keyed ``"<part>.<weight|bias>"``, trainable), and
+    each key's parameter name inside the text encoder."""
+    table = all_parts(pipe)
+    inside = {id(m): n for n, m in pipe.text_encoder.named_modules()}
+    masters, path = {}, {}
+    for name in names:
+        for attr, p in table[name].named_parameters(recurse=False):
+            key = f"{name}.{attr}"
+            masters[key] = p.detach().float().clone().requires_grad_(True)
+            path[key] = f"{inside[id(table[name])]}.{attr}"
+    return masters, path
+
+
+def _train(pipe, concept: str, prompts: list[str], latents: torch.Tensor, masters: dict[str, torch.Tensor],
+           path: dict[str, str], lr: float, betas: tuple[float, float], batch: int, steps: int,
+           gen: torch.Generator, progress: bool) -> None:
+    """Gradient ascent on the denoising loss, updating ``masters`` in place; the pipeline is untouched."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    encoder = pipe.text_encoder
+    opt = torch.optim.Adam(masters.values(), lr=lr, betas=betas)
+    tok = pipe.tokenizer(prompts, padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    use_mask = getattr(encoder.config, "use_attention_mask", False)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # add_noise at any training timestep
+    n_train = sched.config.num_train_timesteps
+    velocity = sched.config.prediction_type == "v_prediction"
+    for _ in tqdm(range(steps), desc=f"few-shot {concept}", disable=not progress):
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        pidx = torch.randint(len(prompts), (batch,), generator=gen)
+        noise = torch.randn(latents[idx].shape, generator=gen).to(device, latents.dtype)
+        t = torch.randint(0, n_train, (batch,), generator=gen).to(device)
+        clean = latents[idx.to(latents.device)]
+        noisy = sched.add_noise(clean, noise, t)
+        weights = {path[k]: m.to(encoder.dtype) for k, m in masters.items()}
+        cond = functional_call(encoder, weights, (tok.input_ids[pidx].to(encoder.device),),
+                               {"attention_mask": tok.attention_mask[pidx].to(encoder.device) if use_mask else None})[0]
+        pred = pipe.unet(noisy, t, cond.to(device, dtype)).sample
+        target = sched.get_velocity(clean, noise, t) if velocity else noise
+        loss = -(pred.float() - target.float()).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | None = None,
-            kind: str = "object", parts: Selector | None = None, lr: float = 1e-5,
-            betas: tuple[float, float] = (0.9, 0.98), batch: int = 2, epochs: int = 4,
-            steps: int | None = None, seed: int = 0, progress: bool = True) -> Edit:
+            kind: str = "object", prompts: Sequence[str] | None = None, parts: Selector | None = None,
+            lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.98), batch: int = 2, steps: int = 8,
+            epochs: int | None = None, seed: int = 0, progress: bool = True) -> Edit:
     """Unlearn ``concept`` from the text encoder with gradient ascent on the denoising loss.
 
-    ``images`` defaults to the toy world's few-shot set ``data/fewshot/<concept>/``; ``kind`` picks the
-    prompt templates (``"object"`` or ``"style"``); ``steps`` overrides ``epochs``.
+    ``images``: a folder or list of a few images of the concept (``erase()`` takes them from the model's
+    concept set). ``prompts`` default to the templates of ``kind`` (``"object"`` or ``"style"``);
+    ``epochs``, when given, overrides ``steps`` (one epoch = one pass over the images in batches).
     """
     check_prompt(pipe, concept)
-    prompts = concept_prompts(concept, kind)
+    if kind not in TEMPLATES:
+        raise ValueError(f"kind must be one of {', '.join(TEMPLATES)}, not {kind!r}")
+    prompts = list(prompts) if prompts is not None else [t.format(a=a(concept), c=concept) for t in TEMPLATES[kind]]
     names = default_parts(pipe) if parts is None else select(pipe, parts)
     bad = [n for n in names if not n.startswith("text.")]
     if bad:
         raise ValueError(f"few-shot unlearning updates the text encoder only; {', '.join(bad[:4])} are UNet "
                          "parts: use uce or rece for those")
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if images is None:
-        images = DATA / "fewshot" / concept.replace(" ", "-")
-    imgs = load_images(images, size)
+        raise ValueError(f"few-shot unlearning needs a few images of {concept!r}: pass images=<folder or list of "
+                         "PIL images>; erase(pipe, concept, 'fewshot') takes them from the model's concept set")
+    imgs = load_images(images, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    total = steps if epochs is None else epochs * math.ceil(len(imgs) / batch)
 
     with Timer() as timer:
         torch.manual_seed(seed)
         gen = seeded(seed)
-        device = pipe.unet.device
-        encoder = copy.deepcopy(pipe.text_encoder).train(False).requires_grad_(False)
-        pipe_parts, copy_parts = all_parts(pipe), all_parts(_Shim(encoder, pipe.unet))
-        params = {}
-        for n in names:
-            for attr, p in copy_parts[n].named_parameters(recurse=False):
-                p.requires_grad_(True)
-                params[f"{n}.{attr}"] = p
-        opt = torch.optim.Adam(params.values(), lr=lr, betas=betas)
-        with torch.no_grad():
-            pixels = torch.stack([torch.from_numpy(np.array(im)) for im in imgs])
-            pixels = pixels.permute(0, 3, 1, 2).to(device, pipe.vae.dtype) / 127.5 - 1
-            latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        tok = pipe.tokenizer(prompts, padding="max_length", truncation=True,
-                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-        use_mask = getattr(encoder.config, "use_attention_mask", False)
-        sched = DDPMScheduler.from_config(pipe.scheduler.config)  # add_noise at any training timestep
-        n_train = sched.config.num_train_timesteps
-        total = steps if steps is not None else epochs * math.ceil(len(imgs) / batch)
-        frozen = _Frozen(pipe.unet, pipe.vae)
+        latents = image_latents(pipe, imgs)
+        masters, path = _masters(pipe, names)
+        frozen = _Frozen(pipe.unet, pipe.vae, pipe.text_encoder)
         try:
-            for _ in tqdm(range(total), desc=f"few-shot {concept}", disable=not progress):
-                idx = torch.randint(len(imgs), (batch,), generator=gen)
-                pidx = torch.randint(len(prompts), (batch,), generator=gen)
-                noise = torch.randn(latents[idx].shape, generator=gen).to(device, latents.dtype)
-                t = torch.randint(0, n_train, (batch,), generator=gen).to(device)
-                noisy = sched.add_noise(latents[idx], noise, t)
-                cond = encoder(tok.input_ids[pidx].to(device),
-                               attention_mask=tok.attention_mask[pidx].to(device) if use_mask else None)[0]
-                pred = pipe.unet(noisy, t, cond.to(pipe.unet.dtype)).sample
-                loss = -(pred.float() - noise.float()).pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            _train(pipe, concept, prompts, latents, masters, path, lr, betas, batch, total, gen, progress)
         finally:
             frozen.restore()
-        base, new = {}, {}
-        for key, p in params.items():
-            part, attr = key.rsplit(".", 1)
-            base[key] = getattr(pipe_parts[part], attr).detach()
-            new[key] = p.detach()
+        table = all_parts(pipe)
+        base = {k: getattr(table[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).detach() for k in masters}
     hyper = dict(parts=names, kind=kind, prompts=prompts, n_images=len(imgs), lr=lr, betas=list(betas),
                  batch=batch, steps=total)
-    return Edit.between(base, new, method="fewshot", concept=concept, params=hyper, seed=seed,
-                        seconds=timer.seconds)
-
-
-class _Shim:
-    """Just enough of a pipeline for :func:`workbench.anatomy.parts` to name a copied text encoder."""
-
-    def __init__(self, text_encoder, unet) -> None:
-        self.text_encoder, self.unet = text_encoder, unet
+    return Edit.between(base, {k: m.detach() for k, m in masters.items()}, method="fewshot", concept=concept,
+                        params=hyper, seed=seed, seconds=timer.seconds)
 
 
 class _Frozen:

@@ -18,29 +18,96 @@ torch.Size([20, 384])
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from ..anatomy import Selector
+from ..anatomy import Selector, as_list
 from ..edits import Edit, Timer
 from ..embed import check_prompt, encode, last_word
 from .solver import Gram, solve
-from .uce import XATTN, _as_list, aligned_rows, cross_attention_parts, edit_weights
+from .uce import XATTN, aligned_rows, cross_attention_parts, edit_weights
 
 
 def derive_embedding(base: dict[str, torch.Tensor], current: dict[str, torch.Tensor],
                      keys: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Rows c' = (sum W'^T W' + ridge I)^-1 (sum W'^T W) c for every row c of ``keys``."""
+    """Rows c' = (sum W'^T W' + ridge I)^-1 (sum W'^T W) c for every row c of ``keys``.
+
+    Summed in float64 on the weights' device; returned as float32 on the device of ``keys``.
+    """
     d = keys.shape[-1]
-    A = ridge * torch.eye(d, dtype=torch.float64)
-    B = torch.zeros(d, d, dtype=torch.float64)
+    device = next(iter(current.values())).device
+    A = ridge * torch.eye(d, dtype=torch.float64, device=device)
+    B = torch.zeros(d, d, dtype=torch.float64, device=device)
     for name, W in base.items():
         Wc = current[name].double()
         A += Wc.T @ Wc
-        B += Wc.T @ W.double()
+        B += Wc.T @ W.to(device, torch.float64)
     X = torch.linalg.solve(A, B)  # A X = B, A symmetric positive definite
-    return (keys.reshape(-1, d).double() @ X.T).reshape(keys.shape).float()
+    rows = keys.reshape(-1, d).to(device, torch.float64) @ X.T
+    return rows.reshape(keys.shape).to(keys.device, torch.float32)
+
+
+@dataclass
+class _Run:
+    """What RECE carries from epoch to epoch: the original and current weights, the concept's rows, and
+    the growing erase set (keys, and per matrix their targets)."""
+
+    names: list[str]
+    base: dict[str, torch.Tensor]
+    current: dict[str, torch.Tensor]
+    full: torch.Tensor  # [k, tokens, width]: the concepts' embeddings
+    at: list[int]  # the first row of each concept's last word
+    empty: torch.Tensor  # [k, tokens, width]: the empty prompt's embedding, once per concept
+    keep: Gram | None
+    erase_keys: list[torch.Tensor]
+    targets: dict[str, list[torch.Tensor]]
+
+    def edit(self, method: str) -> Edit:
+        return Edit.between({f"{n}.weight": self.base[n] for n in self.names},
+                            {f"{n}.weight": self.current[n] for n in self.names}, method=method, concept="")
+
+
+def _start(pipe, concepts: list[str], guide: str, preserve: Sequence[str], names: list[str], uce_lam: float,
+           uce_preserve_scale: float) -> _Run:
+    """UCE: map the concepts' rows onto the guide's; the erase set starts with them."""
+    k = len(concepts)
+    emb = encode(pipe, concepts + [guide, ""] + list(preserve))
+    full = emb[:k]
+    at = last_word(pipe, concepts + [guide])
+    keys, guide_rows = aligned_rows(full, at[:k], emb[k].expand(k, -1, -1), [at[k]] * k)
+    keep = Gram.of(emb[k + 2:]) if preserve else None
+    base_w, first_w = edit_weights(pipe, names, keys, guide_rows, keep, uce_lam, 1.0, uce_preserve_scale)
+    base = {n: base_w[f"{n}.weight"] for n in names}
+    targets = {n: [guide_rows.to(base[n].device, torch.float64) @ base[n].double().T] for n in names}
+    return _Run(names, base, {n: first_w[f"{n}.weight"] for n in names}, full, at[:k],
+                emb[k + 1].expand(k, -1, -1), keep, [keys.double()], targets)
+
+
+def _epoch(run: _Run, ridge: float, lam: float, preserve_scale: float) -> torch.Tensor:
+    """(A) derive the embeddings that still regenerate the concepts; (B) add them to the erase set, each
+    row mapped to what the current weights make of the empty prompt, and re-solve. Returns (A)'s rows."""
+    k = len(run.at)
+    derived = derive_embedding(run.base, run.current, run.full, ridge)
+    rows, harmless = aligned_rows(derived, run.at, run.empty, [0] * k)
+    run.erase_keys.append(rows.double())
+    K = torch.cat(run.erase_keys)
+    gram = Gram.of(K)
+    for n in run.names:
+        Wc = run.current[n]
+        run.targets[n].append(harmless.to(Wc.device, torch.float64) @ Wc.double().T)
+        run.current[n] = solve(Wc, gram, torch.cat(run.targets[n]), K, run.keep, preserve_weight=run.base[n],
+                               lam=lam, preserve_scale=preserve_scale)
+    return derived[0] if k == 1 else derived
+
+
+def _choose(candidates: list[Edit], validate: Callable[[Edit], float] | None) -> tuple[int, list[float]]:
+    """The best epoch by ``validate`` (higher is better; the last one without it), and the scores."""
+    if validate is None:
+        return len(candidates) - 1, []
+    scores = [float(validate(c)) for c in candidates]
+    return max(range(len(candidates)), key=lambda i: scores[i]), scores
 
 
 def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence[str] = (),
@@ -53,46 +120,19 @@ def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence
     ``validate(edit) -> score`` (higher is better) is called after each epoch and the best epoch is kept.
     The derived embeddings are returned as ``edit.extras["derived.{epoch}"]``.
     """
-    concepts = _as_list(concept)
+    concepts = as_list(concept)
     for text in concepts:
         check_prompt(pipe, text)
     names = cross_attention_parts(pipe, parts, "RECE")
     with Timer() as timer:
-        k = len(concepts)
-        emb = encode(pipe, concepts + [guide, ""] + list(preserve))
-        full, empty = emb[:k], emb[k + 1].expand(k, -1, -1)
-        at = last_word(pipe, concepts + [guide])
-        keys, guide_rows = aligned_rows(full, at[:k], emb[k].expand(k, -1, -1), [at[k]] * k)
-        keep = Gram.of(emb[k + 2:]) if preserve else None
-        base_w, first_w = edit_weights(pipe, names, keys, guide_rows, keep, uce_lam, 1.0, uce_preserve_scale)
-        base = {n: base_w[f"{n}.weight"] for n in names}
-        current = {n: first_w[f"{n}.weight"] for n in names}
-        first = Edit.between(base_w, first_w, method="uce", concept=", ".join(concepts))
-        erase_keys = [keys.double()]
-        targets = {n: [guide_rows.double() @ base[n].double().T] for n in names}
-        candidates, scores, derived = [first], [], {}
+        run = _start(pipe, concepts, guide, preserve, names, uce_lam, uce_preserve_scale)
+        candidates, derived = [run.edit("uce")], {}
         for epoch in range(epochs):
-            c_new = derive_embedding(base, current, full, ridge)
-            derived[f"derived.{epoch}"] = c_new[0] if k == 1 else c_new
-            rows, harmless = aligned_rows(c_new, at[:k], empty, [0] * k)
-            erase_keys.append(rows.double())
-            K = torch.cat(erase_keys)
-            gram = Gram.of(K)
-            for n in names:
-                Wc = current[n]
-                targets[n].append(harmless.double() @ Wc.double().T)
-                current[n] = solve(Wc, gram, torch.cat(targets[n]), K, keep, preserve_weight=base[n],
-                                   lam=lam, preserve_scale=preserve_scale)
-            candidates.append(Edit.between({f"{n}.weight": base[n] for n in names},
-                                           {f"{n}.weight": current[n] for n in names},
-                                           method="rece", concept=", ".join(concepts)))
-    if validate is not None:
-        scores = [float(validate(c)) for c in candidates]
-        best = max(range(len(candidates)), key=lambda i: scores[i])
-    else:
-        best = len(candidates) - 1
+            derived[f"derived.{epoch}"] = _epoch(run, ridge, lam, preserve_scale)
+            candidates.append(run.edit("rece"))
+    best, scores = _choose(candidates, validate)
     chosen = candidates[best]
-    chosen.method, chosen.seconds = "rece", timer.seconds
+    chosen.method, chosen.concept, chosen.seconds = "rece", ", ".join(concepts), timer.seconds
     chosen.params = dict(erase=concepts, guide=guide, preserve=list(preserve), parts=names, epochs=epochs,
                          best_epoch=best, ridge=ridge, lam=lam, preserve_scale=preserve_scale,
                          uce_lam=uce_lam, uce_preserve_scale=uce_preserve_scale, scores=scores)

@@ -34,22 +34,27 @@ class Gram:
         return cls(keys.T @ keys, keys.shape[0])
 
     @classmethod
-    def empty(cls, width: int) -> "Gram":
-        return cls(torch.zeros(width, width, dtype=torch.float64), 0)
+    def empty(cls, width: int, device: torch.device | str = "cpu") -> "Gram":
+        return cls(torch.zeros(width, width, dtype=torch.float64, device=device), 0)
 
 
 def solve(W0: torch.Tensor, erase: Gram, erase_values: torch.Tensor, erase_keys: torch.Tensor,
           preserve: Gram | None = None, preserve_weight: torch.Tensor | None = None,
           lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0) -> torch.Tensor:
-    """The closed-form edit of ``W0``; ``preserve_weight`` (default ``W0``) gives the kept outputs."""
+    """The closed-form edit of ``W0``; ``preserve_weight`` (default ``W0``) gives the kept outputs.
+
+    Computed in float64 on ``W0``'s device (every input is moved there); returned in ``W0``'s dtype.
+    """
     W0d = W0.detach().double()
-    d = W0d.shape[1]
-    keys = erase_keys.reshape(-1, d).double()
-    values = erase_values.reshape(-1, W0d.shape[0]).double()
-    preserve = preserve or Gram.empty(d)
-    Wp = W0d if preserve_weight is None else preserve_weight.detach().double()
-    rhs = lam * W0d + erase_scale * values.T @ keys + preserve_scale * Wp @ preserve.matrix
-    lhs = lam * torch.eye(d, dtype=torch.float64) + erase_scale * erase.matrix + preserve_scale * preserve.matrix
+    device, d = W0d.device, W0d.shape[1]
+    keys = erase_keys.reshape(-1, d).to(device, torch.float64)
+    values = erase_values.reshape(-1, W0d.shape[0]).to(device, torch.float64)
+    preserve = preserve or Gram.empty(d, device)
+    Wp = W0d if preserve_weight is None else preserve_weight.detach().to(device, torch.float64)
+    keep = preserve.matrix.to(device)
+    rhs = lam * W0d + erase_scale * values.T @ keys + preserve_scale * Wp @ keep
+    lhs = (lam * torch.eye(d, dtype=torch.float64, device=device) + erase_scale * erase.matrix.to(device)
+           + preserve_scale * keep)
     chol, info = torch.linalg.cholesky_ex(lhs)
     if int(info) != 0:
         raise FloatingPointError("the closed-form system is not positive definite; raise lam")

@@ -13,16 +13,12 @@ from typing import Sequence
 
 import torch
 
-from ..anatomy import Selector, parts as all_parts, select
+from ..anatomy import Selector, as_list, parts as all_parts, select
 from ..edits import Edit, Timer
 from ..embed import check_prompt, encode, last_word
 from .solver import Gram, solve
 
 XATTN = "unet.*.xattn.*"
-
-
-def _as_list(x: str | Sequence[str]) -> list[str]:
-    return [x] if isinstance(x, str) else list(x)
 
 
 def cross_attention_parts(pipe, selector: Selector, method: str) -> list[str]:
@@ -63,7 +59,7 @@ def edit_weights(pipe, names: list[str], keys: torch.Tensor, guide_keys: torch.T
     base, new = {}, {}
     for name in names:
         W0 = modules[name].weight.detach()
-        target = guide_keys.reshape(-1, W0.shape[1]).double() @ W0.double().T
+        target = guide_keys.reshape(-1, W0.shape[1]).to(W0.device, torch.float64) @ W0.double().T
         base[f"{name}.weight"] = W0
         new[f"{name}.weight"] = solve(W0, erase_gram, target, keys, keep, lam=lam,
                                       erase_scale=erase_scale, preserve_scale=preserve_scale)
@@ -78,8 +74,8 @@ def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", prese
     Each prompt is erased through the rows that carry its concept (:func:`aligned_rows`); ``preserve``
     prompts keep their outputs on every row. The pipeline is not changed: apply the returned edit.
     """
-    erase, preserve = _as_list(erase), _as_list(preserve)
-    guides = _as_list(guide) * (len(erase) if isinstance(guide, str) else 1)
+    erase, preserve = as_list(erase), as_list(preserve)
+    guides = as_list(guide) * (len(erase) if isinstance(guide, str) else 1)
     if len(guides) != len(erase):
         raise ValueError(f"give one guide or one per erased prompt ({len(erase)}), not {len(guides)}")
     for text in erase:

@@ -23,6 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..judges import Judge
+from .paths import REBUILD_HINT, TOY_DIR
 from .world import COLOURS, OBJECTS, STYLES
 
 HEADS: dict[str, tuple[str, ...]] = {"object": OBJECTS, "colour": tuple(COLOURS), "style": STYLES}
@@ -55,8 +57,9 @@ def to_batch(images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-class Oracle(nn.Module):
-    """Three heads (object, colour, style) on a shared 32x32 CNN trunk."""
+class Oracle(nn.Module, Judge):
+    """Three heads (object, colour, style) on a shared 32x32 CNN trunk; as a judge, each call's labels
+    must all come from one head."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -83,6 +86,22 @@ class Oracle(nn.Module):
         p = self.probs(images)
         return [{k: HEADS[k][int(p[k][i].argmax())] for k in HEADS} for i in range(len(p["object"]))]
 
+    def classify(self, images: Sequence[Image.Image], labels: Sequence[str]) -> np.ndarray:
+        """Probabilities of ``labels`` (all of one head), renormalised over them: the :class:`Judge` protocol.
+
+        >>> from workbench.toy.render import render
+        >>> from workbench.toy.world import Scene
+        >>> Oracle.load().choose([render(Scene("cat", "blue", "seurat", ""), seed=1)], ["cat", "dog", "fish"])
+        ['cat']
+        """
+        labels = list(labels)
+        head = next((h for h, names in HEADS.items() if set(labels) <= set(names)), None)
+        if head is None or not labels:
+            heads = "; ".join(f"{h}: {', '.join(v)}" for h, v in HEADS.items())
+            raise ValueError(f"the oracle's labels come in heads ({heads}); {labels} are not labels of one head")
+        p = self.probs(images)[head][:, [HEADS[head].index(label) for label in labels]].double()
+        return (p / p.sum(1, keepdim=True)).numpy()
+
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,8 +111,6 @@ class Oracle(nn.Module):
     @classmethod
     def load(cls, folder: Path | None = None) -> "Oracle":
         """The trained oracle from ``data/toy`` (or ``folder``), in eval mode."""
-        from ..models import REBUILD_HINT, TOY_DIR
-
         path = Path(folder or TOY_DIR) / "oracle.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"the oracle's weights {path} are missing; {REBUILD_HINT}")

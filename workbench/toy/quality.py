@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models import TOY_DIR, load, seeded
+from ..models import load
+from ..sampling import GUIDANCE, STEPS, generate, seeded
 from .oracle import Oracle
+from .paths import TOY_DIR
 from .render import render
 from .world import COLOURS, OBJECTS, PAINTERS, a, sample_scene
 
 #: Render seeds at or above this were never used to train the model or the oracle.
 FRESH_SEED = 3_000_000_000
-GUIDANCE = 5.0
-STEPS = 20
 
 
 def oracle_accuracy(oracle: Oracle, n: int = 1000, seed: int = FRESH_SEED) -> dict[str, float]:
@@ -35,15 +35,6 @@ def oracle_accuracy(oracle: Oracle, n: int = 1000, seed: int = FRESH_SEED) -> di
     preds = oracle.predict([render(s, seed=seed + i) for i, s in enumerate(scenes)])
     return {h: float(np.mean([p[h] == getattr(s, h) for p, s in zip(preds, scenes)]))
             for h in ("object", "colour", "style")}
-
-
-def generate(pipe, prompts: list[str], seed: int, batch: int = 32, guidance: float = GUIDANCE) -> list:
-    """Images for ``prompts``, batch by batch, each batch seeded from ``seed``."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        out += pipe(prompts[i:i + batch], num_inference_steps=STEPS, guidance_scale=guidance,
-                    generator=seeded(seed + i)).images
-    return out
 
 
 def measure(per_prompt: int = 12, seed: int = 10_000, guidance: float = GUIDANCE) -> dict:

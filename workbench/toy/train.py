@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from ..models import TOY_DIR, TOY_SCHEDULER_CONFIG, TOY_UNET_CONFIG, TOY_VAE_CONFIG, toy_text_encoder
+from .model import TOY_SCHEDULER_CONFIG, TOY_UNET_CONFIG, TOY_VAE_CONFIG, toy_text_encoder
+from .paths import TOY_DIR
 from .oracle import Oracle, augment
 from .render import render, write_fewshot_sets
 from .world import COLOURS, OBJECTS, STYLES, all_captions, sample_scene

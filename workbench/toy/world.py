@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..concepts import a, article  # noqa: F401  (a/an, used in captions)
+
 GROUPS: dict[str, tuple[str, ...]] = {
     "fruit": ("apple", "banana", "cherry", "pear"),
     "vehicle": ("car", "truck", "boat", "airplane"),
@@ -37,16 +39,6 @@ PLAIN = "plain"
 #: Named painting styles; each is drawn in a recognisable way (see ``workbench.toy.render``).
 PAINTERS: tuple[str, ...] = ("van gogh", "seurat", "mondrian", "picasso")
 STYLES: tuple[str, ...] = (PLAIN, *PAINTERS)
-
-
-def article(word: str) -> str:
-    """'a' or 'an' for ``word``."""
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def a(word: str) -> str:
-    """``word`` with its indefinite article: ``a("apple") == "an apple"``."""
-    return f"{article(word)} {word}"
 
 
 # Templates by which attributes they name. {o}: object with article, {c}: colour, {p}: painter.

@@ -1,0 +1,8 @@
+"""Where the toy world's files live: the trained weights, the few-shot image sets, the vocabulary."""
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+TOY_DIR = DATA / "toy"
+FEWSHOT_DIR = DATA / "fewshot"
+VOCABULARY_FILE = DATA / "vocabulary.txt"
+REBUILD_HINT = "rebuild it with `python -m workbench.toy.train` (about an hour on a laptop CPU)"

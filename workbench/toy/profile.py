@@ -1,0 +1,68 @@
+"""The toy world's profile: its concept set, its judge (the oracle) and the method defaults measured on it.
+
+>>> from workbench.toy import TOY_CONCEPTS, concept_prompts
+>>> concept_prompts("apple")
+['a photo of an apple', 'a picture of an apple', 'an icon of an apple', 'apple']
+>>> TOY_CONCEPTS.probe("apple", 4)
+['an apple', 'an icon of an apple', 'a blue apple', 'an apple by seurat']
+>>> TOY_CONCEPTS.others("car")
+['truck', 'boat', 'airplane', 'apple', 'sun', 'cat']
+"""
+from __future__ import annotations
+
+from ..concepts import TEMPLATES, ConceptSet, a
+from ..profile import Profile
+from .oracle import HEADS, Oracle
+from .paths import FEWSHOT_DIR, VOCABULARY_FILE
+from .world import GROUP_OF, OBJECTS, PAINTERS
+
+#: Few-shot learning rate on the toy model: the paper's 1e-5 leaves its small text encoder unchanged in
+#: 8 steps; 5e-5 erases without drifting to related concepts (benchmarks/erasure.py).
+TOY_FEWSHOT_LR = 5e-5
+
+#: UCE's and RECE's lambda on the toy model. A third of the directions of its text embeddings carry
+#: almost nothing of the preserved prompts, so the papers' values (UCE 0.5, RECE's epochs 0.1) let an edit
+#: move them freely and other concepts fade (preservation 79-89% for five of the 20 concepts); these keep
+#: preservation at 93% or more and erase as much (benchmarks/erasure.py).
+TOY_LAMBDA = {"uce": dict(lam=2.0), "rece": dict(uce_lam=2.0, lam=0.5)}
+
+#: Okabe-Ito colours of the vocabulary groups in landing maps.
+GROUP_COLOURS = {"fruit": "#0072B2", "vehicle": "#E69F00", "sky": "#009E73", "animal": "#CC79A7",
+                 "style": "#D55E00", "colour": "#56B4E9"}
+
+
+class ToyConcepts(ConceptSet):
+    """The icon world's 16 objects (4 groups) and 4 painters, probed the way the oracle was validated."""
+
+    def showcase(self, concept: str) -> list[str]:
+        """The concept, two related concepts and an unrelated one ("an icon of ..."; styles: cats and boats)."""
+        if concept not in self:
+            return super().showcase(concept)
+        if self.kind(concept) == "object":
+            group = self.group(concept)
+            shown = [concept, *self.related(concept)[:2], "car" if group != "vehicle" else "cat"]
+            return [f"an icon of {a(c)}" for c in shown]
+        other = next(p for p in PAINTERS if p != concept)
+        return [f"a cat by {concept}", f"a boat by {concept}", "a cat", f"a cat by {other}"]
+
+
+TOY_CONCEPTS = ToyConcepts(
+    kinds={**{o: "object" for o in OBJECTS}, **{p: "style" for p in PAINTERS}},
+    groups={**GROUP_OF, **{p: "style" for p in PAINTERS}},
+    templates=dict(TEMPLATES),
+    probes={"object": ("{a}", "an icon of {a}", "a blue {c}", "{a} by seurat"), "style": ("{subject} by {c}",)},
+    subjects=tuple(a(OBJECTS[(k * 5) % len(OBJECTS)]) for k in range(len(OBJECTS))),
+    label_sets={"object": HEADS["object"], "style": HEADS["style"]},
+    images=FEWSHOT_DIR,
+    vocabulary=VOCABULARY_FILE,
+    colours=GROUP_COLOURS,
+    name="toy",
+)
+
+PROFILE = Profile("toy", TOY_CONCEPTS, Oracle.load,
+                  defaults={"uce": TOY_LAMBDA["uce"], "rece": TOY_LAMBDA["rece"], "fewshot": {"lr": TOY_FEWSHOT_LR}})
+
+
+def concept_prompts(concept: str) -> list[str]:
+    """The prompts a toy concept is erased in (the templates of its kind)."""
+    return TOY_CONCEPTS.prompts(concept)
