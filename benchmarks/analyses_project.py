@@ -25,6 +25,7 @@ from workbench import plots
 from workbench.embed import embed
 from workbench.methods import erase
 from workbench.project import LandingMap, vocabulary
+from workbench.toy import TOY_CONCEPTS
 from workbench.toy.world import all_captions
 
 UNET_SPACE = "unet.mid.0.xattn.k"
@@ -52,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     pipe = workbench.load("toy")
-    vocab = vocabulary().word.tolist()
+    vocab = vocabulary(TOY_CONCEPTS).word.tolist()
     captions = all_captions()
     random.Random(0).shuffle(captions)
     words = (vocab + [c for c in captions if c not in set(vocab)])[:args.n]

@@ -25,8 +25,8 @@ import torch
 
 import workbench
 from workbench import plots
-from workbench.methods import TOY_FEWSHOT_LR
 from workbench.sweep import aggregate, ffn_vs_attention, finding, layer_sweep
+from workbench.toy import TOY_FEWSHOT_LR
 from workbench.toy.oracle import Oracle
 
 OUT = Path("out/sweep")
@@ -56,7 +56,7 @@ LAYER_COLS = ["part", "efficacy", "preservation", "preservation_related", "drift
 
 def layers_part(pipe, oracle, concept: str, per_other: int) -> None:
     t0 = time.perf_counter()
-    table = layer_sweep(pipe, concept, "fewshot", oracle=oracle, per_other=per_other, progress=False,
+    table = layer_sweep(pipe, concept, "fewshot", judge=oracle, per_other=per_other, progress=False,
                         lr=TOY_FEWSHOT_LR)
     wall = time.perf_counter() - t0
     print(f"## Few-shot layer sweep: {concept!r}, {len(table)} runs, lr {TOY_FEWSHOT_LR:g}, 8 steps\n")
@@ -73,7 +73,7 @@ def layers_part(pipe, oracle, concept: str, per_other: int) -> None:
 
 def uce_part(pipe, oracle, concept: str, per_other: int) -> None:
     t0 = time.perf_counter()
-    table = layer_sweep(pipe, concept, "uce", oracle=oracle, per_other=per_other, progress=False)
+    table = layer_sweep(pipe, concept, "uce", judge=oracle, per_other=per_other, progress=False)
     wall = time.perf_counter() - t0
     print(f"## UCE layer sweep: {concept!r}, cross-attention k and v separately, {len(table)} runs\n")
     print(markdown(table[LAYER_COLS], "{:.3g}"))
@@ -83,7 +83,7 @@ def uce_part(pipe, oracle, concept: str, per_other: int) -> None:
 
 def subsets_part(pipe, oracle, concepts: list[str], seeds: list[int], per_other: int) -> None:
     t0 = time.perf_counter()
-    table = ffn_vs_attention(pipe, concepts, seeds=seeds, oracle=oracle, per_other=per_other, progress=False,
+    table = ffn_vs_attention(pipe, concepts, seeds=seeds, judge=oracle, per_other=per_other, progress=False,
                              lr=TOY_FEWSHOT_LR)
     wall = time.perf_counter() - t0
     print(f"## FFN versus attention: {', '.join(concepts)}; seeds {', '.join(map(str, seeds))}; "

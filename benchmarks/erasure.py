@@ -21,10 +21,11 @@ from collections import Counter
 import numpy as np
 
 import workbench
-from workbench.metrics import accuracy, hits, kind_of, predictions, preservation
+from workbench.metrics import accuracy, hits, predictions, preservation
 from workbench.methods import erase, fewshot, rece, uce
+from workbench.toy import TOY_CONCEPTS
 from workbench.toy.oracle import Oracle
-from workbench.toy.world import OBJECTS, PAINTERS, all_captions
+from workbench.toy.world import all_captions
 
 CONCEPTS = ("apple", "car", "cat", "star", "dog", "boat", "van gogh", "seurat")
 
@@ -43,7 +44,7 @@ def methods(pipe) -> dict:
 
 def run(per_prompt: int, erased: tuple[str, ...] = CONCEPTS, only: str | None = None) -> None:
     pipe, oracle = workbench.load("toy"), Oracle.load()
-    concepts = [*OBJECTS, *PAINTERS]
+    concepts = TOY_CONCEPTS.names
     base = accuracy(pipe, oracle, concepts, per_prompt)
     print("| method | concept | accuracy on concept (before -> after) | preservation | seconds |")
     print("|---|---|---|---|---|")
@@ -59,7 +60,7 @@ def run(per_prompt: int, erased: tuple[str, ...] = CONCEPTS, only: str | None = 
             with edit.apply(pipe):
                 preds = predictions(pipe, oracle, concepts, per_prompt)
             after = hits(preds)
-            labels[name][c] = [p[head] for k, head, p in preds if k == c]
+            labels[name][c] = [label for k, label in preds if k == c]
             others = [k for k in concepts if k != c]
             keep = preservation({k: after[k] for k in others}, {k: base[k] for k in others})
             print(f"| {name} | {c} | {base[c]:.0%} -> {after[c]:.0%} | {keep:.0%} | {seconds:.2f} |", flush=True)
@@ -75,7 +76,8 @@ def floors(labels: dict[str, dict[str, list[str]]]) -> None:
     print("|---|---|---|---|")
     for name, by_concept in labels.items():
         for c, seen in by_concept.items():
-            rest = [x for k, v in by_concept.items() if k != c and kind_of(k) == kind_of(c) for x in v]
+            kind = TOY_CONCEPTS.kind
+            rest = [x for k, v in by_concept.items() if k != c and kind(k) == kind(c) for x in v]
             common = ", ".join(f"{label} {n}" for label, n in Counter(seen).most_common(3))
             floor = f"{np.mean([x == c for x in rest]):.0%} of {len(rest)}" if rest else "-"
             print(f"| {name} | {c} | {common} | {floor} |", flush=True)
@@ -117,6 +119,7 @@ def scaling(pipe) -> None:
 
 def bad_input(pipe) -> None:
     """Each bad input: the error it raises, and whether every weight of the model is unchanged after it."""
+    import json
     import tempfile
     import warnings
     from pathlib import Path
@@ -135,9 +138,15 @@ def bad_input(pipe) -> None:
     (mixed / "notes.txt").write_text("not an image")
     tiny = workbench.load(workbench.build_tiny_sd(tmp / "tiny-sd"))
     uce(tiny, "apple").save(tmp / "other-model.safetensors")
+    sdxl = tmp / "sdxl"
+    sdxl.mkdir()
+    index = json.loads((tmp / "tiny-sd" / "model_index.json").read_text())
+    (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline",
+                                                        "text_encoder_2": index["text_encoder"]}))
     cases = {
         "concept that tokenizes to nothing": lambda: rece(pipe, "   "),
         "missing image folder": lambda: fewshot(pipe, "apple", images=tmp / "missing", progress=False),
+        "an SDXL-shaped pipeline folder": lambda: workbench.load(sdxl),
         "empty image folder": lambda: fewshot(pipe, "apple", images=tmp / "empty", progress=False),
         "non-image file and odd-sized image": lambda: fewshot(pipe, "apple", images=mixed, steps=1, progress=False),
         "selector matching nothing": lambda: uce(pipe, "apple", parts="unet.*.xattn.q"),
@@ -174,5 +183,5 @@ if __name__ == "__main__":
     elif args.bad_input_only:
         bad_input(workbench.load("toy"))
     else:
-        run(args.per_prompt, (*OBJECTS, *PAINTERS) if args.all else CONCEPTS, args.method)
+        run(args.per_prompt, tuple(TOY_CONCEPTS.names) if args.all else CONCEPTS, args.method)
         bad_input(workbench.load("toy"))

@@ -48,7 +48,7 @@ def test_uce_matches_the_formula_on_the_toy_model(toy, prompt, word):
 def test_rece_epoch_matches_the_formula_on_the_toy_model(toy):
     """One RECE epoch: the concept and its derived embedding both in the erase set (float64 formula)."""
     edit = rece(toy, "apple", preserve=["a pear"], epochs=1, ridge=0.01, uce_lam=0.5, lam=0.1,
-                preserve_scale=0.1)
+                preserve_scale=0.1, preserve_at="original", preserve_empty=False)  # the toy's variant
     name = "unet.mid.0.xattn.v"
     first = uce(toy, "apple", preserve=["a pear"], lam=0.5)
     emb = encode(toy, ["apple", "", "a pear"]).double()

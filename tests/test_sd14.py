@@ -109,8 +109,6 @@ def test_sd14_folder_is_float16_on_disk_and_reused(clip_sd_dir):
     assert weights.stat().st_mtime_ns == built
 
 
-def test_sd14_shaped_pipeline_generates_and_runs_the_lens(clip_sd):
-    image = clip_sd("a cat", num_inference_steps=2, generator=workbench.seeded(0)).images[0]
-    assert image.size == (64, 64)
+def test_sd14_shaped_pipeline_generates_through_the_lens(clip_sd):
     images = lens(clip_sd, "a painting by van gogh", layers=[0, -1], steps=2)
     assert len(images) == 2 and images[0].size == (64, 64)

@@ -93,7 +93,27 @@ def parts(pipe) -> dict[str, nn.Linear]:
     return dict(cached[1])
 
 
+SUPPORTED = ("the workbench edits Stable Diffusion 1.x/2.x-shaped pipelines: one CLIP or BERT text encoder "
+             "(pipe.text_encoder) and a UNet2DConditionModel with cross-attention (pipe.unet)")
+
+
+def check_supported(pipe) -> None:
+    """Raise ``TypeError`` naming what ``pipe`` has when the workbench cannot edit it (SDXL's two text
+    encoders, SD3's transformer, a UNet without cross-attention)."""
+    kind = type(pipe).__name__
+    if getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "text_encoder_3", None) is not None:
+        raise TypeError(f"{kind} has several text encoders (text_encoder_2: SDXL or SD3); {SUPPORTED}")
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
+        has = [n for n in ("transformer", "prior", "decoder") if getattr(pipe, n, None) is not None]
+        raise TypeError(f"{kind} has no " + " or ".join(n for n in ("unet", "text_encoder") if getattr(pipe, n, None) is None)
+                        + (f" (it has a {', '.join(has)})" if has else "") + f"; {SUPPORTED}")
+    if not any(_XATTN.match(name) for name, _ in pipe.unet.named_modules()):
+        raise TypeError(f"{kind}'s UNet ({type(pipe.unet).__name__}) has no cross-attention layers (attn2), so "
+                        f"nothing conditions on text there; {SUPPORTED}")
+
+
 def _find_parts(pipe) -> dict[str, nn.Linear]:
+    check_supported(pipe)
     out: dict[str, nn.Linear] = {}
     layers, inner = _text_layers(pipe.text_encoder)
     for i, layer in enumerate(layers):

@@ -106,7 +106,9 @@ class Edit:
             for key, delta in self.deltas.items():
                 p = _param(table, key)
                 saved[key] = p.detach().clone()
-                p.add_(delta.to(p.device, p.dtype))
+                # one rounding to the weight's dtype: W + dW summed in float32, so a float16/bfloat16
+                # model gets the float32 edit's nearest weights
+                p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
         stack = getattr(pipe, _STACK, [])
         setattr(pipe, _STACK, stack + [self])
         try:

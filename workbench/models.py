@@ -26,6 +26,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from .anatomy import check_supported
 from .sampling import seeded
 from .toy import model as toy_model
 
@@ -52,9 +53,13 @@ def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
                     "tokenizer/, scheduler/), or a hub id like 'CompVis/stable-diffusion-v1-4'."
                 )
             index = json.loads((path / "model_index.json").read_text())
+            found = index.get("_class_name", "diffusers")
+            if "text_encoder_2" in index or "text_encoder_3" in index:
+                raise ValueError(f"{str(path)!r} holds a {found} pipeline with several text encoders (SDXL, "
+                                 "SD3); the workbench edits Stable Diffusion 1.x/2.x pipelines, which have one.")
             if "unet" not in index or "text_encoder" not in index:
                 raise ValueError(
-                    f"{str(path)!r} holds a {index.get('_class_name', 'diffusers')} pipeline without a "
+                    f"{str(path)!r} holds a {found} pipeline without a "
                     "UNet and text encoder; the workbench edits Stable Diffusion 1.x/2.x pipelines."
                 )
         elif str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
@@ -74,6 +79,10 @@ def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
                 "diffusers pipeline folder, or a hub id that is in your local Hugging Face cache."
             ) from e
         pipe.set_progress_bar_config(disable=True)
+    try:
+        check_supported(pipe)
+    except TypeError as e:
+        raise ValueError(f"{str(name)!r}: {e}") from None
     if device is not None:
         pipe = pipe.to(device)
     return pipe

@@ -196,8 +196,9 @@ def build_sd14(folder: str | os.PathLike | None = None, seed: int = 0,
 
     ``components`` are built at SD 1.4's size, the others as small stand-ins, so
     ``components=("text",)`` gives the real text tower with a fast UNet and VAE. Weights are stored in
-    ``dtype`` (float16 by default: 2.1 GB on disk for the full model instead of 4.3 GB; load with
-    ``dtype=torch.float32`` to compute in float32). Building the full model takes about a minute and
+    ``dtype`` (float16 by default: 2.1 GB on disk for the full model instead of 4.3 GB); load with
+    ``workbench.load(folder, dtype=torch.float32)`` to compute in float32 (without a dtype the text
+    encoder stays float16). Building the full model takes about a minute and
     5 GB of memory. ``folder`` defaults to ``$WORKBENCH_CACHE/sd14-shaped/``; a folder already built
     with the same arguments is reused (a marker file, written last, says it is complete).
     """
@@ -225,8 +226,8 @@ def build_sd14(folder: str | os.PathLike | None = None, seed: int = 0,
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """No progress bars while saving, and no warning from diffusers' ``to(dtype)`` about modules to keep
-    in float32 when the model has none."""
+    """Progress bars off (as ``workbench.load`` leaves them), and no warning from diffusers' ``to(dtype)``
+    about modules to keep in float32 when the model has none."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

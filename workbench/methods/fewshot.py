@@ -5,6 +5,11 @@ VAE stay frozen, gradients reach only the selected text-encoder parts. Those par
 float32 master copies while every forward pass runs in the pipeline's own dtype and device, so a
 float16 or bfloat16 pipeline loses no update below its weights' last bit.
 
+The defaults are the reference code's: Adam (lr 1e-5, betas (0.9, 0.98), eps 1e-6, weight decay 1e-8),
+prompts drawn from textual inversion's 27 object or 19 style templates (:data:`REFERENCE_TEMPLATES`), and
+each image flipped at random and encoded once with a *sampled* VAE latent; every draw comes from the
+generator seeded with ``seed``.
+
 >>> import workbench
 >>> from workbench.methods import fewshot
 >>> from workbench.toy import TOY_CONCEPTS
@@ -28,10 +33,39 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..anatomy import Selector, n_text_layers, parts as all_parts, select
-from ..concepts import TEMPLATES, a
 from ..edits import Edit, Timer
 from ..embed import check_prompt
 from ..sampling import seeded
+
+
+#: The prompt pools of the reference code (textual inversion's ``imagenet_templates_small`` and
+#: ``imagenet_style_templates_small``); ``{}`` is the concept, as written (no article fixing).
+REFERENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": (
+        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+        "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+        "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+        "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+        "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+        "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+        "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+        "a photo of a cool {}", "a photo of a small {}",
+    ),
+    "style": (
+        "a painting in the style of {}", "a rendering in the style of {}",
+        "a cropped painting in the style of {}", "the painting in the style of {}",
+        "a clean painting in the style of {}", "a dirty painting in the style of {}",
+        "a dark painting in the style of {}", "a picture in the style of {}",
+        "a cool painting in the style of {}", "a close-up painting in the style of {}",
+        "a bright painting in the style of {}", "a cropped painting in the style of {}",
+        "a good painting in the style of {}", "a close-up painting in the style of {}",
+        "a rendition in the style of {}", "a nice painting in the style of {}",
+        "a small painting in the style of {}", "a weird painting in the style of {}",
+        "a large painting in the style of {}",
+    ),
+}
+#: How an image becomes a latent: a draw from the VAE's posterior (the reference) or its mean.
+LATENTS = ("sample", "mean")
 
 
 def default_parts(pipe) -> list[str]:
@@ -70,11 +104,22 @@ def load_images(images: str | Path | Sequence[Image.Image | str | Path], size: i
 
 
 @torch.no_grad()
-def image_latents(pipe, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The VAE's latent means of ``images``, scaled as the UNet sees them, in the pipeline's dtype."""
+def image_latents(pipe, images: Sequence[Image.Image], sample: torch.Generator | None = None) -> torch.Tensor:
+    """The VAE's latents of ``images``, scaled as the UNet sees them, in the pipeline's dtype: the
+    posterior means, or one draw from each posterior with the generator ``sample``."""
     pixels = torch.stack([torch.from_numpy(np.array(im)) for im in images]).permute(0, 3, 1, 2)
     pixels = pixels.to(pipe.vae.device, pipe.vae.dtype) / 127.5 - 1
-    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    dist = pipe.vae.encode(pixels).latent_dist
+    z = dist.mean
+    if sample is not None:  # mean + std * noise, the noise drawn on the generator's device
+        z = z + dist.std * torch.randn(z.shape, generator=sample, dtype=torch.float32).to(z.device, z.dtype)
+    return z * pipe.vae.config.scaling_factor
+
+
+def flipped(images: Sequence[Image.Image], gen: torch.Generator) -> list[Image.Image]:
+    """Each image mirrored left-right with probability 1/2 (one draw per image from ``gen``)."""
+    flips = (torch.rand(len(images), generator=gen) < 0.5).tolist()
+    return [im.transpose(Image.FLIP_LEFT_RIGHT) if f else im for im, f in zip(images, flips)]
 
 
 def _masters(pipe, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -92,12 +137,12 @@ def _masters(pipe, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def _train(pipe, concept: str, prompts: list[str], latents: torch.Tensor, masters: dict[str, torch.Tensor],
-           path: dict[str, str], lr: float, betas: tuple[float, float], batch: int, steps: int,
-           gen: torch.Generator, progress: bool) -> None:
-    """Gradient ascent on the denoising loss, updating ``masters`` in place; the pipeline is untouched."""
+           path: dict[str, str], adam: dict, batch: int, steps: int, gen: torch.Generator, progress: bool) -> None:
+    """Gradient ascent on the denoising loss, updating ``masters`` in place; the pipeline is untouched.
+    ``adam``: the optimiser's settings (lr, betas, eps, weight_decay)."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     encoder = pipe.text_encoder
-    opt = torch.optim.Adam(masters.values(), lr=lr, betas=betas)
+    opt = torch.optim.Adam(masters.values(), **adam)
     tok = pipe.tokenizer(prompts, padding="max_length", truncation=True,
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
     use_mask = getattr(encoder.config, "use_attention_mask", False)
@@ -124,18 +169,24 @@ def _train(pipe, concept: str, prompts: list[str], latents: torch.Tensor, master
 
 def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | None = None,
             kind: str = "object", prompts: Sequence[str] | None = None, parts: Selector | None = None,
-            lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.98), batch: int = 2, steps: int = 8,
-            epochs: int | None = None, seed: int = 0, progress: bool = True) -> Edit:
+            lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+            weight_decay: float = 1e-8, batch: int = 2, steps: int = 8, epochs: int | None = None,
+            latent: str = "sample", flip: bool = True, seed: int = 0, progress: bool = True) -> Edit:
     """Unlearn ``concept`` from the text encoder with gradient ascent on the denoising loss.
 
     ``images``: a folder or list of a few images of the concept (``erase()`` takes them from the model's
-    concept set). ``prompts`` default to the templates of ``kind`` (``"object"`` or ``"style"``);
-    ``epochs``, when given, overrides ``steps`` (one epoch = one pass over the images in batches).
+    concept set). ``prompts`` default to the reference pool of ``kind`` (``"object"``: 27 templates,
+    ``"style"``: 19, :data:`REFERENCE_TEMPLATES`), one drawn per training example. Adam with ``lr``,
+    ``betas``, ``eps`` and ``weight_decay``. ``latent``: ``"sample"`` draws each image's latent once from
+    the VAE's posterior, ``"mean"`` takes its mean; ``flip`` mirrors each image with probability 1/2
+    first. ``epochs``, when given, overrides ``steps`` (one epoch = one pass over the images in batches).
     """
     check_prompt(pipe, concept)
-    if kind not in TEMPLATES:
-        raise ValueError(f"kind must be one of {', '.join(TEMPLATES)}, not {kind!r}")
-    prompts = list(prompts) if prompts is not None else [t.format(a=a(concept), c=concept) for t in TEMPLATES[kind]]
+    if kind not in REFERENCE_TEMPLATES:
+        raise ValueError(f"kind must be one of {', '.join(REFERENCE_TEMPLATES)}, not {kind!r}")
+    if latent not in LATENTS:
+        raise ValueError(f"latent must be one of {', '.join(map(repr, LATENTS))}, not {latent!r}")
+    prompts = list(prompts) if prompts is not None else [t.format(concept) for t in REFERENCE_TEMPLATES[kind]]
     names = default_parts(pipe) if parts is None else select(pipe, parts)
     bad = [n for n in names if not n.startswith("text.")]
     if bad:
@@ -149,18 +200,19 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
 
     with Timer() as timer:
         torch.manual_seed(seed)
-        gen = seeded(seed)
-        latents = image_latents(pipe, imgs)
+        gen = seeded(seed)  # every draw below comes from it: flips, latents, then the training batches
+        latents = image_latents(pipe, flipped(imgs, gen) if flip else imgs, gen if latent == "sample" else None)
         masters, path = _masters(pipe, names)
         frozen = _Frozen(pipe.unet, pipe.vae, pipe.text_encoder)
+        adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         try:
-            _train(pipe, concept, prompts, latents, masters, path, lr, betas, batch, total, gen, progress)
+            _train(pipe, concept, prompts, latents, masters, path, adam, batch, total, gen, progress)
         finally:
             frozen.restore()
         table = all_parts(pipe)
         base = {k: getattr(table[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).detach() for k in masters}
-    hyper = dict(parts=names, kind=kind, prompts=prompts, n_images=len(imgs), lr=lr, betas=list(betas),
-                 batch=batch, steps=total)
+    hyper = dict(parts=names, kind=kind, prompts=prompts, n_images=len(imgs), lr=lr, betas=list(betas), eps=eps,
+                 weight_decay=weight_decay, batch=batch, steps=total, latent=latent, flip=flip)
     return Edit.between(base, {k: m.detach() for k, m in masters.items()}, method="fewshot", concept=concept,
                         params=hyper, seed=seed, seconds=timer.seconds)
 

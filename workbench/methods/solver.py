@@ -3,10 +3,17 @@
 For a weight ``W0`` (out x d), erase keys ``C_e`` (n x d) with targets ``V_e`` (n x out) and preserve
 keys ``C_p`` (m x d) whose outputs are kept at ``W_p C_p``:
 
-    W = (lam W0 + s_e V_e^T C_e + s_p W_p C_p^T C_p) (lam I + s_e C_e^T C_e + s_p C_p^T C_p)^-1
+    W = (lam W0 + s_e V_e^T C_e + s_p W_p C_p^T C_p) M^-1,   M = lam I + s_e C_e^T C_e + s_p C_p^T C_p
 
-The right-hand matrix is symmetric positive definite; we solve with a Cholesky factorisation in
-float64 and never form an inverse. Gram matrices are computed once and shared by every edited matrix.
+``M`` is symmetric positive definite and the same for every matrix an edit changes (the keys are
+shared), so a :class:`System` factors it once (Cholesky, float64) and solves every matrix from the
+factor, never forming an inverse. Since ``W0 M = lam W0 + s_e W0 C_e^T C_e + s_p W0 C_p^T C_p``, each
+matrix's solution is its change
+
+    W - W0 = [s_e (V_e - C_e W0^T)^T C_e + s_p (W_p - W0) C_p^T C_p] M^-1
+
+with ``C_e M^-1`` (and ``C_p^T C_p M^-1`` when ``W_p`` differs from ``W0``) computed once: per matrix
+only two products remain.
 
 >>> import torch
 >>> W0, C = torch.randn(4, 3), torch.randn(5, 3)
@@ -38,25 +45,55 @@ class Gram:
         return cls(torch.zeros(width, width, dtype=torch.float64, device=device), 0)
 
 
+@dataclass
+class System:
+    """``M`` of one edit, factored once, and the products every matrix's solution shares (float64, on
+    the weights' device)."""
+
+    chol: torch.Tensor  # the Cholesky factor of M
+    keys: torch.Tensor  # C_e, [n, d]
+    keys_solved: torch.Tensor  # C_e M^-1, [n, d]
+    keep: torch.Tensor | None  # C_p^T C_p, [d, d]
+    erase_scale: float
+    preserve_scale: float
+    _kept_solved: torch.Tensor | None = None  # C_p^T C_p M^-1, made when first needed
+
+    @classmethod
+    def build(cls, erase: Gram, erase_keys: torch.Tensor, preserve: Gram | None = None, lam: float = 0.5,
+              erase_scale: float = 1.0, preserve_scale: float = 1.0,
+              device: torch.device | str = "cpu") -> "System":
+        """Factor ``M``; raises ``FloatingPointError`` when it is not positive definite."""
+        d = erase.matrix.shape[0]
+        keys = erase_keys.reshape(-1, d).to(device, torch.float64)
+        keep = None if preserve is None else preserve.matrix.to(device, torch.float64)
+        M = lam * torch.eye(d, dtype=torch.float64, device=device) + erase_scale * erase.matrix.to(device)
+        if keep is not None:
+            M = M + preserve_scale * keep
+        chol, info = torch.linalg.cholesky_ex(M)
+        if int(info) != 0 or not torch.isfinite(chol).all():
+            raise FloatingPointError("the closed-form system is not positive definite; raise lam")
+        # X M^-1 = (M^-1 X^T)^T, M symmetric
+        return cls(chol, keys, torch.cholesky_solve(keys.T, chol).T, keep, erase_scale, preserve_scale)
+
+    def solve(self, W0: torch.Tensor, erase_values: torch.Tensor,
+              preserve_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The edited ``W0`` (at least float32; a half-precision model gets it rounded once, when the
+        edit is applied); ``preserve_weight`` (default ``W0``) gives the preserved keys' outputs."""
+        W0d = W0.detach().to(self.keys.device, torch.float64)
+        values = erase_values.reshape(-1, W0d.shape[0]).to(W0d.device, torch.float64)
+        change = self.erase_scale * (values - self.keys @ W0d.T).T @ self.keys_solved
+        if preserve_weight is not None and self.keep is not None and preserve_weight is not W0:
+            if self._kept_solved is None:
+                self._kept_solved = torch.cholesky_solve(self.keep, self.chol).T
+            Wp = preserve_weight.detach().to(W0d.device, torch.float64)
+            change += self.preserve_scale * (Wp - W0d) @ self._kept_solved
+        return (W0d + change).to(torch.promote_types(W0.dtype, torch.float32))
+
+
 def solve(W0: torch.Tensor, erase: Gram, erase_values: torch.Tensor, erase_keys: torch.Tensor,
           preserve: Gram | None = None, preserve_weight: torch.Tensor | None = None,
           lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0) -> torch.Tensor:
-    """The closed-form edit of ``W0``; ``preserve_weight`` (default ``W0``) gives the kept outputs.
-
-    Computed in float64 on ``W0``'s device (every input is moved there); returned in ``W0``'s dtype.
-    """
-    W0d = W0.detach().double()
-    device, d = W0d.device, W0d.shape[1]
-    keys = erase_keys.reshape(-1, d).to(device, torch.float64)
-    values = erase_values.reshape(-1, W0d.shape[0]).to(device, torch.float64)
-    preserve = preserve or Gram.empty(d, device)
-    Wp = W0d if preserve_weight is None else preserve_weight.detach().to(device, torch.float64)
-    keep = preserve.matrix.to(device)
-    rhs = lam * W0d + erase_scale * values.T @ keys + preserve_scale * Wp @ keep
-    lhs = (lam * torch.eye(d, dtype=torch.float64, device=device) + erase_scale * erase.matrix.to(device)
-           + preserve_scale * keep)
-    chol, info = torch.linalg.cholesky_ex(lhs)
-    if int(info) != 0:
-        raise FloatingPointError("the closed-form system is not positive definite; raise lam")
-    # W lhs = rhs  <=>  lhs W^T = rhs^T (lhs is symmetric)
-    return torch.cholesky_solve(rhs.T, chol).T.to(W0.dtype)
+    """The closed-form edit of one matrix ``W0`` (a :class:`System` of its own; build one
+    :class:`System` to edit many matrices with the same keys). Float64 on ``W0``'s device."""
+    system = System.build(erase, erase_keys, preserve, lam, erase_scale, preserve_scale, W0.device)
+    return system.solve(W0, erase_values, preserve_weight)

@@ -16,7 +16,7 @@ import torch
 from ..anatomy import Selector, as_list, parts as all_parts, select
 from ..edits import Edit, Timer
 from ..embed import check_prompt, encode, last_word
-from .solver import Gram, solve
+from .solver import Gram, System
 
 XATTN = "unet.*.xattn.*"
 
@@ -54,25 +54,29 @@ def aligned_rows(prompts: torch.Tensor, at: Sequence[int], guides: torch.Tensor,
 def edit_weights(pipe, names: list[str], keys: torch.Tensor, guide_keys: torch.Tensor,
                  keep: Gram | None, lam: float, erase_scale: float, preserve_scale: float):
     """(base, new) weights of the named parts after mapping ``keys`` to the guide's values."""
-    erase_gram = Gram.of(keys)
     modules = all_parts(pipe)
+    device = modules[names[0]].weight.device
+    system = System.build(Gram.of(keys), keys, keep, lam, erase_scale, preserve_scale, device)
+    guides = guide_keys.reshape(-1, keys.shape[-1]).to(device, torch.float64)
     base, new = {}, {}
     for name in names:
         W0 = modules[name].weight.detach()
-        target = guide_keys.reshape(-1, W0.shape[1]).to(W0.device, torch.float64) @ W0.double().T
         base[f"{name}.weight"] = W0
-        new[f"{name}.weight"] = solve(W0, erase_gram, target, keys, keep, lam=lam,
-                                      erase_scale=erase_scale, preserve_scale=preserve_scale)
+        new[f"{name}.weight"] = system.solve(W0, guides @ W0.double().T)
     return base, new
 
 
 def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", preserve: Sequence[str] = (),
         parts: Selector = XATTN, lam: float = 0.5, erase_scale: float = 1.0,
-        preserve_scale: float = 1.0) -> Edit:
+        preserve_scale: float = 1.0, preserve_empty: bool = False) -> Edit:
     """Erase ``erase`` (concept prompts) by mapping their keys/values to those of ``guide``.
 
     Each prompt is erased through the rows that carry its concept (:func:`aligned_rows`); ``preserve``
-    prompts keep their outputs on every row. The pipeline is not changed: apply the returned edit.
+    prompts keep their outputs on every row. ``preserve_empty`` adds the empty prompt (the unconditional
+    branch of classifier-free guidance) to them: False as in the UCE authors' current script
+    (``uce_sd_erase.py`` preserves only the given prompts; their earlier ``train_erase.py`` preserved ""
+    only when no preserve list was given; RECE's copy of UCE always does, see ``rece(preserve_empty=...)``).
+    The pipeline is not changed: apply the returned edit.
     """
     erase, preserve = as_list(erase), as_list(preserve)
     guides = as_list(guide) * (len(erase) if isinstance(guide, str) else 1)
@@ -82,13 +86,14 @@ def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", prese
         check_prompt(pipe, text)
     names = cross_attention_parts(pipe, parts, "UCE")
     with Timer() as timer:
-        emb = encode(pipe, erase + guides + preserve)
+        kept = ([""] if preserve_empty else []) + preserve
+        emb = encode(pipe, erase + guides + kept)
         at = last_word(pipe, erase + guides)
         keys, guide_keys = aligned_rows(emb[:len(erase)], at[:len(erase)], emb[len(erase):2 * len(erase)],
                                         at[len(erase):])
-        keep = Gram.of(emb[2 * len(erase):]) if preserve else None
+        keep = Gram.of(emb[2 * len(erase):]) if kept else None
         base, new = edit_weights(pipe, names, keys, guide_keys, keep, lam, erase_scale, preserve_scale)
     params = dict(erase=erase, guide=guides, preserve=preserve, parts=names, lam=lam,
-                  erase_scale=erase_scale, preserve_scale=preserve_scale)
+                  erase_scale=erase_scale, preserve_scale=preserve_scale, preserve_empty=preserve_empty)
     return Edit.between(base, new, method="uce", concept=", ".join(erase), params=params,
                         seconds=timer.seconds)
