@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import transformers
+from huggingface_hub import snapshot_download
 from PIL import Image
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 
 class Judge:
@@ -161,9 +166,6 @@ class ClipJudge(Judge):
         ``preprocessor_config.json``) or a hub id already in the local Hugging Face cache (default:
         ``openai/clip-vit-large-patch14``); never downloads. ``device`` and ``dtype`` (e.g.
         ``"cuda"``, ``torch.float16``) place the model."""
-        import transformers
-        from transformers import AutoTokenizer, CLIPModel
-
         folder = _clip_folder(source)
         dtype = _dtype(dtype)
         major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
@@ -264,8 +266,6 @@ def _clip_folder(source: str | os.PathLike) -> Path:
         if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
             raise ValueError(f"no folder {str(source)!r}, and it is not a hub id like {CLIP_L14!r}; "
                              f"give a CLIP model folder or a hub id in the local Hugging Face cache")
-        from huggingface_hub import snapshot_download
-
         try:
             path = Path(snapshot_download(str(source), local_files_only=True))
         except Exception as e:  # LocalEntryNotFoundError, HFValidationError, offline errors
@@ -304,11 +304,6 @@ def tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
     a CLIP tokenizer over printable ASCII with no merges. Same classes and files as a real CLIP
     checkpoint, so every code path of :class:`ClipJudge` runs without a download; it judges at random.
     """
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
-
-    import tempfile
-
     transformers_logging.disable_progress_bar()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

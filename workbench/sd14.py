@@ -28,6 +28,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+from .models import load
 
 CLIP_WHEEL = "clip-anytorch"
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -147,8 +152,6 @@ def clip_tokenizer_files(cache: str | os.PathLike | None = None) -> Path:
 def clip_tokenizer(cache: str | os.PathLike | None = None):
     """CLIP's tokenizer as SD 1.4 uses it (``transformers.CLIPTokenizer``, 77 tokens, padded with the
     end token)."""
-    from transformers import CLIPTokenizer
-
     folder = clip_tokenizer_files(cache)
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
@@ -163,8 +166,6 @@ def _check_components(components: Sequence[str]) -> tuple[str, ...]:
 def sd14_modules(components: Sequence[str] = COMPONENTS) -> dict[str, torch.nn.Module]:
     """Randomly initialised ``text``, ``unet`` and ``vae`` modules, float32, on torch's current
     device: SD 1.4-sized for ``components``, small stand-ins (``SMALL_*``) for the rest."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     full = _check_components(components)
     text = CLIPTextModel(CLIPTextConfig(**(SD14_TEXT if "text" in full else SMALL_TEXT)))
     unet = UNet2DConditionModel(**(SD14_UNET if "unet" in full else SMALL_UNET))
@@ -228,9 +229,6 @@ def build_sd14(folder: str | os.PathLike | None = None, seed: int = 0,
 def _quiet() -> Iterator[None]:
     """Progress bars off (as ``workbench.load`` leaves them), and no warning from diffusers' ``to(dtype)``
     about modules to keep in float32 when the model has none."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
     logger = diffusers_logging.get_logger("diffusers.models.modeling_utils")
@@ -245,6 +243,4 @@ def _quiet() -> Iterator[None]:
 def sd14_pipeline(dtype: torch.dtype = torch.float32,
                   device: str | torch.device | None = None) -> StableDiffusionPipeline:
     """The full SD 1.4-shaped pipeline (built on first use, see :func:`build_sd14`), in ``dtype``."""
-    from .models import load
-
     return load(build_sd14(), dtype=dtype, device=device)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import COLOURS, PLAIN, Scene
+from .world import COLOURS, OBJECTS, PAINTERS, PLAIN, Scene, sample_scene
 
 SIZE = 32
 _UP = 4
@@ -318,8 +318,6 @@ def write_fewshot_sets(folder: str | Path, n: int = 4, seed: int = FEWSHOT_SEED)
     """Write ``n`` renders of every object (plain style) and every painter (any object) as PNGs,
     one folder per concept (``apple/``, ``van-gogh/``, ...): the "real images" of few-shot unlearning.
     """
-    from .world import OBJECTS, PAINTERS, sample_scene
-
     written = []
     for concept in (*OBJECTS, *PAINTERS):
         sub = Path(folder) / concept.replace(" ", "-")
