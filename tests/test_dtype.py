@@ -78,7 +78,7 @@ def test_pipelines_the_workbench_cannot_edit_are_named_and_left_alone(tiny_sd_di
     unet = pipe.unet
     pipe.unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1,
                                      down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                                     cross_attention_dim=32, norm_num_groups=8)
+                                     mid_block_type="UNetMidBlock2D", cross_attention_dim=32, norm_num_groups=8)
     with pytest.raises(TypeError, match="no cross-attention layers"):
         check_supported(pipe)
     pipe.unet = unet
