@@ -296,6 +296,21 @@ def _clip_folder(source: str | os.PathLike) -> Path:
     return path
 
 
+def ascii_clip_tokenizer(max_length: int) -> CLIPTokenizer:
+    """A CLIP tokenizer over printable ASCII with no merges (one token per character), for the tiny
+    random-weight fixtures: CLIP's byte BPE maps printable ASCII to itself.
+
+    >>> ascii_clip_tokenizer(8)("ab").input_ids
+    [188, 64, 159, 189]
+    """
+    chars = [chr(i) for i in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=max_length)
+
+
 def tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny, randomly initialised ``CLIPModel`` with its tokenizer and image processor config to
     ``folder`` (the judge's fixture, as :func:`workbench.models.build_tiny_sd` is the pipelines').
@@ -307,17 +322,12 @@ def tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
     transformers_logging.disable_progress_bar()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = [chr(i) for i in range(33, 127)]  # printable ASCII maps to itself in CLIP's byte BPE
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)
+    tokenizer = ascii_clip_tokenizer(77)
     tokenizer.save_pretrained(folder)
-    special = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                   pad_token_id=vocab["<|endoftext|>"])
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.eos_token_id)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32, **special),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
