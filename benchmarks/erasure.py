@@ -149,7 +149,7 @@ def bad_input(pipe) -> None:
         "an SDXL-shaped pipeline folder": lambda: workbench.load(sdxl),
         "empty image folder": lambda: fewshot(pipe, "apple", images=tmp / "empty", progress=False),
         "non-image file and odd-sized image": lambda: fewshot(pipe, "apple", images=mixed, steps=1, progress=False),
-        "selector matching nothing": lambda: uce(pipe, "apple", parts="unet.*.xattn.q"),
+        "selector matching nothing": lambda: uce(pipe, "apple", parts="unet.*.xattn.z"),
         "edit file for another model": lambda: Edit.load(tmp / "other-model.safetensors").apply(pipe).__enter__(),
         "NaN in a result": lambda: uce(pipe, "apple", erase_scale=float("nan")),
     }

@@ -10,7 +10,7 @@ from workbench.methods.rece import derive_embedding
 from workbench.toy import TOY_CONCEPTS
 
 APPLES = TOY_CONCEPTS.image_folder("apple")
-XATTN = "unet.*.xattn.*"
+XATTN = "unet.*.xattn.[kv]"
 
 
 def _weights(toy, edit=None, names=None) -> dict[str, torch.Tensor]:

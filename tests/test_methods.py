@@ -42,7 +42,7 @@ def test_uce_matches_the_formula_on_the_toy_model(toy, prompt, word):
         0.5 * torch.eye(W0.shape[1], dtype=torch.float64) + Ce.T @ Ce + sp * Cp.T @ Cp)
     got = W0 + edit.deltas["unet.mid.0.xattn.k.weight"].double()
     assert float((got - expected).norm() / (expected - W0).norm()) < 1e-4  # float32 deltas
-    assert edit.method == "uce" and set(edit.parts) == {n for n in parts(toy) if n.startswith("unet.")}
+    assert edit.method == "uce" and set(edit.parts) == {n for n in parts(toy) if n.endswith((".xattn.k", ".xattn.v"))}
 
 
 def test_rece_epoch_matches_the_formula_on_the_toy_model(toy):
@@ -53,7 +53,7 @@ def test_rece_epoch_matches_the_formula_on_the_toy_model(toy):
     first = uce(toy, "apple", preserve=["a pear"], lam=0.5)
     emb = encode(toy, ["apple", "", "a pear"]).double()
     W0 = parts(toy)[name].weight.detach().double()
-    names = [n for n in parts(toy) if n.startswith("unet.")]
+    names = [n for n in parts(toy) if n.endswith((".xattn.k", ".xattn.v"))]
     W1 = {n: parts(toy)[n].weight.detach().double() + first.deltas[f"{n}.weight"].double() for n in names}
     Wb = {n: parts(toy)[n].weight.detach().double() for n in names}
     A = sum(W1[n].T @ W1[n] for n in names) + 0.01 * torch.eye(emb.shape[-1], dtype=torch.float64)

@@ -1,23 +1,38 @@
 """Stable, human-readable names for every editable part of a pipeline, selectable by glob.
 
 The same names on the toy model (BERT text encoder), the tiny SD-shaped pipeline and Stable Diffusion
-(CLIP text encoder):
+(CLIP text encoder). A part is one ``nn.Linear`` or ``nn.Conv2d`` (its weight and bias):
 
-=========================  ==============================================================
-``text.{i}.attn.{q,k,v,out}``  text-encoder layer i's self-attention projections
-``text.{i}.ffn.{in,out}``      text-encoder layer i's feed-forward (fc1 / fc2) layers
-``unet.{block}.xattn.{k,v}``   a UNet cross-attention layer's to_k / to_v
-=========================  ==============================================================
+=====================================  ==============================================================
+``text.{i}.attn.{q,k,v,out}``          text-encoder layer i's self-attention projections
+``text.{i}.ffn.{in,out}``              text-encoder layer i's feed-forward (fc1 / fc2) layers
+``unet.{block}.xattn.{q,k,v,out}``     a UNet cross-attention layer (attn2): to_q, to_k, to_v, to_out
+``unet.{block}.attn.{q,k,v,out}``      the self-attention (attn1) of the same transformer block
+``unet.{block}.ffn.{in,out}``          its feed-forward (ff.net.0.proj, the GEGLU input; ff.net.2)
+``unet.{block}.proj.{in,out}``         the transformer's proj_in / proj_out around its blocks
+``unet.{block}.res.{conv1,conv2}``     the ResNet block's two convolutions
+``unet.{block}.res.{time,skip}``       its timestep projection and its shortcut convolution
+``unet.{down,up}.{b}.sample.conv``     block b's down- or upsampling convolution
+``unet.in.conv``, ``unet.out.conv``    the UNet's first and last convolutions
+``unet.time.mlp.{in,out}``             the timestep embedding's two linear layers
+=====================================  ==============================================================
 
-``{block}`` is ``down.{b}.{a}``, ``mid.{a}`` or ``up.{b}.{a}`` (UNet block b, attention a). SD 1.4's
-16 cross-attention layers, from its UNet config (layers_per_block 2, three cross-attention down
-blocks, three cross-attention up blocks), are::
+``{block}`` is ``down.{b}.{i}``, ``mid.{i}`` or ``up.{b}.{i}``: UNet block b's i-th layer, which is its
+i-th ResNet followed by its i-th attention (the order data flows through a diffusers block; the mid
+block is ResNet 0, attention 0, ResNet 1, so ``mid.1`` holds only a ResNet). A transformer block
+after the first one of an attention (SDXL-style depth) adds ``.t{k}``: ``down.2.0.t1.attn.q``.
+SD 1.4's 16 cross-attention layers, from its UNet config (layers_per_block 2, three cross-attention
+down blocks, three cross-attention up blocks), are::
 
     down.0.0 down.0.1 down.1.0 down.1.1 down.2.0 down.2.1 mid.0
     up.1.0 up.1.1 up.1.2 up.2.0 up.2.1 up.2.2 up.3.0 up.3.1 up.3.2
 
+Normalisation layers are not parts (no method trains them). A Linear or Conv2d the scheme does not
+know (a class embedding, say) is ``unet.extra.<its diffusers path, dots as underscores>``.
+
 A selector is a glob or a list of globs; a glob also matches every part below the name it spells,
-so ``"text.3.ffn"`` selects ``text.3.ffn.in`` and ``text.3.ffn.out``.
+so ``"text.3.ffn"`` selects ``text.3.ffn.in`` and ``text.3.ffn.out``, ``"unet.mid.0"`` every part
+of that layer and ``"unet.*.xattn.[kv]"`` the matrices UCE and RECE edit.
 
 >>> import workbench
 >>> from workbench.anatomy import select
@@ -26,6 +41,8 @@ so ``"text.3.ffn"`` selects ``text.3.ffn.in`` and ``text.3.ffn.out``.
 ['text.5.ffn.in', 'text.5.ffn.out']
 >>> len(select(pipe, "unet.*.xattn.k"))
 7
+>>> select(pipe, "unet.mid.1")
+['unet.mid.1.res.conv1', 'unet.mid.1.res.time', 'unet.mid.1.res.conv2']
 """
 from __future__ import annotations
 
@@ -38,7 +55,7 @@ from torch import nn
 
 Selector = str | Iterable[str]
 #: parts() per pipeline, with the modules they were read from (recomputed when those are replaced).
-_PARTS: "weakref.WeakKeyDictionary[object, tuple[tuple[int, int], dict[str, nn.Linear]]]" = weakref.WeakKeyDictionary()
+_PARTS: "weakref.WeakKeyDictionary[object, tuple[tuple[int, int], dict[str, nn.Module]]]" = weakref.WeakKeyDictionary()
 
 
 def as_list(x: str | Iterable[str]) -> list[str]:
@@ -58,6 +75,23 @@ _TEXT_LAYERS: tuple[dict[str, str], ...] = (
 )
 _XATTN = re.compile(r"^(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$"
                     r"|^mid_block\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
+#: A diffusers UNet path: the block (down_blocks.b / mid_block / up_blocks.b) and what lies inside it.
+_UNET_PATH = re.compile(r"^(?:(down|up)_blocks\.(\d+)|(mid)_block)\.(.+)$")
+#: Inside a block: a ResNet, an attention's projections or transformer parts, or the resampler.
+_IN_BLOCK = (
+    (re.compile(r"^resnets\.(\d+)\.(conv1|time_emb_proj|conv2|conv_shortcut)$"), "res"),
+    (re.compile(r"^attentions\.(\d+)\.(proj_in)$"), "proj"),
+    (re.compile(r"^attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2|ff)\.(.+)$"), "transformer"),
+    (re.compile(r"^attentions\.(\d+)\.(proj_out)$"), "proj"),
+    (re.compile(r"^(downsamplers|upsamplers)\.0\.conv$"), "sample"),
+)
+_SHORT = {"conv1": "conv1", "time_emb_proj": "time", "conv2": "conv2", "conv_shortcut": "skip", "proj_in": "in",
+          "proj_out": "out", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "net.0.proj": "in",
+          "net.2": "out"}
+_TOP = {"time_embedding.linear_1": ("time", "mlp.in"), "time_embedding.linear_2": ("time", "mlp.out"),
+        "conv_in": ("in", "conv"), "conv_out": ("out", "conv")}
+#: A UNet part name: its layer, then its component (and matrix).
+_UNET_NAME = re.compile(r"^unet\.((?:down|up)\.\d+\.(?:\d+(?:\.t\d+)?|sample)|mid\.\d+(?:\.t\d+)?|in|out|time|extra)\.(.+)$")
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -79,9 +113,9 @@ def _text_layers(encoder: nn.Module) -> tuple[nn.ModuleList, dict[str, str]]:
     raise TypeError(f"unsupported text encoder {type(encoder).__name__}: the workbench knows CLIP and BERT")
 
 
-def parts(pipe) -> dict[str, nn.Linear]:
-    """Every editable part of ``pipe``: stable name -> its ``nn.Linear``, in network order (computed once
-    per pipeline and text encoder / UNet)."""
+def parts(pipe) -> dict[str, nn.Module]:
+    """Every editable part of ``pipe``: stable name -> its ``nn.Linear`` or ``nn.Conv2d``, text encoder
+    first, then the UNet in the order data flows (computed once per pipeline and text encoder / UNet)."""
     key = (id(pipe.text_encoder), id(pipe.unet))
     try:
         cached = _PARTS.get(pipe)
@@ -112,28 +146,59 @@ def check_supported(pipe) -> None:
                         f"nothing conditions on text there; {SUPPORTED}")
 
 
-def _find_parts(pipe) -> dict[str, nn.Linear]:
+def _find_parts(pipe) -> dict[str, nn.Module]:
     check_supported(pipe)
-    out: dict[str, nn.Linear] = {}
+    out: dict[str, nn.Module] = {}
     layers, inner = _text_layers(pipe.text_encoder)
     for i, layer in enumerate(layers):
         for short, path in inner.items():
             out[f"text.{i}.{short}"] = _get(layer, path)
-    found = []
-    for name, module in pipe.unet.named_modules():
-        m = _XATTN.match(name)
-        if not m:
-            continue
-        if m.group(1):
-            kind, idx = m.group(1), (int(m.group(2)), int(m.group(3)), int(m.group(4)))
-        else:
-            kind, idx = "mid", (int(m.group(5)), int(m.group(6)))
-        found.append(((("down", "mid", "up").index(kind), idx), kind, idx, module))
-    for _, kind, idx, module in sorted(found, key=lambda f: f[0]):  # down, mid, up: the order data flows
-        block = ".".join([kind, *map(str, idx[:-1])]) + (f".t{idx[-1]}" if idx[-1] else "")
-        out[f"unet.{block}.xattn.k"] = module.to_k
-        out[f"unet.{block}.xattn.v"] = module.to_v
+    found = [(_unet_name(path), module) for path, module in pipe.unet.named_modules()
+             if isinstance(module, (nn.Linear, nn.Conv2d))]
+    for (_, name), module in sorted(found, key=lambda f: f[0][0]):  # the order data flows through the UNet
+        if name in out:
+            raise TypeError(f"two modules of {type(pipe.unet).__name__} would both be named {name!r}; "
+                            f"{SUPPORTED}")
+        out[name] = module
     return out
+
+
+def _unet_name(path: str) -> tuple[tuple, str]:
+    """(sort key in network order, stable name) of the UNet module at diffusers ``path``."""
+    if path in _TOP:
+        layer, rest = _TOP[path]
+        return ((("time", "in", "", "", "", "out").index(layer),), f"unet.{layer}.{rest}")
+    m = _UNET_PATH.match(path)
+    if m:
+        kind = m.group(1) or m.group(3)
+        block = (int(m.group(2)),) if m.group(2) else ()
+        for order, (pattern, what) in enumerate(_IN_BLOCK):
+            hit = pattern.match(m.group(4))
+            if hit:
+                return _in_block(kind, block, order, what, hit.groups())
+    return ((9, path), "unet.extra." + path.replace(".", "_"))
+
+
+def _in_block(kind: str, block: tuple, order: int, what: str, groups: tuple) -> tuple[tuple, str]:
+    """Sort key and name of a part inside a down, mid or up block (``groups``: the path's matches)."""
+    where = (2 + ("down", "mid", "up").index(kind), *block)
+    prefix = ".".join(["unet", kind, *map(str, block)])
+    if what == "sample":
+        return ((*where, 10**6), f"{prefix}.sample.conv")
+    i = int(groups[0])
+    if what == "res":
+        return ((*where, i, 0, _SHORT_ORDER.index(groups[1])), f"{prefix}.{i}.res.{_SHORT[groups[1]]}")
+    if what == "proj":
+        return ((*where, i, 1 if groups[1] == "proj_in" else 10**6), f"{prefix}.{i}.proj.{_SHORT[groups[1]]}")
+    t, module, leaf = int(groups[1]), groups[2], groups[3]
+    component = {"attn1": "attn", "attn2": "xattn", "ff": "ffn"}[module]
+    name = f"{prefix}.{i}" + (f".t{t}" if t else "") + f".{component}.{_SHORT.get(leaf, leaf.replace('.', '_'))}"
+    leaves = ("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2")
+    rank = leaves.index(leaf) if leaf in leaves else len(leaves)
+    return ((*where, i, 2 + t, ("attn1", "attn2", "ff").index(module), rank), name)
+
+
+_SHORT_ORDER = ("conv1", "time_emb_proj", "conv2", "conv_shortcut")
 
 
 def n_text_layers(pipe) -> int:
@@ -159,19 +224,27 @@ def select(pipe, selector: Selector) -> list[str]:
         if not hits:
             raise KeyError(
                 f"{pattern!r} matches no part of this model. Parts are named like 'text.3.ffn', "
-                f"'text.*.attn', 'unet.*.xattn.k'; this model has: {', '.join(available)}"
+                f"'text.*.attn', 'unet.*.xattn.k', 'unet.*.ffn', 'unet.mid.0'; this model has: {', '.join(available)}"
             )
         chosen.update(hits)
     return [n for n in available if n in chosen]
 
 
 def layer_of(name: str) -> str:
-    """The layer a part belongs to: ``"text.3.ffn.in" -> "text.3"``, ``"unet.up.1.0.xattn.k" -> "unet.up.1.0"``."""
-    return name.split(".xattn")[0] if name.startswith("unet.") else ".".join(name.split(".")[:2])
+    """The layer a part belongs to: ``"text.3.ffn.in" -> "text.3"``, ``"unet.up.1.0.xattn.k" -> "unet.up.1.0"``,
+    ``"unet.down.0.sample.conv" -> "unet.down.0.sample"``, ``"unet.in.conv" -> "unet.in"``."""
+    if name.startswith("unet."):
+        m = _UNET_NAME.match(name)
+        return "unet." + m.group(1) if m else name.rsplit(".", 1)[0]
+    return ".".join(name.split(".")[:2])
 
 
 def component_of(name: str) -> str:
-    """``"attn"``, ``"ffn"``, ``"xattn.k"`` or ``"xattn.v"``."""
+    """What a part is within its layer: ``"attn"`` or ``"ffn"`` (text encoder and UNet alike),
+    ``"xattn.q"``, ``"xattn.k"``, ``"xattn.v"`` or ``"xattn.out"`` (each cross-attention matrix on its
+    own, as UCE and RECE edit them), ``"res"``, ``"proj"``, ``"conv"`` or ``"mlp"``."""
     if name.startswith("unet."):
-        return "xattn." + name.rsplit(".", 1)[1]
+        m = _UNET_NAME.match(name)
+        rest = m.group(2) if m else name.rsplit(".", 1)[1]
+        return rest if rest.startswith("xattn.") else rest.split(".")[0]
     return name.split(".")[2]

@@ -35,7 +35,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .anatomy import as_list, n_text_layers, parts
+from .anatomy import as_list, component_of, n_text_layers, parts
 from .edits import applied
 from .sampling import GUIDANCE, STEPS, seeded
 
@@ -147,7 +147,7 @@ def check_prompt(pipe, text: str) -> None:
 
 def spaces(pipe) -> list[str]:
     """Every space name ``embed`` accepts for ``pipe``."""
-    unet = [n for n in parts(pipe) if n.startswith("unet.")]
+    unet = [n for n in parts(pipe) if component_of(n) in ("xattn.k", "xattn.v")]
     return ["text", *(f"text.{i}" for i in range(n_text_layers(pipe))), *unet]
 
 

@@ -36,7 +36,7 @@ from .metrics import evaluate
 from .profile import profile_of
 
 #: Where each method's edits can go, and the components a layer sweep runs by default.
-_SCOPE = {"rece": ("unet.*.xattn.*", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.*", ("xattn.k", "xattn.v")),
+_SCOPE = {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
           "fewshot": ("text.*", ("ffn", "attn"))}
 #: The few-shot parameter subsets the paper compares; ``None`` is its default (:func:`default_parts`).
 SUBSETS: dict[str, str | None] = {"ffn": "text.*.ffn", "attn": "text.*.attn", "ffn + last attn": None,

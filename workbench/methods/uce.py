@@ -13,12 +13,12 @@ from typing import Sequence
 
 import torch
 
-from ..anatomy import Selector, as_list, parts as all_parts, select
+from ..anatomy import Selector, as_list, component_of, parts as all_parts, select
 from ..edits import Edit, Timer
 from ..embed import check_prompt, encode, last_word
 from .solver import Gram, System
 
-XATTN = "unet.*.xattn.*"
+XATTN = "unet.*.xattn.[kv]"
 
 
 def cross_attention_parts(pipe, selector: Selector, method: str) -> list[str]:
@@ -28,6 +28,12 @@ def cross_attention_parts(pipe, selector: Selector, method: str) -> list[str]:
     if bad:
         raise ValueError(f"{method} edits UNet cross-attention k/v projections (e.g. 'unet.*.xattn.k'); "
                          f"{', '.join(bad[:4])} are text-encoder parts: use the few-shot method for those")
+    other = [n for n in names if component_of(n) not in ("xattn.k", "xattn.v")]
+    if other:
+        raise ValueError(f"{method} edits UNet cross-attention k/v projections only; {', '.join(other[:4])}"
+                         + (f" (and {len(other) - 4} more)" if len(other) > 4 else "")
+                         + " are not: select them with 'unet.*.xattn.k', 'unet.*.xattn.v' or "
+                         "'unet.*.xattn.[kv]', or train other UNet parts with ESD ('esd')")
     return names
 
 
