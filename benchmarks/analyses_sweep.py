@@ -25,6 +25,7 @@ import torch
 
 import workbench
 from workbench import plots
+from workbench.profile import profile_of
 from workbench.sweep import aggregate, ffn_vs_attention, finding, layer_sweep
 from workbench.toy import TOY_FEWSHOT_LR
 from workbench.toy.oracle import Oracle
@@ -105,7 +106,7 @@ def subsets_part(pipe, oracle, concepts: list[str], seeds: list[int], per_other:
     print(markdown(pd.DataFrame(layer_dw).T.fillna(0.0).rename_axis("subset").reset_index(), "{:.3f}"))
     print(f"\nWall time {wall:.0f} s; peak RSS {peak_mb():.0f} MB.\n")
     print("### Finding\n")
-    print(finding(table), flush=True)
+    print(finding(table, profile_of(pipe).concept_set()), flush=True)
     plots.save(plots.subset_bars(table), OUT / "ffn_vs_attention.pdf")
     plots.save(plots.dw_per_layer(table), OUT / "ffn_vs_attention_dw.pdf")
 

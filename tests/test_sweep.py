@@ -94,20 +94,30 @@ def test_drift_on_hand_made_predictions():
 
 
 def _table(eff: dict[str, float], related_share: float = 0.3) -> pd.DataFrame:
-    """Three seeds of each subset and a layer sweep; ``related_share`` of the images that left the
-    concept went to related objects (chance: 3/15)."""
+    """Three seeds of each subset for apple and car, and a layer sweep; ``related_share`` of the images
+    that left the concept went to a related object, the rest to an object of the other concept's group."""
     rows = []
-    for seed in (0, 1, 2):
-        for subset, e in eff.items():
-            rows.append(dict(concept="apple", seed=seed, subset=subset, layer=None, layer_name="all",
-                             component=subset, cumulative=False, efficacy=e, preservation=0.9, dW=1.0 + seed,
-                             seconds=1.0, n_images=10, drift=e * related_share, drift_chance=e * 3 / 15,
-                             dW_by_layer={f"text.{i}": 0.1 * i for i in range(6)}))
+    relative, stranger = {"apple": "pear", "car": "truck"}, {"apple": "truck", "car": "pear"}
+
+    def labels(concept: str, e: float) -> list[str]:
+        moved = round(e * 10)
+        near = round(moved * related_share)
+        return [concept] * (10 - moved) + [relative[concept]] * near + [stranger[concept]] * (moved - near)
+
+    for concept in ("apple", "car"):
+        for seed in (0, 1, 2):
+            for subset, e in eff.items():
+                rows.append(dict(concept=concept, seed=seed, subset=subset, part=subset, layer=None, layer_name="all",
+                                 component=subset, cumulative=False, efficacy=round(e * 10) / 10, preservation=0.9,
+                                 dW=1.0 + seed, seconds=1.0, n_images=10, drift=e * related_share,
+                                 drift_chance=e * 3 / 15, labels=labels(concept, e),
+                                 dW_by_layer={f"text.{i}": 0.1 * i for i in range(6)}))
     for i in range(6):
         for comp in ("ffn", "attn"):
-            rows.append(dict(concept="apple", seed=0, subset="layer", layer=i, layer_name=f"text.{i}",
-                             component=comp, cumulative=False, efficacy=i / 6, preservation=1.0, dW=1.0,
-                             seconds=1.0, n_images=10, drift=i / 6 * related_share, drift_chance=i / 6 * 3 / 15,
+            rows.append(dict(concept="apple", seed=0, subset="layer", part=f"text.{i}.{comp}", layer=i,
+                             layer_name=f"text.{i}", component=comp, cumulative=False, efficacy=i / 6,
+                             preservation=1.0, dW=1.0, seconds=1.0, n_images=10, drift=i / 6 * related_share,
+                             drift_chance=i / 6 * 3 / 15, labels=labels("apple", i / 6),
                              dW_by_layer={f"text.{i}": 1.0}))
     table = pd.DataFrame(rows)
     table["layer"] = table["layer"].astype("Int64")
@@ -115,17 +125,27 @@ def _table(eff: dict[str, float], related_share: float = 0.3) -> pd.DataFrame:
 
 
 def test_finding_reads_the_table():
-    holds = finding(_table({"ffn": 0.9, "attn": 0.2, "ffn + last attn": 0.9, "all": 0.95}, related_share=0.6))
+    holds = finding(_table({"ffn": 0.9, "attn": 0.2, "ffn + last attn": 0.9, "all": 0.95}, related_share=0.6),
+                    TOY_CONCEPTS)
     assert "(a) Knowledge mainly in the FFNs: holds" in holds and "(b) Erased objects drift to related objects: holds" in holds
-    fails = finding(_table({"ffn": 0.3, "attn": 0.3, "ffn + last attn": 0.5, "all": 0.9}, related_share=0.1))
+    fails = finding(_table({"ffn": 0.3, "attn": 0.3, "ffn + last attn": 0.5, "all": 0.9}, related_share=0.1),
+                    TOY_CONCEPTS)
     assert "FFNs: does not hold" in fails and "related objects: does not hold" in fails
-    assert "0.60 below everything" in fails
+    assert "everything minus FFN only is +0.60" in fails
     with pytest.raises(ValueError, match="measure=True"):
         finding(pd.DataFrame({"subset": ["ffn"]}))
 
 
+def test_finding_says_not_significant_when_the_runs_cannot_decide():
+    table = _table({"ffn": 0.5, "attn": 0.3, "ffn + last attn": 0.5, "all": 0.6})
+    ffn = table["subset"] == "ffn"
+    table.loc[ffn, "efficacy"] = table.loc[ffn, "seed"].map({0: 0.1, 1: 0.9, 2: 0.5})  # mean 0.5, seeds disagree
+    unsure = finding(table, TOY_CONCEPTS)
+    assert "FFNs: not significant at n = 60 images per subset (6 concept x seed units)" in unsure
+
+
 def test_aggregate_mean_and_std():
-    agg = aggregate(_table({"ffn": 0.9, "attn": 0.2, "all": 0.95}), by="subset", values=["dW"])
+    agg = aggregate(_table({"ffn": 0.9, "attn": 0.2, "all": 0.95}).query("concept == 'apple'"), by="subset", values=["dW"])
     row = agg.set_index("subset").loc["ffn"]
     assert row["dW"] == pytest.approx(2.0) and row["dW_std"] == pytest.approx(1.0) and row["n"] == 3
     with pytest.raises(KeyError, match="no column"):

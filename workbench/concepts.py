@@ -146,6 +146,14 @@ class ConceptSet:
         return [forms[k % len(forms)].format(a=a(concept), c=concept, subject=self.subjects[k % len(self.subjects)])
                 for k in range(n)]
 
+    def held_out(self, concept: str, n: int) -> list[str]:
+        """``n`` probe prompts of ``concept`` that are not among the prompts it is erased in (fewer when the
+        probes have fewer distinct held-out wordings): where an erasure is judged, never where it was built."""
+        erased = set(self.prompts(concept))
+        forms = self.probes[self.kind(concept)]
+        out = [p for p in dict.fromkeys(self.probe(concept, n + len(forms) * len(self.subjects))) if p not in erased]
+        return out[:n]
+
     def preserve(self, concept: str) -> list[str]:
         """Every other concept in the templates of its kind (what an erasure of ``concept`` keeps)."""
         self.kind(concept)

@@ -29,11 +29,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from .concepts import KINDS, ConceptSet
 from .judges import Judge
 from .profile import profile_of
 from .sampling import generate
+from .stats import LEVEL, RESAMPLES, SEED
 
 
 def _concept_set(pipe, concept_set: ConceptSet | None) -> ConceptSet:
@@ -106,6 +108,59 @@ def drift(labels: Sequence[str], concept: str, concept_set: ConceptSet) -> dict[
             "drift_chance": moved * len(near) / (len(concept_set.labels("object")) - 1)}
 
 
+def drift_test(labels: pd.DataFrame, concept_set: ConceptSet, unit: Sequence[str] = ("concept", "seed"),
+               resamples: int = RESAMPLES, seed: int = SEED) -> pd.DataFrame:
+    """Do erased objects drift to related objects more than erased *unrelated* objects land there?
+
+    ``labels`` has one row per image of an erased concept (columns ``concept``, ``label`` and the
+    ``unit`` columns; styles are left out). For an object X, *moved* images are those not labelled X;
+    ``observed`` is the share of them labelled an object of X's group, ``null`` the share of the moved
+    images of *other groups'* concepts labelled one of X's group (the judge's own pull towards those
+    labels: smudges look like "airplane" to the toy oracle). One row per concept and a ``pooled`` row
+    (weighted by moved images); the interval and one-sided p-value of ``observed - null`` come from a
+    bootstrap over units (concept x seed cells), the null re-estimated in every resample.
+
+    >>> cs = ConceptSet.of(objects=["apple", "pear", "car", "truck"],
+    ...                    groups={"fruit": ["apple", "pear"], "vehicle": ["car", "truck"]})
+    >>> t = pd.DataFrame({"concept": ["apple"] * 4 + ["car"] * 4, "seed": [0, 0, 1, 1] * 2,
+    ...                   "label": ["pear", "pear", "pear", "car", "truck", "apple", "truck", "pear"]})
+    >>> drift_test(t, cs)[["concept", "moved", "observed", "null"]].values.tolist()
+    [['apple', 4, 0.75, 0.25], ['car', 4, 0.5, 0.0], ['pooled', 8, 0.625, 0.125]]
+    """
+    t = labels[[concept_set.kind(c) == "object" for c in labels["concept"]]]
+    t = t[t["label"] != t["concept"]]
+    concepts = list(dict.fromkeys(t["concept"]))
+    if not concepts:
+        raise ValueError("no image of an erased object moved to another label: nothing to test")
+    groups = t.groupby(list(unit), sort=False)
+    owners = [g["concept"].iloc[0] for _, g in groups]
+    moved = groups.size().to_numpy(dtype=float)
+    near = np.array([[g["label"].isin(concept_set.related(x)).sum() for x in concepts] for _, g in groups], float)
+    own = np.array([[o == x for x in concepts] for o in owners], float)
+    other = np.array([[concept_set.group(o) != concept_set.group(x) for x in concepts] for o in owners], float)
+    point = _drift_shares(np.ones((1, len(owners))), moved, near, own, other)
+    w = np.random.default_rng(seed).multinomial(len(owners), np.full(len(owners), 1 / len(owners)), resamples)
+    boot = _drift_shares(w.astype(float), moved, near, own, other)
+    diff = boot[0] - boot[1]
+    lo, hi = np.nanquantile(diff, [(1 - LEVEL) / 2, (1 + LEVEL) / 2], axis=0)
+    p = np.maximum(np.nanmean(diff <= 0, axis=0), 1 / resamples)
+    counts = [int((own[:, j] * moved).sum()) for j in range(len(concepts))] + [int(moved.sum())]
+    return pd.DataFrame(dict(concept=[*concepts, "pooled"], moved=counts, observed=point[0][0], null=point[1][0],
+                             difference=point[0][0] - point[1][0], lo=lo, hi=hi, p=p))
+
+
+def _drift_shares(w: np.ndarray, moved: np.ndarray, near: np.ndarray, own: np.ndarray,
+                  other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Observed and null drift shares ``[resamples, concepts + 1]`` (pooled last) for unit weights ``w``."""
+    mass = w @ (own * moved[:, None])
+    obs = (w @ (own * near)) / np.where(mass > 0, mass, np.nan)
+    base = w @ (other * moved[:, None])
+    null = (w @ (other * near)) / np.where(base > 0, base, np.nan)
+    total = mass.sum(1, keepdims=True)
+    pool = lambda x: np.nansum(x * mass, 1, keepdims=True) / np.where(total > 0, total, np.nan)  # noqa: E731
+    return np.hstack([obs, pool(obs)]), np.hstack([null, pool(null)])
+
+
 def evaluate(pipe, judge: Judge, concept: str, edit=None, others: Sequence[str] | None = None,
              per_prompt: int = 8, per_other: int = 4, seed: int = 1234, before: dict | None = None,
              concept_set: ConceptSet | None = None) -> dict:
@@ -120,7 +175,8 @@ def evaluate(pipe, judge: Judge, concept: str, edit=None, others: Sequence[str] 
     Returns ``accuracy`` (the judge's accuracy on the concept), ``efficacy`` (1 - accuracy),
     ``base_accuracy``, ``preservation`` (accuracy on the others as a share of the unedited model's;
     also ``_related`` and ``_unrelated``), ``drift`` and ``drift_chance`` (see :func:`drift`),
-    ``n_images`` and ``others`` (accuracy per other concept).
+    ``n_images``, ``labels`` (the judge's label for each image of the concept) and ``others`` (accuracy per
+    other concept).
     """
     cs = _concept_set(pipe, concept_set)
     others = cs.others(concept) if others is None else list(others)
@@ -164,5 +220,6 @@ def _scores(preds: list[tuple[str, str]], concept: str, others: list[str], befor
            if group else float("nan") for k, group in split.items()},
         **drift(own, concept, cs),
         "n_images": len(own),
+        "labels": own,
         "others": acc,
     }

@@ -32,8 +32,9 @@ from .edits import Edit
 from .judges import Judge
 from .methods import erase
 from .methods.fewshot import default_parts
-from .metrics import evaluate
+from .metrics import drift_test, evaluate
 from .profile import profile_of
+from .stats import cluster_rate, difference, enough
 
 #: Where each method's edits can go, and the components a layer sweep runs by default.
 _SCOPE = {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
@@ -154,17 +155,9 @@ def _run_table(pipe, runs: Sequence[_Run], method: str, measure: _Measurer, prog
     _check_method(method)
     if "parts" in method_kwargs:
         raise ValueError("the sweep chooses `parts` itself; give `components` and `layers` instead")
-    order = {layer: i for i, layer in enumerate(dict.fromkeys(layer_of(n) for n in part_names(pipe)))}
     rows = []
     for run in tqdm(runs, desc=f"{method} sweep", disable=not progress):
-        edit = erase(pipe, run.concept, method, list(run.selectors), progress=False, seed=run.seed,
-                     **method_kwargs)
-        row = dict(method=method, concept=run.concept, seed=run.seed, subset=run.subset,
-                   part=_compact(pipe, list(run.selectors)), layer=run.layer, layer_name=run.layer_name,
-                   component=run.component, cumulative=run.cumulative)
-        row |= measure(pipe, run.concept, edit)
-        row |= _sizes(edit.summary(pipe), order)
-        row |= dict(parts_edited=tuple(edit.parts), seconds=edit.seconds)
+        row = run_one(pipe, run, method, measure, method_kwargs)
         rows.append(row)
         if on_run is not None:
             on_run(f"{row['part']} (seed {run.seed})")
@@ -175,6 +168,20 @@ def _run_table(pipe, runs: Sequence[_Run], method: str, measure: _Measurer, prog
                                   for c, b in measure.baselines.items()},
                        base_seconds=measure.base_seconds)
     return table
+
+
+def run_one(pipe, run: _Run, method: str, measure: _Measurer, method_kwargs: dict) -> dict:
+    """Erase, measure and size one planned run: one sweep row (empty ``run.selectors``: the method's
+    default parts, named ``"default"``)."""
+    selectors = list(run.selectors) or None
+    edit = erase(pipe, run.concept, method, selectors, progress=False, seed=run.seed, **method_kwargs)
+    row = dict(method=method, concept=run.concept, seed=run.seed, subset=run.subset,
+               part=_compact(pipe, selectors) if selectors else "default", layer=run.layer,
+               layer_name=run.layer_name, component=run.component, cumulative=run.cumulative)
+    row |= measure(pipe, run.concept, edit)
+    order = {layer: i for i, layer in enumerate(dict.fromkeys(layer_of(n) for n in part_names(pipe)))}
+    row |= _sizes(edit.summary(pipe), order)
+    return row | dict(parts_edited=tuple(edit.parts), seconds=edit.seconds)
 
 
 def _sizes(summary: pd.DataFrame, order: dict[str, int]) -> dict:
@@ -210,56 +217,100 @@ def aggregate(table: pd.DataFrame, by: str | Sequence[str] = "subset",
     return out[[c for v in values for c in (v, f"{v}_std")] + ["n"]].reset_index()
 
 
-def finding(table: pd.DataFrame, about: float = 0.15, much_less: float = 0.25, alpha: float = 0.05) -> str:
-    """Whether the few-shot paper's two findings hold in ``table`` (from :func:`ffn_vs_attention`).
+def finding(table: pd.DataFrame, concept_set: ConceptSet | None = None, about: float = 0.15, much_less: float = 0.25,
+            alpha: float = 0.05) -> str:
+    """Whether the few-shot paper's two findings hold in ``table`` (from :func:`ffn_vs_attention`), with
+    intervals, and "not significant at n" or "too little data" where the runs cannot decide.
 
     (a) Knowledge sits mainly in the FFNs: FFN-only efficacy within ``about`` of everything's, and at
-    least ``much_less`` above attention-only's. (b) Erased objects drift to related objects: pooled
-    over every run of an object concept, images that no longer show the concept land on objects of its
-    group more often than chance (one-sided binomial test at ``alpha``).
+    least ``much_less`` above attention-only's (paired bootstrap over concept x seed). (b) Erased
+    objects drift to related objects: more often than erased objects of *other* groups land on those
+    objects (:func:`workbench.metrics.drift_test`; needs the ``concept_set`` the runs were measured on).
     """
-    for col in ("subset", "efficacy", "drift", "drift_chance", "n_images"):
+    for col in ("subset", "efficacy", "drift", "n_images"):
         if col not in table.columns:
             raise ValueError(f"finding needs measured runs (column {col!r} is missing): run "
                              "ffn_vs_attention(...) with measure=True")
-    return _finding_ffn(table, about, much_less) + "\n" + _finding_drift(table, alpha)
+    return _finding_ffn(table, about, much_less, alpha) + "\n" + _finding_drift(table, alpha, concept_set)
 
 
-def _finding_ffn(table: pd.DataFrame, about: float, much_less: float) -> str:
+def _finding_ffn(table: pd.DataFrame, about: float, much_less: float, alpha: float = 0.05) -> str:
     eff = table.groupby("subset")["efficacy"].mean()
     need = [s for s in ("ffn", "attn", "all") if s not in eff.index]
     if need:
         return f"(a) FFN versus attention: not measured (no runs of subset {', '.join(need)})."
+    runs = table[table["subset"].isin(["ffn", "attn", "all"])]
+    cells = {s: _cells(runs[runs["subset"] == s]) for s in ("ffn", "attn", "all")}
+    units = min(len(c) for c in cells.values())
     n_concepts, n_seeds = table["concept"].nunique(), table["seed"].nunique()
-    close = eff["ffn"] >= eff["all"] - about
-    above = eff["ffn"] >= eff["attn"] + much_less
-    verdict = "holds" if close and above else "does not hold"
-    why = [] if close and above else (
-        ([f"FFN only is {eff['all'] - eff['ffn']:.2f} below everything"] if not close else [])
-        + ([f"attention only is within {eff['ffn'] - eff['attn']:.2f} of FFN only"] if not above else []))
-    default = f", FFN + last attention {eff['ffn + last attn']:.2f}" if "ffn + last attn" in eff.index else ""
-    return (f"(a) Knowledge mainly in the FFNs: {verdict} on this model as measured"
-            + (f" ({'; '.join(why)})" if why else "")
-            + f". Mean efficacy over {n_concepts} concept(s) x {n_seeds} seed(s): FFN only {eff['ffn']:.2f}, "
-            f"attention only {eff['attn']:.2f}, everything {eff['all']:.2f}{default} (criterion: FFN only "
-            f"within {about:.2f} of everything and at least {much_less:.2f} above attention only).")
+    means = ", ".join(f"{name} {cells[s].attrs['rate']}" for s, name in
+                      (("ffn", "FFN only"), ("attn", "attention only"), ("all", "everything")))
+    head = f"(a) Knowledge mainly in the FFNs: "
+    tail = (f" Efficacy over {n_concepts} concept(s) x {n_seeds} seed(s) [95% interval]: {means} (criterion: FFN "
+            f"only within {about:.2f} of everything and at least {much_less:.2f} above attention only).")
+    short = enough(units, int(cells["ffn"]["count"].sum()))
+    if short:
+        return head + short + "." + tail
+    above = difference(*_paired(cells["ffn"], cells["attn"]), level=1 - alpha)
+    below = difference(*_paired(cells["all"], cells["ffn"]), level=1 - alpha)
+    if below.a - below.b <= about and above.a - above.b >= much_less and above.significant:
+        verdict = "holds on this model as measured"
+    elif below.lo > about or above.hi < much_less:
+        why = ([f"everything minus FFN only is {below.a - below.b:+.2f} [{below.lo:+.2f}, {below.hi:+.2f}]"]
+               if below.lo > about else []) + (
+              [f"FFN only minus attention only is {above.a - above.b:+.2f} [{above.lo:+.2f}, {above.hi:+.2f}]"]
+              if above.hi < much_less else [])
+        verdict = f"does not hold on this model as measured ({'; '.join(why)})"
+    else:
+        verdict = (f"not significant at n = {int(cells['ffn']['count'].sum())} images per subset "
+                   f"({units} concept x seed units)")
+    return head + verdict + "." + tail
 
 
-def _finding_drift(table: pd.DataFrame, alpha: float) -> str:
-    objects = table[table["drift"].notna()]  # drift is measured for object concepts only
-    if objects.empty:
-        return "(b) Erased objects drift to related objects: not measured (drift is defined for objects; no object concept)."
-    moved = int(round(float((objects["efficacy"] * objects["n_images"]).sum())))
-    near = int(round(float((objects["drift"] * objects["n_images"]).sum())))
-    if moved == 0:
-        return "(b) Erased objects drift to related objects: cannot be judged: no image stopped showing its object."
-    chance = float((objects["drift_chance"] * objects["n_images"]).sum()) / moved
-    p = _binomial_tail(near, moved, chance)
-    verdict = "holds" if p < alpha and near / moved > chance else "does not hold"
-    return (f"(b) Erased objects drift to related objects: {verdict} on this model as measured. Of {moved} "
-            f"images that no longer showed the erased object ({len(objects)} runs, {objects['concept'].nunique()} "
-            f"object(s)), {near} ({near / moved:.0%}) were classified as another object of its group; chance "
-            f"is {chance:.0%} (one-sided binomial p = {p:.2g}, threshold {alpha}).")
+def _cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """Erased images (``sum``) of all images (``count``) per concept x seed cell; ``attrs["rate"]``: the
+    pooled efficacy with its interval."""
+    erased = (runs["efficacy"] * runs["n_images"]).round().astype(int)
+    cells = runs.assign(erased=erased).groupby(["concept", "seed"]).agg(sum=("erased", "sum"), count=("n_images", "sum"))
+    cells.attrs["rate"] = cluster_rate(cells["sum"].to_numpy(), cells["count"].to_numpy())
+    return cells
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple:
+    both = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
+    return both["sum_a"], both["count_a"], both["sum_b"], both["count_b"]
+
+
+def _finding_drift(table: pd.DataFrame, alpha: float, concept_set: ConceptSet | None = None) -> str:
+    head = "(b) Erased objects drift to related objects: "
+    if "labels" not in table.columns or table["drift"].notna().sum() == 0:
+        return head + "not measured (drift needs measured runs of object concepts, with the judge's labels)."
+    cs = concept_set
+    if cs is None:
+        return head + "not measured (give the concept set the runs were measured on)."
+    objects = table[table["drift"].notna()]
+    rows = objects[["concept", "seed", "subset", "part", "labels"]].explode("labels").rename(columns={"labels": "label"})
+    groups = {cs.group(c) for c in objects["concept"].unique()}
+    if len(groups) < 2:
+        return head + (f"cannot be tested here: its null (where erased objects of other groups land) needs erased "
+                       f"objects from at least two groups; this table has only the {', '.join(groups)} group.")
+    test = drift_test(rows.dropna(subset=["label"]), cs, unit=("concept", "seed", "subset", "part"))
+    pooled = test.iloc[-1]
+    n = int(pooled["moved"])
+    short = enough(objects[["concept", "seed"]].drop_duplicates().shape[0], n)
+    if short:
+        return head + short + "."
+    if pooled["p"] < alpha and pooled["difference"] > 0:
+        verdict = "holds on this model as measured"
+    elif pooled["hi"] < 0:
+        verdict = "does not hold on this model as measured (they land on related objects less often than the null)"
+    else:
+        verdict = f"not significant at n = {n} moved images"
+    return (head + verdict + f". Of {n} images that no longer showed the erased object, {pooled['observed']:.0%} "
+            f"were called another object of its group; the null (images of erased objects of other groups "
+            f"called one of those objects) is {pooled['null']:.0%}; difference {pooled['difference']:+.0%} "
+            f"[{pooled['lo'] * 100:+.0f}, {pooled['hi'] * 100:+.0f}], one-sided bootstrap p = {pooled['p']:.2g} "
+            f"over concept x seed x run units.")
 
 
 def _binomial_tail(k: int, n: int, p: float) -> float:

@@ -203,7 +203,7 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
         gen = seeded(seed)  # every draw below comes from it: flips, latents, then the training batches
         latents = image_latents(pipe, flipped(imgs, gen) if flip else imgs, gen if latent == "sample" else None)
         masters, path = _masters(pipe, names)
-        frozen = _Frozen(pipe.unet, pipe.vae, pipe.text_encoder)
+        frozen = Frozen(pipe.unet, pipe.vae, pipe.text_encoder)
         adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         try:
             _train(pipe, concept, prompts, latents, masters, path, adam, batch, total, gen, progress)
@@ -217,7 +217,7 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
                         params=hyper, seed=seed, seconds=timer.seconds)
 
 
-class _Frozen:
+class Frozen:
     """Turn gradients off for modules (so no .grad is written into the pipeline); restore the flags."""
 
     def __init__(self, *modules) -> None:

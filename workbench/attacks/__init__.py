@@ -1,0 +1,151 @@
+"""Does the erased concept come back? Attacks on an erasure, judged on held-out prompts and seeds.
+
+An attack takes a pipeline and an :class:`~workbench.edits.Edit` (or a pipeline with the edit already
+applied), a concept, a judge, a budget and a seed, and crafts prompt embeddings that try to bring the
+concept back (:data:`ATTACKS`):
+
+=================  =====================================================================  ==============
+``derived``        RECE's closed form against the final edited cross-attention weights    (no budget)
+``inversion``      soft tokens learnt on the erased model from the concept's images       steps
+``unlearndiff``    a 5-token prefix optimised with the erased model's denoising loss      steps
+``concept_vector`` innocent prompts + eta x the concept's direction (Ring-A-Bell's idea)  eta values
+=================  =====================================================================  ==============
+
+The crafted embeddings stand for the concept's *held-out* probe wordings (never an erase prompt) and
+are judged on :data:`EVAL_SEEDS`, which no erasure or attack in the workbench draws from. The attack
+success rate is the share of those images in which the judge sees the concept.
+
+>>> import workbench
+>>> from workbench.methods import erase
+>>> from workbench.profile import profile_of
+>>> pipe = workbench.load("toy")
+>>> result = attack(pipe, erase(pipe, "apple", "uce"), "apple", profile_of(pipe).judge(), "derived",
+...                 eval_seeds=[7000])
+>>> result.table.columns.tolist()
+['attack', 'concept', 'seed', 'prompt', 'label', 'hit']
+>>> len(result.table), 0 <= result.rate.rate <= 1
+(3, True)
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from ..concepts import ConceptSet
+from ..edits import Edit, Timer
+from ..judges import Judge
+from ..profile import profile_of
+from ..sampling import generate, generate_from
+from ..stats import Rate, cluster_rate
+from .common import Crafted, eval_prompts
+from .concept_vector import concept_vector
+from .derived import derived
+from .inversion import inversion
+from .unlearndiff import unlearndiff
+
+#: Every attack by name, in the order tables list them.
+ATTACKS: dict[str, Callable[..., Crafted]] = {
+    "derived": derived, "inversion": inversion, "unlearndiff": unlearndiff, "concept_vector": concept_vector,
+}
+#: Evaluation seeds: no erasure (few-shot trains on seeds 0..), attack (0..) or metric (1234) uses them.
+EVAL_SEEDS = (7000, 7001, 7002, 7003)
+
+
+@dataclass
+class Attack:
+    """An attack's result: what it crafted, the images those make on the evaluation seeds, one row per
+    image in ``table`` (``attack, concept, seed, prompt, label, hit``), the success ``rate`` with its
+    interval (bootstrap over seeds), and the seconds crafting took."""
+
+    name: str
+    concept: str
+    crafted: Crafted
+    images: list[Image.Image]
+    table: pd.DataFrame
+    rate: Rate
+    seconds: float
+    budget: int | None = None
+    seed: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def _check(pipe, edit: Edit | None, concept: str, cs: ConceptSet, name: str, budget: int | None,
+           eval_seeds: Sequence[int], seed: int) -> None:
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget must be a positive whole number (steps, or eta values) or None for the "
+                         f"attack's default, not {budget!r}")
+    kind = cs.kind(concept)  # names the concept set's concepts when it is not one of them
+    if concept not in cs.labels(kind):
+        raise ValueError(f"the judge cannot label {concept!r}: its {kind} labels are {', '.join(cs.labels(kind))}")
+    if not eval_seeds:
+        raise ValueError("give at least one evaluation seed")
+    if seed in eval_seeds:
+        raise ValueError(f"the attack's seed {seed} is also an evaluation seed; evaluation seeds must be held out")
+    if edit is not None:
+        edit.check(pipe)
+
+
+def judged(pipe, judge: Judge, embeds: torch.Tensor | None, prompts: Sequence[str], concept: str,
+           cs: ConceptSet, eval_seeds: Sequence[int], name: str) -> tuple[list[Image.Image], pd.DataFrame]:
+    """Generate ``embeds`` (or, for None, the ``prompts`` themselves) on every evaluation seed and let the
+    judge choose among the labels of the concept's kind: the images and one row per image."""
+    images, rows = [], []
+    labels = cs.labels(cs.kind(concept))
+    for s in eval_seeds:
+        made = generate(pipe, list(prompts), s) if embeds is None else generate_from(pipe, embeds, s)
+        for prompt, label in zip(prompts, judge.choose(made, labels)):
+            rows.append(dict(attack=name, concept=concept, seed=s, prompt=prompt, label=label, hit=label == concept))
+        images += made
+    return images, pd.DataFrame(rows, columns=["attack", "concept", "seed", "prompt", "label", "hit"])
+
+
+def _rate(table: pd.DataFrame) -> Rate:
+    cells = table.groupby(["concept", "seed"])["hit"].agg(["sum", "count"])
+    return cluster_rate(cells["sum"].to_numpy(), cells["count"].to_numpy())
+
+
+def attack(pipe, edit: Edit | None, concept: str, judge: Judge, name: str = "derived", budget: int | None = None,
+           seed: int = 0, eval_seeds: Sequence[int] = EVAL_SEEDS, concept_set: ConceptSet | None = None,
+           **options) -> Attack:
+    """Run attack ``name`` on ``pipe`` with ``edit`` applied (``None``: the pipeline as it is) and judge it.
+
+    ``budget`` is the attack's effort (optimisation steps, or the number of eta values; ``None``: its
+    default); ``seed`` seeds its optimisation; ``options`` go to the attack function (e.g. ``tokens``,
+    ``project``). The pipeline is left exactly as it was.
+    """
+    cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
+    _check(pipe, edit, concept, cs, name, budget, eval_seeds, seed)
+    fn = ATTACKS[name]
+    unknown = [k for k in options if k not in inspect.signature(fn).parameters]
+    if unknown:
+        raise TypeError(f"{name} has no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(list(inspect.signature(fn).parameters)[6:])}")
+    with edit.apply(pipe) if edit is not None else nullcontext():
+        with Timer() as timer:
+            crafted = fn(pipe, concept, cs, judge, budget, seed, **options)
+        images, table = judged(pipe, judge, crafted.embeds, crafted.prompts, concept, cs, eval_seeds, name)
+    return Attack(name, concept, crafted, images, table, _rate(table), timer.seconds, budget, seed, crafted.info)
+
+
+def unattacked(pipe, edit: Edit | None, concept: str, judge: Judge, eval_seeds: Sequence[int] = EVAL_SEEDS,
+               concept_set: ConceptSet | None = None) -> pd.DataFrame:
+    """The same held-out prompts and seeds without an attack: rows ``attack="none"`` with the edit and
+    ``attack="unedited"`` without it (the ceiling an attack can hope to reach)."""
+    cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
+    prompts = eval_prompts(cs, concept)
+    _, before = judged(pipe, judge, None, prompts, concept, cs, eval_seeds, "unedited")
+    with edit.apply(pipe) if edit is not None else nullcontext():
+        _, after = judged(pipe, judge, None, prompts, concept, cs, eval_seeds, "none")
+    return pd.concat([before, after], ignore_index=True)
+
+
+__all__ = ["ATTACKS", "EVAL_SEEDS", "Attack", "Crafted", "attack", "judged", "unattacked",
+           "derived", "inversion", "unlearndiff", "concept_vector"]

@@ -1,0 +1,181 @@
+"""What every attack shares: what it returns, the prompts it is judged on, the concept's target images,
+the original weights under an applied edit, and soft tokens trained with the denoising loss.
+
+Soft tokens are vectors at the text encoder's *input* (its token-embedding table's output), placed at
+the positions of a placeholder word in a template; a hook on the embedding table puts them there, so the
+rest of the encoder, and any edit of it, runs as usual.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from ..anatomy import parts
+from ..concepts import ConceptSet, a
+from ..edits import Edit, applied
+from ..methods.fewshot import image_latents, load_images
+from ..sampling import generate
+
+#: The word that stands in for the concept where an attack needs a concept-free prompt.
+NEUTRAL = "thing"
+#: How many target images an attack optimises on when the concept set has no image folder.
+TARGET_IMAGES = 4
+#: The seed of the unedited model's target images (never an evaluation seed).
+TARGET_SEED = 31_337
+
+
+@dataclass
+class Crafted:
+    """What an attack made: prompt embeddings ``[m, tokens, width]`` (float32, CPU), one per attack prompt,
+    and what each stands for (``"a photo of <v>"``, or the readable prompt of a projected attack)."""
+
+    embeds: torch.Tensor
+    prompts: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def eval_prompts(concept_set: ConceptSet, concept: str, n: int = 4) -> list[str]:
+    """The prompts an attack is judged on: held-out probe wordings of the concept, never an erase prompt."""
+    return concept_set.held_out(concept, n)
+
+
+def fill(template: str, word: str) -> str:
+    """A concept template (``{a}``, ``{c}``, ``{subject}``) filled with ``word`` instead of the concept."""
+    return template.format(a=a(word), c=word, subject="a thing")
+
+
+def slot(prompt: str, concept: str) -> str:
+    """``prompt`` with the concept's words replaced by ``{}`` (a template for :class:`SoftTokens`).
+
+    >>> slot("a blue apple", "apple"), slot("a cat by van gogh", "van gogh")
+    ('a blue {}', 'a cat by {}')
+    """
+    out = re.sub(rf"\b{re.escape(concept)}\b", "{}", prompt.replace("{", "{{").replace("}", "}}"))
+    if "{}" not in out:
+        raise ValueError(f"{prompt!r} does not contain the concept {concept!r}")
+    return out
+
+
+def original_weights(pipe, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named parts' weights (float32) as they were before every edit now applied to ``pipe``."""
+    table = parts(pipe)
+    out = {n: table[n].weight.detach().float().clone() for n in names}
+    for edit in applied(pipe):
+        for n in names:
+            delta = edit.deltas.get(f"{n}.weight")
+            if delta is not None:
+                out[n] -= delta.to(out[n].device)
+    return out
+
+
+def target_images(pipe, concept_set: ConceptSet, concept: str, n: int = TARGET_IMAGES) -> list[Image.Image]:
+    """The concept's images an attack optimises on: the concept set's image folder when it has one,
+    otherwise ``n`` images the *unedited* model makes from the concept's erase prompts."""
+    folder = concept_set.image_folder(concept)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if folder is not None and folder.is_dir():
+        return load_images(folder, size)
+    prompts = (concept_set.prompts(concept) * n)[:n]
+    with unedited(pipe):
+        return generate(pipe, prompts, TARGET_SEED)
+
+
+def unedited(pipe):
+    """A context in which ``pipe`` is as it was before the edits now applied to it (to float32
+    rounding); they are exactly back afterwards."""
+    undo: dict[str, torch.Tensor] = {}
+    for edit in applied(pipe):
+        for key, delta in edit.deltas.items():
+            undo[key] = undo.get(key, 0) - delta
+    return Edit(undo, "undo", "").apply(pipe)
+
+
+def placeholder(pipe, templates: Sequence[str]) -> str:
+    """A one-token word that appears in none of ``templates``: the slot soft tokens go into."""
+    for word in ("x", "z", "q", "xx"):
+        ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) == 1 and not any(word in t.split() for t in templates):
+            return word
+    raise ValueError("no one-token placeholder word fits these templates")
+
+
+class SoftTokens:
+    """``k`` trainable input vectors (float32 masters) and the templates they are spliced into.
+
+    ``templates`` contain ``{}`` where the k tokens go (``"a photo of {}"``, ``"{} an apple"``).
+    :meth:`encode` runs the pipeline's text encoder on some of the templates with the vectors in place
+    and returns conditioning embeddings that carry gradients to the vectors only.
+    """
+
+    def __init__(self, pipe, templates: Sequence[str], init: torch.Tensor) -> None:
+        self.pipe, self.templates = pipe, list(templates)
+        word = placeholder(pipe, self.templates)
+        k = init.shape[0]
+        filled = [t.format(" ".join([word] * k)) for t in self.templates]
+        tok = pipe.tokenizer(filled, padding="max_length", truncation=True,
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+        self.ids, self.mask = tok.input_ids, tok.attention_mask
+        self.slots = self.ids == pipe.tokenizer(word, add_special_tokens=False).input_ids[0]
+        short = [t for t, s in zip(self.templates, self.slots.sum(1).tolist()) if s != k]
+        if short:
+            raise ValueError(f"the soft tokens do not fit in {short[0]!r} within {pipe.tokenizer.model_max_length} tokens")
+        self.vectors = init.detach().float().clone().requires_grad_(True)
+
+    def encode(self, rows: Sequence[int] | None = None, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """``[len(rows), tokens, width]`` conditioning embeddings of templates ``rows`` (default all),
+        with ``vectors`` (default the trained ones) in their slots."""
+        rows = list(range(len(self.templates))) if rows is None else list(rows)
+        vectors = self.vectors if vectors is None else vectors
+        encoder = self.pipe.text_encoder
+        table = encoder.get_input_embeddings()
+        slots = self.slots[rows].to(table.weight.device)
+
+        def splice(module, args, output):
+            out = output.clone()
+            out[slots] = vectors.to(out.device, out.dtype).repeat(len(rows), 1)
+            return out
+
+        masked = bool(getattr(encoder.config, "use_attention_mask", False))
+        handle = table.register_forward_hook(splice)
+        try:
+            ids = self.ids[rows].to(encoder.device)
+            return encoder(ids, attention_mask=self.mask[rows].to(encoder.device) if masked else None)[0]
+        finally:
+            handle.remove()
+
+
+def denoising_loss(pipe, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The ordinary diffusion loss of ``latents`` under conditioning ``cond`` (one row each), at random
+    training timesteps and noise drawn from ``gen``; the target is the noise (or the velocity, for a
+    v-prediction model)."""
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
+    clean = latents.to(device)
+    noisy = sched.add_noise(clean, noise, t)
+    pred = pipe.unet(noisy, t, cond.to(device, dtype)).sample
+    target = sched.get_velocity(clean, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+    return (pred.float() - target.float()).pow(2).mean()
+
+
+def concept_latents(pipe, concept_set: ConceptSet, concept: str) -> torch.Tensor:
+    """The VAE latents (posterior means) of the concept's target images."""
+    with torch.no_grad():
+        return image_latents(pipe, target_images(pipe, concept_set, concept))
+
+
+def batches(n_latents: int, n_templates: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+    """One training batch: which latents and which templates (drawn from ``gen``)."""
+    idx = torch.randint(n_latents, (batch,), generator=gen)
+    rows = torch.randint(n_templates, (batch,), generator=gen).tolist()
+    return idx, rows
+
+
+__all__ = ["Crafted", "NEUTRAL", "SoftTokens", "batches", "concept_latents", "denoising_loss", "eval_prompts",
+           "fill", "original_weights", "placeholder", "slot", "target_images", "unedited"]

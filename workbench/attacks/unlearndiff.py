@@ -1,0 +1,64 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024): a prefix of soft tokens that makes the erased model denoise
+the concept's images as if it had not forgotten them.
+
+``k`` prefix tokens are prepended to the concept's erase prompts and optimised with the *erased* model's
+own denoising loss on the concept's images (about 40 steps). With ``project=True`` the forward pass
+uses each vector's nearest real token (the gradient passes straight through to the soft vectors), so
+the result is a readable prompt: the prefix is those tokens, prepended to each held-out probe prompt.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..concepts import ConceptSet
+from ..judges import Judge
+from ..sampling import seeded
+from .common import Crafted, SoftTokens, concept_latents, eval_prompts
+from .inversion import train
+
+#: Optimisation steps, prefix length, learning rate and batch unless told otherwise.
+STEPS, TOKENS, LR, BATCH = 40, 5, 1e-2, 4
+
+
+class Vocabulary:
+    """The text encoder's real tokens (special tokens left out) and the nearest one to any vector."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        table = pipe.text_encoder.get_input_embeddings().weight.detach().float().cpu()
+        special = set(pipe.tokenizer.all_special_ids)
+        self.ids = torch.tensor([i for i in range(len(table)) if i not in special])
+        self.rows = table[self.ids]
+
+    def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The id of the nearest real token (Euclidean) to each of ``vectors``."""
+        return self.ids[torch.cdist(vectors.detach().float().cpu(), self.rows).argmin(1)]
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Each vector replaced by its nearest real token's embedding."""
+        return self.rows[torch.cdist(vectors.detach().float().cpu(), self.rows).argmin(1)].to(vectors.device)
+
+    def text(self, ids: torch.Tensor) -> str:
+        return self.pipe.tokenizer.decode(ids.tolist())
+
+
+def unlearndiff(pipe, concept: str, concept_set: ConceptSet, judge: Judge | None = None, budget: int | None = None,
+                seed: int = 0, tokens: int = TOKENS, lr: float = LR, batch: int = BATCH, project: bool = True) -> Crafted:
+    """Optimise a ``tokens``-token prefix for ``budget`` steps (default :data:`STEPS`) under the edits
+    applied to ``pipe``; the crafted embeddings are the prefix before each held-out probe prompt."""
+    steps = STEPS if budget is None else budget
+    vocab = Vocabulary(pipe)
+    start = vocab.rows[torch.randint(len(vocab.rows), (tokens,), generator=seeded(seed))]
+    soft = SoftTokens(pipe, ["{} " + p.replace("{", "{{").replace("}", "}}") for p in concept_set.prompts(concept)],
+                      start)
+    losses = train(pipe, soft, concept_latents(pipe, concept_set, concept), steps, lr, batch, seed,
+                   vocab.project if project else None)
+    vectors = vocab.project(soft.vectors) if project else soft.vectors
+    shown = eval_prompts(concept_set, concept)
+    probe = SoftTokens(pipe, ["{} " + p.replace("{", "{{").replace("}", "}}") for p in shown], vectors)
+    with torch.no_grad():
+        embeds = probe.encode().float().cpu()
+    prefix = vocab.text(vocab.nearest(vectors)) if project else "<p1..p%d>" % tokens
+    return Crafted(embeds, [f"{prefix} {p}" for p in shown],
+                   {"steps": steps, "tokens": tokens, "lr": lr, "projected": project, "prefix": prefix,
+                    "loss_first": losses[0], "loss_last": losses[-1]})

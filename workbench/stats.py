@@ -1,0 +1,167 @@
+"""Rates a paper can print: a share with its n and a 95% interval, and tests that say when n is too small.
+
+A *rate* counts images in which the judge saw something (``k`` of ``n``). Images of one concept and one
+seed are not independent draws, so intervals come from a bootstrap over *units* (by default a concept x
+seed cell: resample the cells with replacement, pool their images); with fewer than
+:data:`MIN_UNITS` units the bootstrap cannot see the spread between units and the interval is Wilson's
+over images, which assumes independent images (the rate says which one it used).
+
+>>> rate = cluster_rate([3, 0, 1, 2, 0, 1], [8, 8, 8, 8, 8, 8])
+>>> rate.k, rate.n, round(rate.rate, 3), rate.method
+(7, 48, 0.146, 'bootstrap over 6 units')
+>>> str(wilson(0, 20))
+'0% [0, 16] (n = 20)'
+>>> difference([5, 6, 7, 6, 5], [8] * 5, [1, 2, 1, 0, 1], [8] * 5).significant
+True
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+#: Fewest units for a bootstrap interval; below it the interval is Wilson's over images.
+MIN_UNITS = 5
+#: Bootstrap resamples, the confidence level and the resampling seed, written once.
+RESAMPLES, LEVEL, SEED = 2000, 0.95, 0
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` of ``n`` images, with the interval ``[lo, hi]`` at :data:`LEVEL` and how it was computed."""
+
+    k: int
+    n: int
+    lo: float
+    hi: float
+    method: str = "Wilson"
+
+    @property
+    def rate(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    def __str__(self) -> str:
+        if not self.n:
+            return "no images (n = 0)"
+        return f"{self.rate:.0%} [{self.lo * 100:.0f}, {self.hi * 100:.0f}] (n = {self.n})"
+
+    def row(self) -> dict:
+        """The columns a table shows: ``rate, lo, hi, k, n, interval``."""
+        return dict(rate=self.rate, lo=self.lo, hi=self.hi, k=self.k, n=self.n, interval=self.method)
+
+
+def wilson(k: int, n: int, level: float = LEVEL) -> Rate:
+    """Wilson's score interval for ``k`` successes in ``n`` independent trials."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k = {k}, n = {n}")
+    if n == 0:
+        return Rate(0, 0, 0.0, 1.0)
+    z = _z(level)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Rate(k, n, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _z(level: float) -> float:
+    """The two-sided normal quantile for ``level`` (1.96 for 0.95)."""
+    from statistics import NormalDist
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def _resample(hits: np.ndarray, totals: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Pooled rates of ``resamples`` bootstrap draws of the units."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(hits), size=(resamples, len(hits)))
+    return hits[pick].sum(1) / np.maximum(totals[pick].sum(1), 1)
+
+
+def cluster_rate(hits: Sequence[int], totals: Sequence[int], level: float = LEVEL,
+                 resamples: int = RESAMPLES, seed: int = SEED) -> Rate:
+    """The pooled rate of units (``hits[i]`` of ``totals[i]`` images in unit i) with a percentile
+    bootstrap interval over units; Wilson's over images when there are fewer than :data:`MIN_UNITS`."""
+    h, t = np.asarray(hits, dtype=np.int64), np.asarray(totals, dtype=np.int64)
+    if h.shape != t.shape or (h < 0).any() or (h > t).any():
+        raise ValueError("give one hit count and one total per unit, with 0 <= hits <= total")
+    k, n = int(h.sum()), int(t.sum())
+    if len(h) < MIN_UNITS or n == 0:
+        return wilson(k, n, level)
+    draws = _resample(h, t, resamples, seed)
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return Rate(k, n, float(lo), float(hi), f"bootstrap over {len(h)} units")
+
+
+def rates(table: pd.DataFrame, by: str | Sequence[str], hit: str = "hit",
+          units: Sequence[str] = ("concept", "seed")) -> pd.DataFrame:
+    """One row per group of ``by``: the share of rows with ``hit`` true, its interval (bootstrap over the
+    ``units`` cells of the group, see :func:`cluster_rate`), ``k``, ``n`` and ``units``.
+
+    >>> t = pd.DataFrame({"method": ["uce"] * 4, "concept": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1],
+    ...                   "hit": [True, False, False, False]})
+    >>> rates(t, "method")[["method", "rate", "k", "n", "units"]].values.tolist()
+    [['uce', 0.25, 1, 4, 4]]
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in [*by, hit, *units] if c not in table.columns]
+    if missing:
+        raise KeyError(f"the table has no column {', '.join(missing)}; it has {', '.join(table.columns)}")
+    rows = []
+    for key, group in table.groupby(by, sort=False, dropna=False):
+        cells = group.groupby(list(units), sort=False)[hit].agg(["sum", "count"])
+        rate = cluster_rate(cells["sum"].to_numpy(), cells["count"].to_numpy())
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), **rate.row(), "units": len(cells)})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Rate a minus rate b with its bootstrap interval, a one-sided p-value (a <= b) and the verdict."""
+
+    a: float
+    b: float
+    lo: float
+    hi: float
+    p: float
+    n: int
+    alpha: float = 1 - LEVEL
+
+    @property
+    def significant(self) -> bool:
+        return self.p < self.alpha
+
+    def __str__(self) -> str:
+        verdict = "significant" if self.significant else f"not significant at n = {self.n}"
+        return (f"{self.a:.0%} vs {self.b:.0%}: difference {self.a - self.b:+.0%} "
+                f"[{self.lo * 100:+.0f}, {self.hi * 100:+.0f}], one-sided p = {self.p:.2g} ({verdict})")
+
+
+def difference(hits_a: Sequence[int], totals_a: Sequence[int], hits_b: Sequence[int], totals_b: Sequence[int],
+               level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED, paired: bool = True) -> Difference:
+    """Is rate a above rate b? Units are resampled together when ``paired`` (unit i of a and of b are the
+    same concept x seed), independently otherwise. ``p`` is the share of resamples with a <= b (at
+    least 1 / resamples)."""
+    ha, ta, hb, tb = (np.asarray(x, dtype=np.int64) for x in (hits_a, totals_a, hits_b, totals_b))
+    if paired and len(ha) != len(hb):
+        raise ValueError(f"paired units need the same count on both sides ({len(ha)} vs {len(hb)})")
+    rng = np.random.default_rng(seed)
+    pick_a = rng.integers(0, len(ha), size=(resamples, len(ha)))
+    pick_b = pick_a if paired else rng.integers(0, len(hb), size=(resamples, len(hb)))
+    ra = ha[pick_a].sum(1) / np.maximum(ta[pick_a].sum(1), 1)
+    rb = hb[pick_b].sum(1) / np.maximum(tb[pick_b].sum(1), 1)
+    d = ra - rb
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    p = max(float((d <= 0).mean()), 1 / resamples)
+    return Difference(ha.sum() / max(ta.sum(), 1), hb.sum() / max(tb.sum(), 1), float(lo), float(hi), p,
+                      int(ta.sum() + tb.sum()), 1 - level)
+
+
+def enough(n_units: int, n_images: int, min_units: int = 2, min_images: int = 16) -> str | None:
+    """Why a verdict cannot be given on this much data (None when it can): fewer than ``min_units``
+    concept x seed units, or fewer than ``min_images`` images."""
+    if n_units < min_units or n_images < min_images:
+        return (f"too little data for a verdict ({n_units} concept x seed unit(s), {n_images} images; "
+                f"need at least {min_units} units and {min_images} images): add concepts, seeds or images")
+    return None
