@@ -6,6 +6,8 @@
     workbench erase --concept apple --method rece --out apple.safetensors
     workbench generate --edit apple.safetensors --prompt "an apple" --out erased.png
     workbench demo --concept apple        # before/after grid, JSON report and figure in out/demo/
+    workbench sweep data/grids/toy.yaml --out results/ [--cluster local:2 | tcp://host:8786] [--gpu]
+    workbench sweep-status results/       # runs done, failed and left
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from pathlib import Path
 
 from .concepts import a
 from .edits import Edit
+from .grid import run_grid
 from .methods import METHODS, erase
 from .models import load
 from .plots import image_grid, save
 from .report import before_after, erase_and_measure, showcase
 from .sampling import GUIDANCE, STEPS, generate
+from .store import load_results, status
 from .toy import TOY_CONCEPTS
 from .toy.world import OBJECTS
 
@@ -87,6 +91,30 @@ def _demo(args: argparse.Namespace) -> None:
           f"wrote {out}/ ({time.perf_counter() - t0:.0f} s)")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    table = run_grid(args.grid, args.out, cluster=args.cluster, resources={"GPU": 1} if args.gpu else None)
+    print(f"{args.grid}: {len(table)} runs, {table.attrs['ran']} run now, {table.attrs['skipped']} already in "
+          f"{args.out}, {table.attrs['failed']} failed ({time.perf_counter() - t0:.0f} s); "
+          f"read them with workbench.store.load_results({str(args.out)!r})")
+    _print_failures(table)
+
+
+def _sweep_status(args: argparse.Namespace) -> None:
+    counts = status(args.out)
+    print(f"{args.out}: {counts['runs']} runs: {counts['done']} done, {counts['failed']} failed, "
+          f"{counts['left']} left")
+    _print_failures(load_results(args.out))
+
+
+def _print_failures(table, shown: int = 5) -> None:
+    failed = table[table["error"].notna()]
+    for row in failed.head(shown).itertuples():
+        print(f"  failed: {row.method} {row.concept!r} {row.part} (seed {row.seed}): {row.error}")
+    if len(failed) > shown:
+        print(f"  ... and {len(failed) - shown} more")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="workbench", description="Concept-erasure workbench.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +144,17 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", type=Path, default=Path("out/demo"))
     d.set_defaults(run=_demo)
+    sw = sub.add_parser("sweep", help="run an experiment grid (YAML) into a resumable results folder")
+    sw.add_argument("grid", type=Path, help="a grid file, e.g. data/grids/toy.yaml")
+    sw.add_argument("--out", type=Path, required=True, help="the results folder (finished runs are skipped)")
+    sw.add_argument("--cluster", help="local:N (N Dask worker processes here) or a scheduler address, "
+                                     "tcp://host:8786; default: this process")
+    sw.add_argument("--gpu", action="store_true", help="each run holds one GPU (workers started with "
+                                                      "--resources GPU=1)")
+    sw.set_defaults(run=_sweep)
+    st = sub.add_parser("sweep-status", help="how many runs of a results folder are done, failed and left")
+    st.add_argument("out", type=Path, help="the results folder")
+    st.set_defaults(run=_sweep_status)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from .anatomy import select
 from .embed import POOLS, spaces
+from .grid import connect, run_grid, sweep_grid
 from .judges import Judge
 from .methods import METHODS, defaults, erase
 from .plots import method_comparison, subset_bars, sweep_heatmap
@@ -283,7 +284,12 @@ class ComparePanel(Panel):
 
 
 class SweepPanel(Panel):
-    """Erase one concept through one layer's component at a time (or layers 0..i): heatmap and table."""
+    """Erase one concept through one layer's component at a time (or layers 0..i): heatmap and table.
+
+    With a ``cluster`` (``local:2``, ``tcp://host:8786``) the same runs go to Dask workers as a grid
+    (:mod:`workbench.grid`), each measured by the model's own judge, into a resumable results folder;
+    the status line links Dask's dashboard.
+    """
 
     title = "Erase layer by layer"
 
@@ -296,6 +302,9 @@ class SweepPanel(Panel):
                                 value="efficacy", description="colour"),
             "seeds": w.IntSlider(value=1, min=1, max=5, description="seeds"),
             "per_prompt": w.IntSlider(value=8, min=1, max=16, description="images/run"),
+            "cluster": w.Text(value="", placeholder="this process; or local:2, tcp://host:8786",
+                              description="Dask cluster", continuous_update=False),
+            "results": w.Text(value="out/sweeps", description="results folder", continuous_update=False),
         }
 
     def stages(self, values: dict[str, Any]) -> int:
@@ -303,26 +312,50 @@ class SweepPanel(Panel):
         return values["seeds"] * per_layer * len(layers(self.pipe, values["method"]))
 
     def compute(self, step: Callable[[str], None], concept: str, method: str, cumulative: bool, value: str,
-                seeds: int, per_prompt: int) -> Any:
+                seeds: int, per_prompt: int, cluster: str, results: str) -> Any:
         measure = self.judge is not None
+        settings = dict(per_prompt=per_prompt, per_other=max(1, per_prompt // 2))
+        value = value if measure or value in ("dW_relative", "seconds") else "dW_relative"
+        if cluster.strip():
+            return self._on_cluster(step, cluster.strip(), results.strip() or "out/sweeps", value,
+                                    sweep_grid(self.pipe, concept, method, cumulative, range(seeds),
+                                               settings if measure else False))
         table = layer_sweep(self.pipe, concept, method, cumulative=cumulative, seeds=range(seeds),
-                            judge=self.judge, measure=measure, per_prompt=per_prompt,
-                            per_other=max(1, per_prompt // 2), progress=False, on_run=step)
-        return {"table": table, "value": value if measure or value in ("dW_relative", "seconds") else "dW_relative"}
+                            judge=self.judge, measure=measure, progress=False, on_run=step, **settings)
+        return {"table": table, "value": value, "dashboard": None}
+
+    def _on_cluster(self, step: Callable[[str], None], cluster: str, folder: str, value: str,
+                    grid: dict[str, Any]) -> dict[str, Any]:
+        client, close = connect(cluster)
+        try:
+            link = client.dashboard_link
+            board = f" &middot; <a href='{link}' target='_blank'>Dask dashboard</a>"
+            self.status.value = f"planning on {cluster}{board}"
+            table = run_grid(grid, folder, cluster=client, progress=False, on_run=lambda run: step(run + board),
+                             log=lambda _: None)
+        finally:
+            close()
+        failed = table[table["error"].notna()]
+        if len(failed):
+            raise RuntimeError(f"{len(failed)} of {len(table)} runs failed (rows in {folder}); the first: "
+                               f"{failed['error'].iloc[0]}")
+        return {"table": table, "value": value, "dashboard": link}
 
     def summary(self, result: dict[str, Any]) -> str:
-        table = result["table"]
+        table, link = result["table"], result.get("dashboard")
+        where = f" on Dask (<a href='{link}' target='_blank'>dashboard</a>)" if link else ""
         if "efficacy" not in table:
-            return f"{len(table)} runs (no judge: sizes of the edits only)"
+            return f"{len(table)} runs{where} (no judge: sizes of the edits only)"
         best = table.loc[table["efficacy"].idxmax()]
-        return (f"{len(table)} runs; strongest single erasure: {best['part']} "
+        return (f"{len(table)} runs{where}; strongest single erasure: {best['part']} "
                 f"(efficacy {best['efficacy']:.0%}: accuracy on the concept {best['accuracy']:.0%})")
 
     def show(self, result: dict[str, Any]) -> list[Any]:
         table = result["table"]
         cols = [c for c in ("part", "component", "layer", "seed", "efficacy", "preservation", "drift", "dW",
                             "dW_relative", "seconds") if c in table]
-        return [sweep_heatmap(table, result["value"]), table[cols].round(3)]
+        link = [Markdown(f"Dask dashboard: [{result['dashboard']}]({result['dashboard']})")] if result.get("dashboard") else []
+        return [*link, sweep_heatmap(table, result["value"]), table[cols].round(3)]
 
 
 class LandingPanel(Panel):
