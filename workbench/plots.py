@@ -90,7 +90,8 @@ def accuracy_bars(before: dict[str, float], after: dict[str, float], title: str 
 
 _LABELS = {"efficacy": "efficacy", "preservation": "preservation", "drift": "drift to related",
            "dW": "||ΔW||", "dW_relative": "||ΔW|| / ||W||", "seconds": "edit seconds", "accuracy": "accuracy"}
-_SHARES = ("efficacy", "preservation", "preservation_related", "preservation_unrelated", "drift", "accuracy")
+_SHARES = ("efficacy", "preservation", "preservation_related", "preservation_unrelated", "drift", "accuracy",
+           "attack_success")
 
 
 def _short(layer: str) -> str:
@@ -331,4 +332,119 @@ def method_comparison(table) -> Figure:
             ax.spines[["top", "right"]].set_visible(False)
         axes[0].set_ylabel("share of images")
         axes[0].legend(frameon=False, ncols=len(methods), loc="lower left", bbox_to_anchor=(0, 1.08))
+    return fig
+
+
+@_detached
+def attack_rates(summary) -> Figure:
+    """Attack success rate per method, one bar per attack (the unedited model and the un-attacked edit
+    first), with 95% intervals; ``summary`` is :func:`workbench.attacks.table.summary`'s."""
+    methods = list(dict.fromkeys(summary["method"]))
+    attacks = list(dict.fromkeys(summary["attack"]))
+    x = np.arange(len(methods))
+    width = 0.8 / len(attacks)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(3.3, 0.9 * len(methods) + 1.6), 2.0))
+        for i, name in enumerate(attacks):
+            rows = summary[summary["attack"] == name].set_index("method").reindex(methods)
+            rate = rows["rate"].to_numpy(float)
+            err = np.vstack([rate - rows["lo"].to_numpy(float), rows["hi"].to_numpy(float) - rate])
+            colour = {"unedited": "#BBBBBB", "none": "#666666"}.get(name, PALETTE[i % len(PALETTE)])
+            ax.bar(x + (i - (len(attacks) - 1) / 2) * width, rate, width, yerr=err, label=name, color=colour,
+                   error_kw=dict(lw=0.6, capsize=1.2))
+        ax.set_xticks(x, methods)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("attack success rate")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(frameon=False, ncols=3, loc="lower left", bbox_to_anchor=(0, 1.02), fontsize=6)
+    return fig
+
+
+def _heat(ax, grid: np.ndarray, vmin: float, vmax: float, cmap: str = "viridis", fmt: str = "{:.2f}"):
+    """A labelled heatmap cell grid on ``ax`` (NaN cells blank); returns the image."""
+    im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+    for (r, c), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            dark = (v - vmin) / ((vmax - vmin) or 1) < 0.6
+            ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=5.5, color="white" if dark else "black")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return im
+
+
+@_detached
+def trace_sites(traces: Sequence, labels: Sequence[str] = (), value: str = "probability") -> Figure:
+    """Causal traces (:func:`workbench.tracing.trace`) as one heatmap row per trace: the judge's
+    probability of the concept with each text-encoder layer (restored at the concept's tokens) or UNet
+    block restored; the clean and corrupted runs' probabilities in the row label. ``value`` can also be
+    ``"effect"`` (restored minus corrupted)."""
+    if not traces:
+        raise ValueError("give at least one trace (workbench.tracing.trace)")
+    sites = list(dict.fromkeys(s for t in traces for s in t.layers()["site"]))
+    grid = np.array([[t.layers().set_index("site")[value].get(s, np.nan) for s in sites] for t in traces], float)
+    names = [f"{lab or t.concept}\nclean {t.clean:.2f}, corrupted {t.corrupted:.2f}"
+             for t, lab in zip(traces, list(labels) + [""] * len(traces))]
+    lo = 0.0 if value == "probability" else min(-0.05, float(np.nanmin(grid)))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(3.3, 0.36 * len(sites) + 1.6), 0.36 * len(traces) + 0.9))
+        im = _heat(ax, grid, lo, 1.0, cmap="viridis" if value == "probability" else "magma")
+        ax.set_xticks(range(len(sites)), [_short(s) for s in sites], rotation=60, ha="right")
+        ax.set_yticks(range(len(traces)), names)
+        split = sum(s.startswith("text.") for s in sites) - 0.5
+        if 0 < split < len(sites) - 1:
+            ax.axvline(split, color="white", lw=2)
+        ax.set_xlabel("restored site: text-encoder layer | UNet block")
+        fig.colorbar(im, ax=ax, pad=0.02, fraction=0.04).set_label(
+            "P(concept) restored" if value == "probability" else "causal effect")
+    return fig
+
+
+@_detached
+def trace_tokens(trace, title: str = "") -> Figure:
+    """A causal trace's text-encoder heatmap: the causal effect of restoring one layer at one token."""
+    grid = trace.token_grid()
+    values = grid.to_numpy(float)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(2.4, 0.42 * grid.shape[1] + 1.0), 0.26 * len(grid) + 0.9))
+        im = _heat(ax, values, min(-0.05, float(np.nanmin(values))), max(0.05, float(np.nanmax(values))), cmap="magma")
+        ax.set_xticks(range(grid.shape[1]), [c.split(":", 1)[1] for c in grid.columns], rotation=45, ha="right")
+        ax.set_yticks(range(len(grid)), grid.index)
+        ax.set_title(title or f"{trace.prompt!r}: clean {trace.clean:.2f}, corrupted {trace.corrupted:.2f}", loc="left")
+        fig.colorbar(im, ax=ax, pad=0.02, fraction=0.05).set_label("causal effect")
+    return fig
+
+
+@_detached
+def attention_grid(maps: Sequence, labels: Sequence[str] = (), cell: float = 0.62) -> Figure:
+    """Cross-attention maps (:func:`workbench.attnmaps.attention_maps`), one row each (e.g. before and
+    after an erasure): the image, the summed map over it, then every layer's map. Each column shares
+    one colour scale across rows, so rows compare."""
+    if not maps:
+        raise ValueError("give at least one AttentionMaps (workbench.attnmaps.attention_maps)")
+    layers = list(maps[0].layers)
+    columns = ["image", "sum", *layers]
+    top = {c: max(float(m.total.max() if c == "sum" else m.layers[c].max()) for m in maps) for c in columns[1:]}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(maps), len(columns), figsize=(len(columns) * cell + 1.1, len(maps) * cell + 0.45),
+                                 squeeze=False)
+        for r, m in enumerate(maps):
+            for c, name in enumerate(columns):
+                ax = axes[r][c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if name == "image":
+                    ax.imshow(m.image, interpolation="nearest")
+                elif name == "sum":
+                    ax.imshow(m.image, interpolation="nearest")
+                    ax.imshow(m.total, cmap="jet", alpha=0.5, vmin=0, vmax=top[name], interpolation="bilinear")
+                else:
+                    ax.imshow(m.layers[name], cmap="viridis", vmin=0, vmax=top[name], interpolation="bilinear")
+                if r == 0:
+                    ax.set_title(_short(name), fontsize=6, rotation=45 if len(columns) > 6 else 0, ha="left" if len(columns) > 6 else "center")
+            label = labels[r] if r < len(labels) else m.prompt
+            axes[r][0].set_ylabel(f"{label}\n{m.word!r}", rotation=0, ha="right", va="center")
+        fig.subplots_adjust(wspace=0.04, hspace=0.04)
     return fig

@@ -118,7 +118,8 @@ def rates(table: pd.DataFrame, by: str | Sequence[str], hit: str = "hit",
 
 @dataclass(frozen=True)
 class Difference:
-    """Rate a minus rate b with its bootstrap interval, a one-sided p-value (a <= b) and the verdict."""
+    """Rate a minus rate b with its bootstrap interval, a one-sided p-value (a <= b), a two-sided one
+    (``p_two``: a = b) and the verdict."""
 
     a: float
     b: float
@@ -127,6 +128,7 @@ class Difference:
     p: float
     n: int
     alpha: float = 1 - LEVEL
+    p_two: float = 1.0
 
     @property
     def significant(self) -> bool:
@@ -154,8 +156,9 @@ def difference(hits_a: Sequence[int], totals_a: Sequence[int], hits_b: Sequence[
     d = ra - rb
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
     p = max(float((d <= 0).mean()), 1 / resamples)
+    p_two = min(1.0, 2 * max(min(float((d <= 0).mean()), float((d >= 0).mean())), 1 / resamples))
     return Difference(ha.sum() / max(ta.sum(), 1), hb.sum() / max(tb.sum(), 1), float(lo), float(hi), p,
-                      int(ta.sum() + tb.sum()), 1 - level)
+                      int(ta.sum() + tb.sum()), 1 - level, p_two)
 
 
 def enough(n_units: int, n_images: int, min_units: int = 2, min_images: int = 16) -> str | None:

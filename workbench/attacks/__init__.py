@@ -136,15 +136,15 @@ def attack(pipe, edit: Edit | None, concept: str, judge: Judge, name: str = "der
 
 
 def unattacked(pipe, edit: Edit | None, concept: str, judge: Judge, eval_seeds: Sequence[int] = EVAL_SEEDS,
-               concept_set: ConceptSet | None = None) -> pd.DataFrame:
+               concept_set: ConceptSet | None = None) -> tuple[pd.DataFrame, dict[str, list[Image.Image]]]:
     """The same held-out prompts and seeds without an attack: rows ``attack="none"`` with the edit and
-    ``attack="unedited"`` without it (the ceiling an attack can hope to reach)."""
+    ``attack="unedited"`` without it (the ceiling an attack can hope to reach), and their images."""
     cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
     prompts = eval_prompts(cs, concept)
-    _, before = judged(pipe, judge, None, prompts, concept, cs, eval_seeds, "unedited")
+    before_images, before = judged(pipe, judge, None, prompts, concept, cs, eval_seeds, "unedited")
     with edit.apply(pipe) if edit is not None else nullcontext():
-        _, after = judged(pipe, judge, None, prompts, concept, cs, eval_seeds, "none")
-    return pd.concat([before, after], ignore_index=True)
+        after_images, after = judged(pipe, judge, None, prompts, concept, cs, eval_seeds, "none")
+    return pd.concat([before, after], ignore_index=True), {"unedited": before_images, "none": after_images}
 
 
 __all__ = ["ATTACKS", "EVAL_SEEDS", "Attack", "Crafted", "attack", "judged", "unattacked",

@@ -55,10 +55,21 @@ def slot(prompt: str, concept: str) -> str:
     >>> slot("a blue apple", "apple"), slot("a cat by van gogh", "van gogh")
     ('a blue {}', 'a cat by {}')
     """
-    out = re.sub(rf"\b{re.escape(concept)}\b", "{}", prompt.replace("{", "{{").replace("}", "}}"))
+    escaped = prompt.replace("{", "{{").replace("}", "}}")
+    out = re.sub(rf"\b{re.escape(concept)}\b", "{}", re.sub(rf"\b(?:an?) {re.escape(concept)}\b", "a {}", escaped))
     if "{}" not in out:
         raise ValueError(f"{prompt!r} does not contain the concept {concept!r}")
     return out
+
+
+def swap(prompt: str, concept: str, word: str) -> str:
+    """``prompt`` with ``word`` in place of the concept, its article fixed.
+
+    >>> swap("an apple by seurat", "apple", "thing"), swap("a blue apple", "apple", "thing")
+    ('a thing by seurat', 'a blue thing')
+    """
+    out = re.sub(rf"\b(?:an?) {re.escape(concept)}\b", a(word), prompt)
+    return re.sub(rf"\b{re.escape(concept)}\b", word, out)
 
 
 def original_weights(pipe, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -178,4 +189,4 @@ def batches(n_latents: int, n_templates: int, batch: int, gen: torch.Generator) 
 
 
 __all__ = ["Crafted", "NEUTRAL", "SoftTokens", "batches", "concept_latents", "denoising_loss", "eval_prompts",
-           "fill", "original_weights", "placeholder", "slot", "target_images", "unedited"]
+           "fill", "original_weights", "placeholder", "slot", "swap", "target_images", "unedited"]

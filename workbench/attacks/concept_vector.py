@@ -16,7 +16,7 @@ from ..concepts import ConceptSet
 from ..embed import encode
 from ..judges import Judge
 from ..sampling import generate_from
-from .common import NEUTRAL, Crafted, eval_prompts, fill, slot, unedited
+from .common import NEUTRAL, Crafted, eval_prompts, fill, swap, unedited
 
 #: The range of eta swept (Ring-A-Bell's 0.5 to 3) and the number of values tried unless told otherwise.
 ETAS, BUDGET = (0.5, 3.0), 6
@@ -42,10 +42,11 @@ def concept_vector(pipe, concept: str, concept_set: ConceptSet, judge: Judge | N
     ``seed`` among ``budget`` values (the largest when no judge is given)."""
     v = direction(pipe, concept, concept_set)
     shown = eval_prompts(concept_set, concept)
-    innocent = [slot(p, concept).format(NEUTRAL) for p in shown]
+    innocent = [swap(p, concept, NEUTRAL) for p in shown]
     base = encode(pipe, innocent)
     tried = etas(BUDGET if budget is None else budget)
-    scores = [_score(pipe, judge, base + eta * v, concept, concept_set, seed) for eta in tried] if judge else []
+    choose = judge is not None and len(tried) > 1
+    scores = [_score(pipe, judge, base + eta * v, concept, concept_set, seed) for eta in tried] if choose else []
     eta = tried[int(np.argmax(scores))] if scores else tried[-1]
     return Crafted(base + eta * v, [f"{p} + {eta:.2g} v({concept})" for p in innocent],
                    {"eta": eta, "etas": tried, "selection_scores": scores})

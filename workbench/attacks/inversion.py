@@ -19,7 +19,7 @@ from .common import (NEUTRAL, Crafted, SoftTokens, batches, concept_latents, den
                      slot)
 
 #: Optimisation steps, learning rate, batch and soft-token count on any model unless told otherwise.
-STEPS, LR, BATCH, TOKENS = 200, 5e-3, 4, 1
+STEPS, LR, BATCH, TOKENS = 100, 5e-3, 4, 1
 
 
 def word_vectors(pipe, word: str, k: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ def train(pipe, soft: SoftTokens, latents: torch.Tensor, steps: int, lr: float, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         frozen.restore()
     return losses

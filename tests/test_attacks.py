@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from conftest import same_state, state_of
+from workbench.anatomy import parts, select
+from workbench.attacks import ATTACKS, attack, unattacked
+from workbench.attacks.common import SoftTokens, original_weights, slot
+from workbench.attacks.unlearndiff import Vocabulary
+from workbench.edits import Edit
+from workbench.embed import encode
+from workbench.methods import erase
+from workbench.methods.uce import XATTN
+from workbench.toy import TOY_CONCEPTS
+
+#: The smallest budgets that still run every step of each attack.
+TINY = {"derived": None, "inversion": 2, "unlearndiff": 2, "concept_vector": 2}
+
+
+@pytest.fixture(scope="module")
+def edits(toy):
+    return {"uce": erase(toy, "apple", "uce"), "fewshot": erase(toy, "apple", "fewshot", progress=False)}
+
+
+def test_soft_tokens_holding_a_real_token_encode_exactly_like_the_prompt(toy):
+    table = toy.text_encoder.get_input_embeddings().weight
+    apple = toy.tokenizer("apple", add_special_tokens=False).input_ids
+    soft = SoftTokens(toy, ["a photo of an {}", "{} by seurat"], table[apple].detach())
+    with torch.no_grad():
+        got = soft.encode().float()
+    want = encode(toy, ["a photo of an apple", "apple by seurat"])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_slot_replaces_whole_words_only():
+    assert slot("a cat by seurat", "cat") == "a {} by seurat"
+    assert slot("a catalogue of a cat", "cat") == "a catalogue of a {}"
+    with pytest.raises(ValueError, match="does not contain the concept"):
+        slot("a dog", "cat")
+
+
+def test_the_derived_attack_is_the_closed_form_against_the_final_weights(toy, edits):
+    edit = edits["uce"]
+    names = select(toy, XATTN)
+    before = {n: parts(toy)[n].weight.detach().clone() for n in names}
+    with edit.apply(toy):
+        crafted = ATTACKS["derived"](toy, "apple", TOY_CONCEPTS)
+        assert all(torch.equal(original_weights(toy, [n])[n], before[n].float()) or
+                   torch.allclose(original_weights(toy, [n])[n], before[n].float(), atol=1e-6) for n in names)
+        after = {n: parts(toy)[n].weight.detach().double() for n in names}
+    d = crafted.embeds.shape[-1]
+    A = sum(W.T @ W for W in after.values()) + 1e-3 * torch.eye(d, dtype=torch.float64)
+    B = sum(after[n].T @ before[n].double() for n in names)
+    c = encode(toy, ["an apple", "a blue apple", "an apple by seurat"]).double()
+    want = c @ torch.linalg.solve(A, B).T
+    assert torch.allclose(crafted.embeds.double(), want, rtol=1e-4, atol=1e-4)
+    assert crafted.prompts == ["derived from: an apple", "derived from: a blue apple", "derived from: an apple by seurat"]
+
+
+@pytest.mark.parametrize("method", ["uce", "fewshot"])
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_every_attack_runs_on_every_kind_of_edit_and_leaves_the_pipeline_exact(toy, oracle, edits, method, name):
+    state = state_of(toy)
+    result = attack(toy, edits[method], "apple", oracle, name, budget=TINY[name], eval_seeds=[7000])
+    assert same_state(toy, state)
+    assert len(result.images) == len(result.table) == 3 and result.table["seed"].eq(7000).all()
+    assert result.table["label"].isin(TOY_CONCEPTS.labels("object")).all()
+    assert result.rate.n == 3 and result.rate.lo <= result.rate.rate <= result.rate.hi
+    assert torch.isfinite(result.crafted.embeds).all() and result.crafted.embeds.shape[0] == 3
+
+
+def test_unlearndiff_projects_its_prefix_onto_real_tokens(toy, edits):
+    vocab = Vocabulary(toy)
+    with edits["uce"].apply(toy):
+        crafted = ATTACKS["unlearndiff"](toy, "apple", TOY_CONCEPTS, budget=2)
+    prefix = crafted.info["prefix"]
+    assert crafted.prompts[0] == f"{prefix} an apple"
+    assert len(toy.tokenizer(prefix, add_special_tokens=False).input_ids) >= 5
+    v = torch.randn(5, 384, generator=torch.Generator().manual_seed(0))
+    table = toy.text_encoder.get_input_embeddings().weight.detach()
+    ids = vocab.nearest(v)
+    assert torch.equal(vocab.project(v), table[ids]) and not set(ids.tolist()) & set(toy.tokenizer.all_special_ids)
+
+
+def test_unattacked_rows_measure_the_edit_and_the_unedited_model_on_the_same_prompts(toy, oracle, edits):
+    rows, images = unattacked(toy, edits["uce"], "apple", oracle, eval_seeds=[7000])
+    assert [len(images[k]) for k in ("unedited", "none")] == [3, 3]
+    assert rows.groupby("attack")["prompt"].apply(list).to_dict() == {
+        "none": ["an apple", "a blue apple", "an apple by seurat"],
+        "unedited": ["an apple", "a blue apple", "an apple by seurat"]}
+    assert rows.loc[rows["attack"] == "unedited", "hit"].all()
+
+
+def test_bad_input_is_refused_with_what_is_valid_and_changes_nothing(toy, oracle, edits):
+    state = state_of(toy)
+    other = Edit({"unet.mid.0.xattn.k.weight": torch.zeros(3, 3)}, "uce", "apple")
+    with pytest.raises(ValueError, match="made for another model"):
+        attack(toy, other, "apple", oracle, "derived")
+    with pytest.raises(ValueError, match="its concepts: apple, banana"):
+        attack(toy, edits["uce"], "snoopy", oracle, "derived")
+    with pytest.raises(ValueError, match="budget must be a positive whole number"):
+        attack(toy, edits["uce"], "apple", oracle, "inversion", budget=0)
+    with pytest.raises(ValueError, match="choose one of derived, inversion, unlearndiff, concept_vector"):
+        attack(toy, edits["uce"], "apple", oracle, "jailbreak")
+    with pytest.raises(ValueError, match="also an evaluation seed"):
+        attack(toy, edits["uce"], "apple", oracle, "derived", seed=7000)
+    with pytest.raises(TypeError, match="its options: tokens, lr, batch"):
+        attack(toy, edits["uce"], "apple", oracle, "inversion", budget=1, eval_seeds=[7000], colour="red")
+    assert same_state(toy, state)

@@ -1,0 +1,130 @@
+"""Attack success rates over methods x concepts x attacks, and over the single-part edits of a layer sweep.
+
+:func:`success_table` erases each concept with each method (the model profile's defaults, one seed),
+attacks each edit with each attack at one budget per attack (the same for every method), and judges
+everything on the held-out prompts and evaluation seeds; :func:`summary` turns its image rows into
+rates with 95% intervals (bootstrap over concept x seed), beside the unedited model's and the
+un-attacked edit's rates.
+
+>>> import workbench
+>>> from workbench.profile import profile_of
+>>> pipe = workbench.load("toy")
+>>> t = success_table(pipe, profile_of(pipe).judge(), ["apple"], ["uce"], ["derived"], eval_seeds=[7000],
+...                   progress=False)
+>>> summary(t)[["method", "attack", "n"]].values.tolist()
+[['uce', 'unedited', 3], ['uce', 'none', 3], ['uce', 'derived', 3]]
+"""
+from __future__ import annotations
+
+import resource
+from typing import Callable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..anatomy import component_of, layer_of, select
+from ..concepts import ConceptSet
+from ..judges import Judge
+from ..methods import erase
+from ..methods.uce import XATTN
+from ..profile import profile_of
+from ..stats import difference, rates
+from . import EVAL_SEEDS, attack, unattacked
+
+#: The rows a summary lists first: the ceiling and the floor an attack is read against.
+BASELINES = ("unedited", "none")
+
+
+def peak_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def success_table(pipe, judge: Judge, concepts: Sequence[str], methods: Sequence[str], attacks: Sequence[str],
+                  budgets: dict[str, int] | None = None, eval_seeds: Sequence[int] = EVAL_SEEDS, seed: int = 0,
+                  concept_set: ConceptSet | None = None, progress: bool = True,
+                  on_run: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """One row per judged image: ``method, concept, attack, seed, prompt, label, hit``, plus the seconds
+    the erasure and the attack took and the process's peak memory after the attack
+    (``table.attrs["crafted"]`` keeps each attack's prompts and settings)."""
+    cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
+    budgets = dict(budgets or {})
+    parts, crafted = [], {}
+    jobs = [(m, c) for m in methods for c in concepts]
+    for method, concept in tqdm(jobs, desc="attacks", disable=not progress):
+        edit = erase(pipe, concept, method, seed=seed, progress=False)
+        base, _ = unattacked(pipe, edit, concept, judge, eval_seeds, cs)
+        parts.append(base.assign(method=method, edit_seconds=edit.seconds, attack_seconds=0.0, peak_gb=peak_gb()))
+        for name in attacks:
+            result = attack(pipe, edit, concept, judge, name, budgets.get(name), seed, eval_seeds, cs)
+            parts.append(result.table.assign(method=method, edit_seconds=edit.seconds,
+                                             attack_seconds=result.seconds, peak_gb=peak_gb()))
+            crafted[(method, concept, name)] = {"prompts": result.crafted.prompts, **result.info}
+            if on_run is not None:
+                on_run(f"{method} {concept} {name}")
+    table = pd.concat(parts, ignore_index=True)
+    table = table[["method", "concept", "attack", "seed", "prompt", "label", "hit", "edit_seconds",
+                   "attack_seconds", "peak_gb"]]
+    table.attrs["crafted"] = crafted
+    return table
+
+
+def summary(table: pd.DataFrame, by: Sequence[str] = ("method", "attack")) -> pd.DataFrame:
+    """Success rate per ``by`` group with its 95% interval, ``k``, ``n`` and concept x seed ``units``;
+    the baselines (``unedited``, ``none``) first within each method."""
+    out = rates(table, list(by))
+    order = {a: i for i, a in enumerate([*BASELINES, *dict.fromkeys(table["attack"])])}
+    return out.sort_values(list(by), key=lambda col: col.map(order) if col.name == "attack" else
+                           col.map({m: i for i, m in enumerate(dict.fromkeys(table[col.name]))}),
+                           kind="stable").reset_index(drop=True)
+
+
+def attack_layers(pipe, judge: Judge, concept: str, method: str, attack_name: str, budget: int | None = None,
+                  components: Sequence[str] = ("xattn.k", "xattn.v"), eval_seeds: Sequence[int] = EVAL_SEEDS,
+                  seed: int = 0, concept_set: ConceptSet | None = None, progress: bool = True) -> pd.DataFrame:
+    """Attack each single-part edit of a UNet layer sweep (``method`` scoped to one cross-attention
+    layer's component at a time): one row per part with ``efficacy`` (share of the un-attacked
+    held-out images that lost the concept) and ``attack_success``, shaped for
+    :func:`workbench.plots.sweep_heatmap` (``value="attack_success"``)."""
+    cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
+    names = [n for n in select(pipe, XATTN) if component_of(n) in components]
+    layer_order = list(dict.fromkeys(layer_of(n) for n in names))
+    rows = []
+    for name in tqdm(names, desc=f"{attack_name} per part", disable=not progress):
+        edit = erase(pipe, concept, method, parts=name, seed=seed, progress=False)
+        plain, _ = unattacked(pipe, edit, concept, judge, eval_seeds, cs)
+        result = attack(pipe, edit, concept, judge, attack_name, budget, seed, eval_seeds, cs)
+        kept = plain.loc[plain["attack"] == "none", "hit"]
+        rows.append(dict(method=method, concept=concept, attack=attack_name, part=name,
+                         layer=layer_order.index(layer_of(name)), layer_name=layer_of(name),
+                         component=component_of(name), cumulative=False, efficacy=1 - float(kept.mean()),
+                         attack_success=result.rate.rate, lo=result.rate.lo, hi=result.rate.hi, n=result.rate.n))
+    table = pd.DataFrame(rows)
+    table["layer"] = table["layer"].astype("Int64")
+    return table
+
+
+def _cells(table: pd.DataFrame, method: str, attack: str) -> pd.DataFrame:
+    rows = table[(table["method"] == method) & (table["attack"] == attack)]
+    return rows.groupby(["concept", "seed"])["hit"].agg(["sum", "count"])
+
+
+def compare_methods(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Per attack, each pair of methods (a, b): success rate a minus b with its 95% interval and
+    two-sided p-value (paired bootstrap over the concept x seed cells both have), and the verdict:
+    "a higher", "b higher" or "not significant at n = ..."."""
+    methods = list(dict.fromkeys(table["method"]))
+    rows = []
+    for name in dict.fromkeys(table["attack"]):
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                both = _cells(table, a, name).add_suffix("_a").join(_cells(table, b, name).add_suffix("_b"), how="inner")
+                if both.empty:
+                    continue
+                d = difference(both["sum_a"], both["count_a"], both["sum_b"], both["count_b"])
+                n = int(both["count_a"].sum())
+                verdict = (f"{a} higher" if d.a > d.b else f"{b} higher") if d.p_two < alpha else \
+                    f"not significant at n = {n} per method"
+                rows.append(dict(attack=name, a=a, b=b, rate_a=d.a, rate_b=d.b, difference=d.a - d.b, lo=d.lo,
+                                 hi=d.hi, p=d.p_two, n=n, verdict=verdict))
+    return pd.DataFrame(rows)
