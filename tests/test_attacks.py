@@ -106,3 +106,14 @@ def test_bad_input_is_refused_with_what_is_valid_and_changes_nothing(toy, oracle
     with pytest.raises(TypeError, match="its options: tokens, lr, batch"):
         attack(toy, edits["uce"], "apple", oracle, "inversion", budget=1, eval_seeds=[7000], colour="red")
     assert same_state(toy, state)
+
+
+def test_the_attack_panel_shows_what_came_back_with_its_rates(toy, oracle):
+    from workbench.widgets import AttackPanel
+    panel = AttackPanel(toy, oracle, concept="apple", method="uce", attack="derived", seeds=1)
+    assert panel.error is None, panel.error
+    rates = panel.result["rates"].set_index("attack")
+    assert list(rates.index) == ["unedited", "none", "derived"] and (rates["n"] == 3).all()
+    assert "derived on apple:" in panel.status.value and len(panel.output.outputs) == 3
+    with pytest.raises(ValueError, match="attack cannot be 'jailbreak'; choose from derived, inversion"):
+        panel.set(attack="jailbreak")

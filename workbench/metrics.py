@@ -35,7 +35,7 @@ from .concepts import KINDS, ConceptSet
 from .judges import Judge
 from .profile import profile_of
 from .sampling import generate
-from .stats import LEVEL, RESAMPLES, SEED
+from .stats import LEVEL, RESAMPLES, SEED, ratio
 
 
 def _concept_set(pipe, concept_set: ConceptSet | None) -> ConceptSet:
@@ -80,6 +80,62 @@ def accuracy(pipe, judge: Judge, concepts: Sequence[str], per_prompt: int = 8, s
              concept_set: ConceptSet | None = None) -> dict[str, float]:
     """The judge's accuracy on each concept's probe prompts, all images generated in batches."""
     return hits(predictions(pipe, judge, concepts, per_prompt, seed, concept_set))
+
+
+def judge_prompts(pipe, judge: Judge, prompts: Sequence[str], concepts: Sequence[str], seeds: Sequence[int],
+                  concept_set: ConceptSet | None = None) -> tuple[list, pd.DataFrame]:
+    """Generate ``prompts`` on each of ``seeds`` (one batch per seed) and let the judge choose, for each
+    image, among the labels of the kind of the concept the prompt should show (``concepts[i]``).
+    Returns the images and one row per image: ``concept, seed, prompt, label, hit``."""
+    cs = _concept_set(pipe, concept_set)
+    if len(prompts) != len(concepts):
+        raise ValueError(f"give one concept per prompt ({len(prompts)} prompts, {len(concepts)} concepts)")
+    images, rows = [], []
+    for s in seeds:
+        made = generate(pipe, list(prompts), s)
+        labels = [""] * len(made)
+        for kind in KINDS:
+            idx = [i for i, c in enumerate(concepts) if cs.kind(c) == kind]
+            for i, label in zip(idx, judge.choose([made[i] for i in idx], cs.labels(kind)) if idx else []):
+                labels[i] = label
+        rows += [dict(concept=c, seed=s, prompt=p, label=label, hit=label == c)
+                 for c, p, label in zip(concepts, prompts, labels)]
+        images += made
+    return images, pd.DataFrame(rows, columns=["concept", "seed", "prompt", "label", "hit"])
+
+
+def preservation_sets(pipe, judge: Judge, edit, concept: str, held_out: Sequence[str], per_concept: int = 2,
+                      seeds: Sequence[int] = (1234, 1235), concept_set: ConceptSet | None = None) -> pd.DataFrame:
+    """Accuracy on other concepts before and after ``edit``, per kind of prompt: ``"in list"`` (concepts the
+    erasure preserved, in the wordings it preserved them in), ``"held-out wording"`` (the same concepts in
+    probe wordings it never saw) and ``"held-out concept"`` (``held_out``: concepts left out of its
+    preserve list, in probe wordings). One row per image: ``set, concept, seed, prompt, before, after``."""
+    cs = _concept_set(pipe, concept_set)
+    kept = [c for c in cs.names if c != concept and c not in held_out]
+    sets = {"in list": [(c, p) for c in kept for p in cs.prompts(c)[:per_concept]],
+            "held-out wording": [(c, p) for c in kept for p in cs.held_out(c, per_concept)],
+            "held-out concept": [(c, p) for c in held_out for p in cs.held_out(c, per_concept)]}
+    names = [n for n, pairs in sets.items() for _ in pairs]
+    concepts = [c for pairs in sets.values() for c, _ in pairs]
+    prompts = [p for pairs in sets.values() for _, p in pairs]
+    _, before = judge_prompts(pipe, judge, prompts, concepts, seeds, cs)
+    with edit.apply(pipe):
+        _, after = judge_prompts(pipe, judge, prompts, concepts, seeds, cs)
+    return before.assign(set=names * len(seeds), before=before["hit"], after=after["hit"].to_numpy())[
+        ["set", "concept", "seed", "prompt", "before", "after"]]
+
+
+def preservation_summary(rows: pd.DataFrame, by: Sequence[str] = ("set",)) -> pd.DataFrame:
+    """Preservation (accuracy after over before, on the same prompts and seeds) per group of
+    :func:`preservation_sets` rows, with a paired bootstrap interval over concept x seed and ``n`` images."""
+    out = []
+    for key, g in rows.groupby(list(by), sort=False):
+        cells = g.groupby(["concept", "seed"])[["before", "after"]].sum()
+        value, lo, hi = ratio(cells["after"].to_numpy(), cells["before"].to_numpy())
+        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "preservation": value, "lo": lo,
+                    "hi": hi, "before": float(g["before"].mean()), "after": float(g["after"].mean()), "n": len(g),
+                    "units": len(cells)})
+    return pd.DataFrame(out)
 
 
 def preservation(after: dict[str, float], before: dict[str, float]) -> float:

@@ -40,8 +40,9 @@ from PIL import Image
 from ..concepts import ConceptSet
 from ..edits import Edit, Timer
 from ..judges import Judge
+from ..metrics import judge_prompts
 from ..profile import profile_of
-from ..sampling import generate, generate_from
+from ..sampling import generate_from
 from ..stats import Rate, cluster_rate
 from .common import Crafted, eval_prompts
 from .concept_vector import concept_vector
@@ -97,14 +98,18 @@ def judged(pipe, judge: Judge, embeds: torch.Tensor | None, prompts: Sequence[st
            cs: ConceptSet, eval_seeds: Sequence[int], name: str) -> tuple[list[Image.Image], pd.DataFrame]:
     """Generate ``embeds`` (or, for None, the ``prompts`` themselves) on every evaluation seed and let the
     judge choose among the labels of the concept's kind: the images and one row per image."""
+    columns = ["attack", "concept", "seed", "prompt", "label", "hit"]
+    if embeds is None:
+        images, rows = judge_prompts(pipe, judge, prompts, [concept] * len(prompts), eval_seeds, cs)
+        return images, rows.assign(attack=name)[columns]
     images, rows = [], []
     labels = cs.labels(cs.kind(concept))
     for s in eval_seeds:
-        made = generate(pipe, list(prompts), s) if embeds is None else generate_from(pipe, embeds, s)
+        made = generate_from(pipe, embeds, s)
         for prompt, label in zip(prompts, judge.choose(made, labels)):
             rows.append(dict(attack=name, concept=concept, seed=s, prompt=prompt, label=label, hit=label == concept))
         images += made
-    return images, pd.DataFrame(rows, columns=["attack", "concept", "seed", "prompt", "label", "hit"])
+    return images, pd.DataFrame(rows, columns=columns)
 
 
 def _rate(table: pd.DataFrame) -> Rate:
