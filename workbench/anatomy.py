@@ -51,6 +51,7 @@ import re
 import weakref
 from typing import Iterable
 
+import pandas as pd
 from torch import nn
 
 Selector = str | Iterable[str]
@@ -201,6 +202,11 @@ def _in_block(kind: str, block: tuple, order: int, what: str, groups: tuple) -> 
 _SHORT_ORDER = ("conv1", "time_emb_proj", "conv2", "conv_shortcut")
 
 
+def text_layers(pipe) -> nn.ModuleList:
+    """The transformer layers of ``pipe``'s text encoder, ``text.0`` first."""
+    return _text_layers(pipe.text_encoder)[0]
+
+
 def n_text_layers(pipe) -> int:
     """Number of transformer layers of ``pipe``'s text encoder."""
     return len(_text_layers(pipe.text_encoder)[0])
@@ -228,6 +234,22 @@ def select(pipe, selector: Selector) -> list[str]:
             )
         chosen.update(hits)
     return [n for n in available if n in chosen]
+
+
+def census(pipe, selector: Selector = "*") -> pd.DataFrame:
+    """How many parts and parameters each component has (``selector`` narrows the parts, e.g. ``"unet.*"``).
+
+    >>> import workbench
+    >>> census(workbench.load("toy"), "unet.*").set_index("component").loc[["unet.xattn.k", "unet.ffn"], "parts"].tolist()
+    [7, 14]
+    """
+    table = parts(pipe)
+    rows: dict[str, list[int]] = {}
+    for name in select(pipe, selector):
+        count = rows.setdefault(name.split(".")[0] + "." + component_of(name), [0, 0])
+        count[0] += 1
+        count[1] += sum(p.numel() for p in table[name].parameters())
+    return pd.DataFrame([{"component": k, "parts": v[0], "parameters": v[1]} for k, v in rows.items()])
 
 
 def layer_of(name: str) -> str:

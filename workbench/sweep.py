@@ -1,9 +1,12 @@
 """Layer-by-layer erasure and the FFN-versus-attention experiment, as tidy tables: one row per run.
 
 :func:`layer_sweep` runs one method scoped to one part at a time (``text.{i}.ffn`` and ``text.{i}.attn``
-for few-shot unlearning, ``unet.<block>.xattn.k`` and ``.v`` for UCE and RECE), or to layers 0..i
-(``cumulative=True``). :func:`ffn_vs_attention` compares few-shot parameter subsets (FFN only,
-attention only, FFN + last attention, everything); :func:`finding` says in words what the table shows.
+for few-shot unlearning, ``unet.<block>.xattn.k`` and ``.v`` for UCE and RECE, ``unet.<block>.attn``,
+``.xattn`` and ``.ffn`` for ESD), or to layers 0..i (``cumulative=True``). :func:`ffn_vs_attention`
+compares few-shot parameter subsets (FFN only, attention only, FFN + last attention, everything);
+:func:`finding` says in words what the table shows. :func:`unet_subsets` runs the same comparison in the
+UNet with ESD (FFNs, self-attention, cross-attention), summarised by :func:`subset_rates` and
+:func:`unet_finding`.
 Every run is measured by :func:`workbench.metrics.evaluate` against a baseline measured once.
 
 >>> import workbench
@@ -38,10 +41,12 @@ from .stats import cluster_rate, difference, enough
 
 #: Where each method's edits can go, and the components a layer sweep runs by default.
 _SCOPE = {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
-          "fewshot": ("text.*", ("ffn", "attn"))}
+          "fewshot": ("text.*", ("ffn", "attn")), "esd": ("unet.*.xattn.k", ("attn", "xattn", "ffn"))}
 #: The few-shot parameter subsets the paper compares; ``None`` is its default (:func:`default_parts`).
 SUBSETS: dict[str, str | None] = {"ffn": "text.*.ffn", "attn": "text.*.attn", "ffn + last attn": None,
                                   "all": "text.*"}
+#: The UNet parameter subsets ESD compares: the transformer blocks' FFNs, self-attention, cross-attention.
+UNET_SUBSETS: dict[str, str] = {"ffn": "unet.*.ffn", "attn": "unet.*.attn", "xattn": "unet.*.xattn"}
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,20 @@ def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1
             runs += _layer_runs(pipe, concept, "fewshot", None, False, seeds, None)
     measurer = _Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
     return _run_table(pipe, runs, "fewshot", measurer, progress, on_run, fewshot_kwargs)
+
+
+def unet_subsets(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1, 2), judge: Judge | None = None,
+                 *, measure: bool = True, others: Sequence[str] | None = None, per_prompt: int = 8,
+                 per_other: int = 4, eval_seed: int = 1234, progress: bool = True,
+                 on_run: Callable[[str], None] | None = None, concept_set: ConceptSet | None = None,
+                 **esd_kwargs) -> pd.DataFrame:
+    """FFN versus attention in the UNet: ESD of each concept through each subset of :data:`UNET_SUBSETS`
+    (FFNs only, self-attention only, cross-attention only), per seed; rows as :func:`ffn_vs_attention`'s.
+    Summarise with :func:`subset_rates` and :func:`unet_finding`."""
+    runs = [_Run(concept, name, (selector,), None, "all", name, False, seed)
+            for concept in as_list(concepts) for seed in seeds for name, selector in UNET_SUBSETS.items()]
+    measurer = _Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
+    return _run_table(pipe, runs, "esd", measurer, progress, on_run, esd_kwargs)
 
 
 @dataclass
@@ -265,6 +284,49 @@ def _finding_ffn(table: pd.DataFrame, about: float, much_less: float, alpha: flo
         verdict = (f"not significant at n = {int(cells['ffn']['count'].sum())} images per subset "
                    f"({units} concept x seed units)")
     return head + verdict + "." + tail
+
+
+def subset_rates(table: pd.DataFrame, by: str | Sequence[str] = "subset") -> pd.DataFrame:
+    """Per group of ``by``: efficacy as a share of images with its 95% interval (bootstrap over concept x
+    seed units, :func:`workbench.stats.cluster_rate`), mean preservation, images and units.
+
+    >>> t = pd.DataFrame({"subset": ["ffn"] * 2, "concept": ["a", "b"], "seed": [0, 0], "efficacy": [0.5, 1.0],
+    ...                   "n_images": [8, 8], "preservation": [0.9, 1.0]})
+    >>> subset_rates(t)[["subset", "efficacy", "k", "n", "units"]].values.tolist()
+    [['ffn', 0.75, 12, 16, 2]]
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    rows = []
+    for key, runs in table.groupby(by, sort=False):
+        cells = _cells(runs)
+        rate = cells.attrs["rate"]
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "efficacy": rate.rate,
+                     "lo": rate.lo, "hi": rate.hi, "k": rate.k, "n": rate.n, "units": len(cells),
+                     "interval": rate.method, "preservation": float(runs["preservation"].mean())})
+    return pd.DataFrame(rows)
+
+
+def unet_finding(table: pd.DataFrame, alpha: float = 0.05) -> str:
+    """What :func:`unet_subsets` shows in words: each subset's efficacy with its interval, and whether
+    cross-attention erases more than the FFNs and than self-attention (paired bootstrap over concept x
+    seed units; "not significant at n = ..." when the data cannot tell)."""
+    need = [s for s in UNET_SUBSETS if s not in set(table.get("subset", ()))]
+    if need:
+        return f"FFN versus attention in the UNet: not measured (no runs of subset {', '.join(need)})."
+    cells = {s: _cells(table[table["subset"] == s]) for s in UNET_SUBSETS}
+    rates = ", ".join(f"{name} {cells[s].attrs['rate']}" for s, name in
+                      (("ffn", "FFNs only"), ("attn", "self-attention only"), ("xattn", "cross-attention only")))
+    out = [f"ESD efficacy through UNet subsets over {table['concept'].nunique()} concept(s) x "
+           f"{table['seed'].nunique()} seed(s) [95% interval]: {rates}."]
+    units = min(len(c) for c in cells.values())
+    short = enough(units, int(cells["xattn"]["count"].sum()))
+    for other, name in (("ffn", "the FFNs"), ("attn", "self-attention")):
+        if short:
+            out.append(f"Cross-attention versus {name}: {short}.")
+            continue
+        d = difference(*_paired(cells["xattn"], cells[other]), level=1 - alpha)
+        out.append(f"Cross-attention erases more than {name}: {d}.")
+    return " ".join(out)
 
 
 def _cells(runs: pd.DataFrame) -> pd.DataFrame:

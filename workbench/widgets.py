@@ -28,15 +28,19 @@ from IPython.display import Image, Markdown, display
 from matplotlib.figure import Figure
 
 from .anatomy import select
+from .attnmaps import attention_maps, compare_table as attention_table, cross_attention_layers
 from .embed import POOLS, spaces
 from .grid import connect, run_grid, sweep_grid
 from .judges import Judge
 from .methods import METHODS, defaults, erase
+from .methods.esd import PRESETS as ESD_PRESETS
 from .plots import method_comparison, subset_bars, sweep_heatmap
+from .plots import attention_grid, trace_sites, trace_tokens
 from .profile import profile_of
 from .project import LandingMap
 from .report import before_after, compare, erase_and_measure, showcase
 from .sweep import SUBSETS, aggregate, ffn_vs_attention, finding, layer_sweep, layers
+from .tracing import compare_table as trace_table, sites as trace_site_names, trace
 
 _STYLE = {"description_width": "110px"}
 
@@ -258,8 +262,9 @@ class ComparePanel(Panel):
     def make_controls(self) -> dict[str, w.ValueWidget]:
         return {
             "concepts": _concepts_control(self.pipe, ("apple", "car", "van gogh")),
-            "methods": w.SelectMultiple(options=list(METHODS), value=tuple(METHODS), description="methods",
-                                        rows=3),
+            # ESD trains for tens of seconds per erasure: it is compared when chosen, not by default
+            "methods": w.SelectMultiple(options=list(METHODS), value=tuple(m for m in METHODS if m != "esd"),
+                                        description="methods", rows=4),
             "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
         }
@@ -438,3 +443,150 @@ class SubsetPanel(Panel):
 
     def show(self, result: dict[str, Any]) -> list[Any]:
         return [subset_bars(result["table"]), result["summary"].round(3), Markdown(result["finding"])]
+
+
+#: The erasures a localisation panel compares against the unedited model ("none": only the unedited one).
+_ERASURES = ("none", *METHODS)
+
+
+class EsdPanel(Panel):
+    """ESD through a preset or any UNet selector: before/after images, the judge's table and bars."""
+
+    title = "Erase with ESD (UNet fine-tuning)"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        start = defaults(self.pipe, "esd")
+        return {
+            "concept": _concept_control(self.pipe),
+            "preset": w.Dropdown(options=list(ESD_PRESETS), value=start["preset"], description="preset"),
+            "parts": w.Text(value="", placeholder="the preset's, or e.g. unet.*.ffn", description="parts",
+                            continuous_update=False),
+            "iterations": w.IntSlider(value=start["iterations"], min=1, max=400, description="iterations"),
+            "lr": w.FloatLogSlider(value=start["lr"], base=10, min=-6, max=-3, description="lr", readout_format=".0e"),
+            "eta": w.FloatSlider(value=start["eta"], min=0.0, max=3.0, step=0.1, description="eta"),
+            "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
+            "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        return 2
+
+    def compute(self, step: Callable[[str], None], concept: str, preset: str, parts: str, iterations: int,
+                lr: float, eta: float, per_prompt: int, seed: int) -> dict[str, Any]:
+        knobs = dict(preset=preset, iterations=iterations, lr=lr, eta=eta, seed=seed, progress=False)
+        scope = parts.strip() or None
+        if self.judge is not None:
+            measured = erase_and_measure(self.pipe, self.judge, concept, "esd", scope, per_prompt=per_prompt, **knobs)
+            edit = measured.edit
+        else:
+            measured, edit = None, erase(self.pipe, concept, "esd", scope, **knobs)
+        step(f"trained {len(edit.parts)} parts")
+        grid = before_after(self.pipe, edit, showcase(self.pipe, concept), n=per_prompt, seed=seed)
+        return {"edit": edit, "measured": measured, "grid": grid}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        edit, measured = result["edit"], result["measured"]
+        text = f"ESD trained {len(edit.parts)} parts in {edit.seconds:.1f} s"
+        if measured is not None:
+            text += (f"; accuracy on {measured.concept!r} {measured.before[measured.concept]:.0%} &rarr; "
+                     f"{measured.after[measured.concept]:.0%}, preservation {measured.preservation:.0%}")
+        return text
+
+    def show(self, result: dict[str, Any]) -> list[Any]:
+        measured = result["measured"]
+        if measured is None:
+            return [result["grid"], result["edit"].summary(self.pipe)]
+        table = measured.table().style.format({"before": "{:.0%}", "after": "{:.0%}"}).hide(axis="index")
+        return [result["grid"], table, measured.figure()]
+
+
+class TracePanel(Panel):
+    """Causal tracing: which text-encoder layers and UNet blocks carry a concept, before and after an
+    erasure (heatmaps of the judge's probability with each site restored; per token, optionally)."""
+
+    title = "Where does the concept live? Causal tracing"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        return {
+            "concept": _concept_control(self.pipe),
+            "prompt": w.Text(value="", placeholder="the concept set's probe, e.g. 'an apple'", description="prompt",
+                             continuous_update=False),
+            "method": w.Dropdown(options=list(_ERASURES), value="rece", description="erasure"),
+            "sites": w.SelectMultiple(options=trace_site_names(self.pipe), value=(), description="sites (all)",
+                                      rows=5),
+            "n": w.IntSlider(value=4, min=1, max=8, description="images/run"),
+            "tokens": w.Checkbox(value=False, description="per token", indent=False),
+            "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        return 1 if values["method"] == "none" else 3
+
+    def compute(self, step: Callable[[str], None], concept: str, prompt: str, method: str, sites: tuple[str, ...],
+                n: int, tokens: bool, seed: int) -> dict[str, Any]:
+        if self.judge is None:
+            raise ValueError("a trace is scored by a judge: pass one, e.g. TracePanel(pipe, profile_of(pipe).judge())")
+        options = dict(prompt=prompt.strip() or None, judge=self.judge, sites=list(sites) or None, n=n,
+                       tokens=tokens, seed=seed)
+        traces = {"before": trace(self.pipe, concept, **options)}
+        step("traced the unedited model")
+        if method != "none":
+            edit = erase(self.pipe, concept, method, progress=False)
+            step(f"erased with {method}")
+            with edit.apply(self.pipe):
+                traces[f"after {method}"] = trace(self.pipe, concept, **options)
+            step("traced the erased model")
+        return {"traces": traces, "tokens": tokens}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        before = result["traces"]["before"]
+        best = before.layers().sort_values("effect").iloc[-1]
+        return (f"{before.prompt!r}: P({before.concept}) clean {before.clean:.2f}, corrupted {before.corrupted:.2f}; "
+                f"restoring {best['site']} brings it to {best['probability']:.2f}")
+
+    def show(self, result: dict[str, Any]) -> list[Any]:
+        traces = result["traces"]
+        shown: list[Any] = [trace_sites(list(traces.values()), list(traces))]
+        if result["tokens"]:
+            shown += [trace_tokens(t, f"{name}: {t.prompt!r}") for name, t in traces.items()]
+        return shown + [trace_table(traces).round(2)]
+
+
+class AttentionPanel(Panel):
+    """Cross-attention maps of a word, per layer and summed, before and after an erasure, beside the images."""
+
+    title = "Where does the UNet look? Cross-attention maps"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        return {
+            "concept": _concept_control(self.pipe),
+            "prompt": w.Text(value="", placeholder="the concept set's probe, e.g. 'an apple'", description="prompt",
+                             continuous_update=False),
+            "word": w.Text(value="", placeholder="the concept", description="word", continuous_update=False),
+            "method": w.Dropdown(options=list(_ERASURES), value="rece", description="erasure"),
+            "layer": w.Dropdown(options=["all", *cross_attention_layers(self.pipe)], value="all", description="layer"),
+            "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        return 1 if values["method"] == "none" else 2
+
+    def compute(self, step: Callable[[str], None], concept: str, prompt: str, word: str, method: str, layer: str,
+                seed: int) -> dict[str, Any]:
+        prompt = prompt.strip() or showcase(self.pipe, concept)[0]
+        options = dict(seed=seed, layers=None if layer == "all" else [layer])
+        maps = {"before": attention_maps(self.pipe, prompt, word.strip() or concept, **options)}
+        if method != "none":
+            edit = erase(self.pipe, concept, method, progress=False)
+            step(f"erased with {method}")
+            with edit.apply(self.pipe):
+                maps[f"after {method}"] = attention_maps(self.pipe, prompt, word.strip() or concept, **options)
+        step("recorded")
+        return maps
+
+    def summary(self, maps: dict[str, Any]) -> str:
+        return "; ".join(f"{name}: mean attention to {m.word!r} {m.total.mean():.2f} (sum of layers)"
+                         for name, m in maps.items())
+
+    def show(self, maps: dict[str, Any]) -> list[Any]:
+        return [attention_grid(list(maps.values()), list(maps)), attention_table(maps).round(3)]

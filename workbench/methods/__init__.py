@@ -24,12 +24,13 @@ from typing import Any, Callable
 from ..anatomy import Selector
 from ..edits import Edit
 from ..profile import profile_of
+from .esd import esd
 from .fewshot import fewshot
 from .rece import rece
 from .uce import uce
 
 #: Every method by name, in the order the panels list them.
-METHODS: dict[str, Callable[..., Edit]] = {"rece": rece, "uce": uce, "fewshot": fewshot}
+METHODS: dict[str, Callable[..., Edit]] = {"rece": rece, "uce": uce, "fewshot": fewshot, "esd": esd}
 #: Knobs ``erase()`` passes on only to methods that take them.
 _OPTIONAL = ("seed", "progress")
 
@@ -49,7 +50,7 @@ def defaults(pipe, method: str) -> dict[str, Any]:
 
 
 def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = None, **knobs: Any) -> Edit:
-    """Erase ``concept`` with ``method`` (``"rece"``, ``"uce"`` or ``"fewshot"``) scoped to ``parts``.
+    """Erase ``concept`` with ``method`` (``"rece"``, ``"uce"``, ``"fewshot"`` or ``"esd"``) scoped to ``parts``.
 
     The model profile's defaults for the method and concept come first (:meth:`Profile.knobs
     <workbench.profile.Profile.knobs>`), then ``knobs``; ``seed`` and ``progress`` reach only methods
@@ -70,4 +71,4 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
     return edit
 
 
-__all__ = ["erase", "defaults", "uce", "rece", "fewshot", "METHODS"]
+__all__ = ["erase", "defaults", "uce", "rece", "fewshot", "esd", "METHODS"]
