@@ -25,7 +25,7 @@ from workbench.attacks import ATTACKS, EVAL_SEEDS
 from workbench.attacks.table import compare_methods, peak_gb, success_table, summary
 from workbench.profile import profile_of
 
-CONCEPTS = ("apple", "car", "cat", "star", "dog", "boat", "van gogh", "seurat")
+CONCEPTS = ("apple", "van gogh", "car", "cat", "seurat", "star", "dog", "boat")
 METHODS = ("uce", "rece", "fewshot")
 #: One budget per attack, the same for every method.
 BUDGETS = {"inversion": 100, "unlearndiff": 40, "concept_vector": 6}
@@ -92,14 +92,18 @@ def main(argv: list[str] | None = None) -> None:
         report(pd.read_csv(args.saved), args.figure, None)
         return
     pipe = workbench.load("toy")
+    judge = profile_of(pipe).judge()
     start = time.perf_counter()
-    table = success_table(pipe, profile_of(pipe).judge(), args.concepts, args.methods, args.attacks, BUDGETS,
-                          args.seeds)
-    wall = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    parts = []
+    for concept in args.concepts:  # the rows are saved after each concept, so a stopped run keeps them
+        parts.append(success_table(pipe, judge, [concept], args.methods, args.attacks, BUDGETS, args.seeds,
+                                   progress=False))
+        pd.concat(parts, ignore_index=True).to_csv(args.out, index=False)
+        print(f"{concept}: {time.perf_counter() - start:.0f} s", flush=True)
+    table = pd.concat(parts, ignore_index=True)
     print(f"Image rows: {args.out}\n")
-    report(table, args.figure, wall)
+    report(table, args.figure, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,21 @@ import traceback
 from typing import Any, Callable
 
 import ipywidgets as w
+import pandas as pd
 import matplotlib.pyplot as plt
 from IPython.display import Image, Markdown, display
 from matplotlib.figure import Figure
 
 from .anatomy import select
 from .attnmaps import attention_maps, compare_table as attention_table, cross_attention_layers
+from .attacks import ATTACKS, EVAL_SEEDS, attack as run_attack, unattacked
+from .attacks.table import summary as attack_summary
 from .embed import POOLS, spaces
 from .grid import connect, run_grid, sweep_grid
 from .judges import Judge
 from .methods import METHODS, defaults, erase
 from .methods.esd import PRESETS as ESD_PRESETS
-from .plots import method_comparison, subset_bars, sweep_heatmap
+from .plots import image_grid, method_comparison, subset_bars, sweep_heatmap
 from .plots import attention_grid, trace_sites, trace_tokens
 from .profile import profile_of
 from .project import LandingMap
@@ -436,13 +439,61 @@ class SubsetPanel(Panel):
         table = ffn_vs_attention(self.pipe, concepts, seeds=range(seeds), judge=self.judge, lr=lr,
                                  steps=steps, per_prompt=per_prompt, per_other=max(1, per_prompt // 2),
                                  progress=False, on_run=step)
-        return {"table": table, "summary": aggregate(table), "finding": finding(table)}
+        return {"table": table, "summary": aggregate(table),
+                "finding": finding(table, profile_of(self.pipe).concept_set())}
 
     def summary(self, result: dict[str, Any]) -> str:
         return result["finding"].splitlines()[0]
 
     def show(self, result: dict[str, Any]) -> list[Any]:
         return [subset_bars(result["table"]), result["summary"].round(3), Markdown(result["finding"])]
+
+
+class AttackPanel(Panel):
+    """Erase a concept, attack the erasure, and show what comes back: images of the held-out prompts on
+    the unedited model, the erased model and under the attack (first evaluation seed), and the success
+    rates with their 95% intervals over every evaluation seed."""
+
+    title = "Does it come back? Attack an erasure"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        return {
+            "concept": _concept_control(self.pipe),
+            "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
+            "attack": w.Dropdown(options=list(ATTACKS), value="derived", description="attack"),
+            "budget": w.IntSlider(value=40, min=1, max=400, description="budget (steps / etas)"),
+            "seeds": w.IntSlider(value=2, min=1, max=len(EVAL_SEEDS), description="evaluation seeds"),
+        }
+
+    def stages(self, values: dict[str, Any]) -> int:
+        return 3
+
+    def compute(self, step: Callable[[str], None], concept: str, method: str, attack: str, budget: int,
+                seeds: int) -> Any:
+        if self.judge is None:
+            raise ValueError("an attack is judged: pass a judge, e.g. AttackPanel(pipe, profile_of(pipe).judge())")
+        eval_seeds = EVAL_SEEDS[:seeds]
+        edit = erase(self.pipe, concept, method, progress=False)
+        step(f"erased {concept} with {method}")
+        plain, images = unattacked(self.pipe, edit, concept, self.judge, eval_seeds)
+        step("judged the unedited and the erased model")
+        result = run_attack(self.pipe, edit, concept, self.judge, attack,
+                            None if attack == "derived" else budget, eval_seeds=eval_seeds)
+        step(f"{attack}: {result.rate}")
+        table = pd.concat([plain, result.table], ignore_index=True).assign(method=method)
+        return {"edit": edit, "images": images, "attack": result, "rates": attack_summary(table)}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        r = result["attack"]
+        return f"{r.name} on {r.concept}: {r.rate}"
+
+    def show(self, result: dict[str, Any]) -> list[Any]:
+        r = result["attack"]
+        m = len(r.crafted.prompts)
+        rows = [result["images"]["unedited"][:m], result["images"]["none"][:m], r.images[:m]]
+        grid = image_grid(rows, ["unedited", "erased", r.name], [p[:28] for p in r.table["prompt"][:m]])
+        rates = result["rates"][["attack", "rate", "lo", "hi", "k", "n", "units"]].round(3)
+        return [grid, rates, Markdown("Attack prompts: " + "; ".join(f"`{p}`" for p in r.crafted.prompts))]
 
 
 #: The erasures a localisation panel compares against the unedited model ("none": only the unedited one).
