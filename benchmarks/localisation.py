@@ -7,6 +7,7 @@ and ESD through UNet FFNs, self-attention and cross-attention.
     python benchmarks/localisation.py --subsets        # ESD through UNet FFN / self- / cross-attention, 3 seeds
     python benchmarks/localisation.py --figures docs/gallery   # the README gallery's localisation figures
     python benchmarks/localisation.py --sd14           # the same timing rows on the SD 1.4-shaped pipeline
+    python benchmarks/localisation.py --rows esd-x,trace   # some of the timing rows
     python benchmarks/localisation.py --threads 1      # torch threads (the machine's cores by default)
 
 Peak memory is the row's process's maximum resident set size (the model loaded included). Rates are
@@ -84,8 +85,10 @@ def row(name: str, sd14: bool) -> dict:
     return {"row": name, "seconds": time.perf_counter() - t0, "peak_gb": peak_gb(), "what": info}
 
 
-def timing(sd14: bool, threads: int | None) -> None:
-    names = [*PRESETS, "trace", "trace+tokens", "attention"]
+ROWS = (*PRESETS, "trace", "trace+tokens", "attention")
+
+
+def timing(sd14: bool, threads: int | None, names: list[str]) -> None:
     print(f"| row ({'SD 1.4-shaped' if sd14 else 'toy'}) | what | seconds | peak memory | target |")
     print("|---|---|---|---|---|")
     for name in names:
@@ -166,7 +169,7 @@ def figures(folder: Path) -> None:
     traces, maps = {"before": trace(pipe, "apple", prompt, judge, tokens=True)}, {"before": maps_of(pipe, prompt, "apple")}
     for name, edit in edits.items():
         with edit.apply(pipe):
-            traces[f"after {name}"] = trace(pipe, "apple", prompt, judge, tokens=True)
+            traces[f"after {name}"] = trace(pipe, "apple", prompt, judge)
             maps[f"after {name}"] = maps_of(pipe, prompt, "apple")
     save(trace_sites(list(traces.values()), list(traces)), folder / "08_causal_trace.png")
     save(trace_tokens(traces["before"]), folder / "08_causal_trace_tokens.png")
@@ -179,6 +182,7 @@ def main() -> None:
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--sd14", action="store_true")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--rows", default=",".join(ROWS), help="timing rows to run, comma-separated")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--per-concept", type=int, default=8)
     ap.add_argument("--per-other", type=int, default=4)
@@ -198,7 +202,7 @@ def main() -> None:
     elif args.figures:
         figures(args.figures)
     else:
-        timing(args.sd14, args.threads)
+        timing(args.sd14, args.threads, args.rows.split(","))
 
 
 if __name__ == "__main__":

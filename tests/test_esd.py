@@ -79,3 +79,13 @@ def test_unet_subsets_run_esd_through_ffn_self_and_cross_attention(toy):
     assert table["subset"].tolist() == list(UNET_SUBSETS)
     for row in table.itertuples():
         assert set(row.parts_edited) == set(select(toy, UNET_SUBSETS[row.subset]))
+
+
+def test_an_attack_runs_on_an_esd_edit(toy, oracle):
+    from workbench.attacks import attack
+
+    before = state_of(toy)
+    edit = esd(toy, "apple", preset="esd-x", iterations=2, sample_steps=2, lr=1e-4, progress=False)
+    result = attack(toy, edit, "apple", oracle, "derived", eval_seeds=[7000])
+    assert len(result.table) == 3 and 0 <= result.rate.rate <= 1
+    assert same_state(toy, before)
