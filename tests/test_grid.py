@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from conftest import same_state, state_of
 from workbench import build_tiny_sd, load
 from workbench.cli import main
 from workbench.concepts import ConceptSet
 from workbench.edits import versions
-from workbench.grid import Grid, plan, run_grid
+from workbench.grid import Grid, local_cluster, plan, run_grid
 from workbench.profile import Profile, attach
 from workbench.store import Store, load_results, status
 from workbench.sweep import layer_sweep
@@ -45,11 +45,17 @@ def alive(pid: int) -> bool:
     return True
 
 
+def models_loaded() -> int:
+    """How many models this process has loaded for grid runs (run on a worker)."""
+    from workbench import grid
+
+    return len(grid._PROCESS.pipes)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """Two worker processes, one thread each, each declaring one GPU (so tasks that ask for one run)."""
-    local = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                         resources={"GPU": 1})
+    local = local_cluster(2, dashboard_address=":0", resources={"GPU": 1})
     client = Client(local)
     yield client
     pids = list(client.run(os.getpid).values())  # the nannies live in this process
@@ -78,6 +84,8 @@ def test_a_twelve_run_grid_gives_the_same_rows_on_a_cluster_as_in_process(both, 
     assert here["error"].isna().all() and there["error"].isna().all(), there["error"].dropna().tolist()
     assert set(there["worker"]) <= set(cluster.scheduler_info()["workers"]) and os.getpid() not in set(there["pid"])
     assert set(here["worker"]) == {"in-process"} and set(here["pid"]) == {os.getpid()}
+    assert list(cluster.run(models_loaded).values()) == [1, 1]  # each worker loaded the model once
+    assert set(cluster.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}  # torch's pace
     a, b = findings(here), findings(there)
     assert list(a.columns) == list(b.columns)
     floats = ["dW", "dW_relative", "efficacy", "preservation", "accuracy", "base_accuracy"]

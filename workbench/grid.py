@@ -237,7 +237,8 @@ def _name_problems(grid: Grid, pipe) -> list[str]:
     if measure is not None:
         unknown = [k for k in measure if k not in MEASURE]
         if unknown:
-            problems.append(f"measure has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(MEASURE)}")
+            problems.append(f"measure has no setting {', '.join(map(repr, unknown))}; "
+                            f"its settings: {', '.join(MEASURE)}")
     return problems
 
 
@@ -270,8 +271,8 @@ def _layerwise_problems(pipe, entry: dict) -> list[str]:
     for comp in as_list(entry[kinds[0]]):
         found = _layers_with(pipe, comp, entry.get("within", "*"))
         if not found:
-            problems.append(f"component {comp!r} is in no layer{' within ' + repr(entry['within']) if 'within' in entry else ''}; "
-                            f"components: {', '.join(_components(pipe))}")
+            where = f" within {entry['within']!r}" if "within" in entry else ""
+            problems.append(f"component {comp!r} is in no layer{where}; components: {', '.join(_components(pipe))}")
             continue
         bad = [i for i in entry.get("layers") or [] if not isinstance(i, int) or not 0 <= i < len(found)]
         if bad:
@@ -446,13 +447,17 @@ def _determinism(threads: int, seed: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def execute(run: Run, context: _Context | None = None, worker: str = "in-process") -> dict[str, Any]:
-    """Run one grid run and return its row; a run that raises returns a row with its ``error``."""
+def execute(run: Run, context: _Context | None = None, worker: str = "in-process",
+            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one grid run and return its row; a run that raises returns a row with its ``error``.
+    ``baseline``: the unedited model's scores on the run's concept, when measured elsewhere."""
     t0 = time.perf_counter()
     try:
         with _LOCK:
             pipe = (context or _PROCESS).pipe(run.model)
             measurer = (context or _PROCESS).measurer(pipe, run.measure)
+            if baseline is not None:
+                measurer.baselines.setdefault(run.spec.concept, baseline)
             with _determinism(run.threads, run.spec.seed):
                 row, error, trace = run_one(pipe, run.spec, run.method, measurer, run.knobs), None, None
     except Exception as exc:  # the row records it; the sweep goes on
@@ -469,22 +474,31 @@ def _planned(run: Run) -> dict[str, Any]:
                 component=s.component, cumulative=s.cumulative)
 
 
-def _about(run: Run, worker: str) -> dict[str, Any]:
+def _about(run: Run, worker: str | None) -> dict[str, Any]:
     return dict(key=run.key, model=run.model["model"], knobs=run.knobs, config=run.config(),
                 host=socket.gethostname(), worker=worker, pid=os.getpid(),
                 finished=datetime.now(timezone.utc).isoformat())
 
 
 def _failed(run: Run, exc: BaseException) -> dict[str, Any]:
-    """The row of a run whose task never returned (its worker died, the cluster went away)."""
-    return {**_planned(run), **_about(run, "(lost)"), "host": None, "pid": None, "run_seconds": float("nan"),
+    """The row of a run whose task returned no row (its workers kept dying, the baseline it needed
+    failed, the cluster went away)."""
+    return {**_planned(run), **_about(run, None), "host": None, "pid": None, "run_seconds": float("nan"),
             "error": f"{type(exc).__name__}: {exc}", "traceback": None}
 
 
-def _execute_on_worker(run: Run) -> dict[str, Any]:
+def _execute_on_worker(run: Run, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     from distributed import get_worker
 
-    return execute(run, _PROCESS, get_worker().address)
+    return execute(run, _PROCESS, get_worker().address, baseline)
+
+
+def _baseline_on_worker(run: Run) -> dict[str, Any]:
+    """The unedited model's scores on ``run``'s concept, with ``run``'s measurement settings."""
+    with _LOCK:
+        pipe = _PROCESS.pipe(run.model)
+        with _determinism(run.threads, run.spec.seed):
+            return _PROCESS.measurer(pipe, run.measure).baseline(pipe, run.spec.concept)
 
 
 def _plan_on_worker(grid: dict[str, Any]) -> list[Run]:
@@ -510,8 +524,7 @@ def run_grid(grid: Grid | dict | str | os.PathLike, out: str | os.PathLike, *, p
     client, close = connect(cluster) if cluster is not None else (None, None)
     try:
         dashboard = _dashboard(client, log)
-        runs = plan(grid, pipe if pipe is not None else _PROCESS.pipe(grid.model_spec())) if client is None \
-            else client.submit(_plan_on_worker, grid.to_dict(), resources=resources, pure=False).result()
+        runs = _plan_where(grid, pipe, client, resources)
         store.save_plan(grid.to_dict(), [r.key for r in runs])
         skip = store.done() | (set() if retry_failed else store.failed())
         todo = [r for r in runs if r.key not in skip]
@@ -524,6 +537,14 @@ def run_grid(grid: Grid | dict | str | os.PathLike, out: str | os.PathLike, *, p
         if close is not None:
             close()
     return _results(out, runs, ran=len(todo), skipped=len(runs) - len(todo), dashboard=dashboard)
+
+
+def _plan_where(grid: Grid, pipe, client, resources: dict[str, float] | None) -> list[Run]:
+    """Plan here (on ``pipe``, or on this process's copy of the model) or on a worker of the cluster,
+    which loads the model it will run on anyway."""
+    if client is None:
+        return plan(grid, pipe if pipe is not None else _PROCESS.pipe(grid.model_spec()))
+    return client.submit(_plan_on_worker, grid.to_dict(), resources=resources, pure=False).result()
 
 
 def _in_process(runs: list[Run], store: Store, context: _Context, progress: bool,
@@ -539,8 +560,9 @@ def _on_dask(runs: list[Run], store: Store, client, resources: dict[str, float] 
     from distributed import as_completed
 
     batch = uuid.uuid4().hex[:6]
-    futures = [client.submit(_execute_on_worker, run, key=f"run-{run.key}-{batch}", resources=resources,
-                             pure=False) for run in runs]
+    baselines = _baselines(runs, client, resources, batch)
+    futures = [client.submit(_execute_on_worker, run, baselines.get(_baseline_key(run)),
+                             key=f"run-{run.key}-{batch}", resources=resources, pure=False) for run in runs]
     by_key = {f.key: run for f, run in zip(futures, runs)}
     for future in tqdm(as_completed(futures), total=len(futures), desc="grid", disable=not progress):
         run = by_key[future.key]
@@ -552,6 +574,22 @@ def _on_dask(runs: list[Run], store: Store, client, resources: dict[str, float] 
         future.release()
         if on_run is not None:
             on_run(run.label())
+
+
+def _baseline_key(run: Run) -> str:
+    return _text([run.model, run.measure, run.threads, run.spec.concept])
+
+
+def _baselines(runs: list[Run], client, resources: dict[str, float] | None, batch: str) -> dict[str, Any]:
+    """One task per concept (and model and measurement settings) measuring the unedited model, whose
+    result every run of that concept receives: measured once for the cluster, not once per worker."""
+    out = {}
+    for run in runs:
+        key = _baseline_key(run)
+        if run.measure is not None and key not in out:
+            out[key] = client.submit(_baseline_on_worker, run, key=f"baseline-{run.key}-{batch}",
+                                     resources=resources, pure=False)
+    return out
 
 
 def _results(out: str | os.PathLike, runs: list[Run], **attrs: Any) -> pd.DataFrame:
@@ -566,13 +604,13 @@ def _results(out: str | os.PathLike, runs: list[Run], **attrs: Any) -> pd.DataFr
 
 def connect(cluster: Any) -> tuple[Any, Callable[[], None]]:
     """A Dask client for ``cluster`` and what closes what was started here (a given client stays open)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if isinstance(cluster, Client):
         return cluster, lambda: None
     text = str(cluster)
     if text.startswith("local:") and text[6:].isdigit() and int(text[6:]) > 0:
-        local = LocalCluster(n_workers=int(text[6:]), threads_per_worker=1, processes=True)
+        local = local_cluster(int(text[6:]))
         client = Client(local)
         return client, lambda: (client.close(), local.close())
     if "://" in text:
@@ -580,6 +618,22 @@ def connect(cluster: Any) -> tuple[Any, Callable[[], None]]:
         return client, client.close
     raise ValueError(f"unknown cluster {cluster!r}; give 'local:N' (N worker processes here), a scheduler "
                      "address such as 'tcp://host:8786', or a distributed.Client")
+
+
+#: Dask's nanny gives each worker MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap
+#: threshold: every large tensor torch frees is unmapped and mapped again, and a toy run took twice as long.
+#: For `dask worker`, the same setting is in data/grids/dask.yaml (DASK_CONFIG=data/grids/dask.yaml).
+_NO_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def local_cluster(n_workers: int, **kwargs: Any):
+    """A Dask ``LocalCluster`` for grid runs: ``n_workers`` processes of one thread each, with glibc's
+    default memory trimming (``kwargs`` go to ``LocalCluster``, e.g. ``dashboard_address=":0"``)."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(_NO_TRIM):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, **kwargs)
 
 
 def _dashboard(client, log: Callable[[str], None]) -> str | None:

@@ -155,16 +155,22 @@ class _Measurer:
         """The run's scores (empty when not measuring) and the seconds they took."""
         if self.judge is None:
             return {"eval_seconds": float("nan")}
+        before = self.baseline(pipe, concept)
+        t0 = time.perf_counter()
+        scores = evaluate(pipe, self.judge, concept, edit=edit, before=before,
+                          concept_set=self.concept_set, **self.settings)
+        return {**{k: v for k, v in scores.items() if k not in ("others", "settings")},
+                "eval_seconds": time.perf_counter() - t0}
+
+    def baseline(self, pipe, concept: str) -> dict:
+        """The unedited model's scores on ``concept``, measured on first use (a grid's workers are given
+        them instead: one measurement per concept for the whole cluster)."""
         if concept not in self.baselines:
             t0 = time.perf_counter()
             self.baselines[concept] = evaluate(pipe, self.judge, concept, concept_set=self.concept_set,
                                                **self.settings)
             self.base_seconds += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores = evaluate(pipe, self.judge, concept, edit=edit, before=self.baselines[concept],
-                          concept_set=self.concept_set, **self.settings)
-        return {**{k: v for k, v in scores.items() if k not in ("others", "settings")},
-                "eval_seconds": time.perf_counter() - t0}
+        return self.baselines[concept]
 
 
 def _run_table(pipe, runs: Sequence[_Run], method: str, measure: _Measurer, progress: bool,

@@ -362,8 +362,9 @@ class SweepPanel(Panel):
         table = result["table"]
         cols = [c for c in ("part", "component", "layer", "seed", "efficacy", "preservation", "drift", "dW",
                             "dW_relative", "seconds") if c in table]
-        link = [Markdown(f"Dask dashboard: [{result['dashboard']}]({result['dashboard']})")] if result.get("dashboard") else []
-        return [*link, sweep_heatmap(table, result["value"]), table[cols].round(3)]
+        link = result.get("dashboard")
+        board = [Markdown(f"Dask dashboard: [{link}]({link})")] if link else []
+        return [*board, sweep_heatmap(table, result["value"]), table[cols].round(3)]
 
 
 class LandingPanel(Panel):
