@@ -112,7 +112,7 @@ def _others(pipe, judge, cs, concept: str, n: int) -> dict[str, int]:
     return {o: _seen(pipe, judge, cs, o, n)[0] for o in cs.names if o != concept}
 
 
-def quality(per_concept: int, per_other: int) -> None:
+def quality(per_concept: int, per_other: int, presets: list[str]) -> None:
     """ESD's four presets with the toy defaults and each preset's toy learning rate (TOY_ESD_LR), each
     concept erased with its own training seed."""
     pipe = workbench.load("toy")
@@ -123,7 +123,7 @@ def quality(per_concept: int, per_other: int) -> None:
     print("| preset | concept | seed | seconds | concept seen (before -> after) | others seen after / before |")
     print("|---|---|---|---|---|---|")
     summary = {}
-    for preset in PRESETS:
+    for preset in presets:
         seen, kept, before_kept, seconds = [], [], [], []
         for seed, concept in enumerate(CONCEPTS):
             edit = erase(pipe, concept, "esd", preset=preset, lr=TOY_ESD_LR[preset], seed=seed, progress=False)
@@ -185,7 +185,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="timing rows to run, comma-separated")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--per-concept", type=int, default=8)
-    ap.add_argument("--per-other", type=int, default=4)
+    ap.add_argument("--per-other", type=int, default=2)
+    ap.add_argument("--presets", default=",".join(PRESETS), help="the quality table's presets, comma-separated")
     ap.add_argument("--subsets", action="store_true")
     ap.add_argument("--concepts", default="apple,car,cat")
     ap.add_argument("--seeds", default="0,1,2")
@@ -196,7 +197,7 @@ def main() -> None:
     if args.row:
         print(json.dumps(row(args.row, args.sd14)))
     elif args.quality:
-        quality(args.per_concept, args.per_other)
+        quality(args.per_concept, args.per_other, args.presets.split(","))
     elif args.subsets:
         subsets(args.concepts.split(","), [int(s) for s in args.seeds.split(",")])
     elif args.figures:
