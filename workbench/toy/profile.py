@@ -69,8 +69,8 @@ TOY_FEWSHOT = {"lr": TOY_FEWSHOT_LR, "eps": 1e-8, "weight_decay": 0.0, "latent":
 
 #: ESD's learning rate on the toy model per preset. esd-u and esd-all train 104 and 132 parts, convolutions
 #: included, and at esd-x's rate erase neighbours too (5e-5 for 40 iterations: banana 0-50% and moon 0-25% of
-#: 4 images after erasing apple or car); at the paper's 1e-5 esd-x erases only in part
-#: (benchmarks/localisation.py --quality).
+#: 4 images after erasing apple or car); esd-x at 3e-5 for 60 iterations left cat in 4 of 4 images
+#: (benchmarks/localisation.py --quality measures these rates).
 TOY_ESD_LR = {"esd-x": 1e-4, "esd-x-strict": 1e-4, "esd-u": 1e-5, "esd-all": 1e-5}
 #: ESD on the toy: 100 iterations (the paper's 1,000 take minutes here; 40 left dog in 6 of 8 held-out
 #: images, 100 in none) with x_t from up to 10 DDIM steps, at esd-x's rate (give another preset its rate
