@@ -167,6 +167,8 @@ def test_a_grid_with_an_unknown_method_concept_or_selector_is_refused_before_any
         plan({**GRID, "seeds": [0, 1234]}, toy)
     with pytest.raises(ValueError, match="component 'fn' is in no layer; components: attn, ffn"):
         plan({**GRID, "parts": [{"per_layer": "fn"}]}, toy)
+    with pytest.raises(ValueError, match="parts names method 'fewshot', which the grid does not run"):
+        plan({**GRID, "parts": {"fewshot": ["text.*.ffn"]}}, toy)
     with pytest.raises(ValueError, match="unknown key.*'concept'.*its keys: concepts, methods"):
         Grid.of({"concept": ["apple"], "methods": ["uce"]})
 

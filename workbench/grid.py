@@ -2,7 +2,8 @@
 
 A grid is a dict or a YAML file (``data/grids/toy.yaml``)::
 
-    model: toy                    # or a diffusers folder / hub id; also dtype, device, concept_set, judge
+    model: toy                    # or a diffusers folder / hub id; also dtype, device (cpu, cuda, auto),
+                                  # concept_set and judge (a CLIP folder / hub id) for Stable Diffusion
     concepts: [apple, car]
     methods: [uce, rece]
     parts:                        # each entry is one run's scope (a dict method -> entries: per method)
@@ -200,6 +201,9 @@ def plan(grid: Grid | dict | str | os.PathLike, pipe) -> list[Run]:
 
 def _problems(grid: Grid, pipe) -> list[str]:
     problems = _name_problems(grid, pipe)
+    if isinstance(grid.parts, dict):
+        problems += [f"parts names method {m!r}, which the grid does not run (it runs {', '.join(grid.methods)})"
+                     for m in grid.parts if m not in grid.methods]
     for method in grid.methods:
         for entry in grid.parts_for(method) if method in METHODS else []:
             problems += _part_problems(pipe, entry)
