@@ -4,6 +4,7 @@
     python benchmarks/claims.py --part lens         # where does few-shot unlearning take hold in the lens? (5 min)
     python benchmarks/claims.py --part cumulative   # does UCE need the edit spread over all layers? (10 min)
     python benchmarks/claims.py --part drift        # do erased objects drift to related ones? (5 min)
+    python benchmarks/claims.py --part drift --methods fewshot   # the same after few-shot unlearning only
 
 empty: for each concept and method (UCE, RECE), the rank of "" among the toy vocabulary plus "" as the
 erased concept's neighbour in the mid-block key space, after the edit (and before). lens: the share of
@@ -107,10 +108,10 @@ def cumulative(pipe, judge) -> None:
         print(f"| {layer} | " + " | ".join(cells) + " |")
 
 
-def drift(pipe, judge) -> None:
+def drift(pipe, judge, methods: tuple[str, ...] = ("rece", "fewshot")) -> None:
     cs = profile_of(pipe).concept_set()
     objects = [c for c in cs.names if cs.kind(c) == "object"]
-    for method in ("rece", "fewshot"):
+    for method in methods:
         parts = []
         for concept in objects:
             edit = erase(pipe, concept, method, progress=False) if method == "fewshot" else erase(pipe, concept, method)
@@ -133,12 +134,14 @@ def drift(pipe, judge) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["empty", "lens", "cumulative", "drift", "all"], default="all")
+    ap.add_argument("--methods", nargs="+", default=["rece", "fewshot"], choices=["rece", "fewshot"],
+                    help="the drift part's methods")
     args = ap.parse_args(argv)
     pipe = workbench.load("toy")
     judge = profile_of(pipe).judge()
     start = time.perf_counter()
     for name, fn in (("empty", lambda: empty(pipe)), ("lens", lambda: lens_part(pipe, judge)),
-                     ("cumulative", lambda: cumulative(pipe, judge)), ("drift", lambda: drift(pipe, judge))):
+                     ("cumulative", lambda: cumulative(pipe, judge)), ("drift", lambda: drift(pipe, judge, tuple(args.methods)))):
         if args.part in (name, "all"):
             print(f"### {name}\n")
             fn()

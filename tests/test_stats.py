@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from workbench.concepts import ConceptSet
-from workbench.metrics import drift_test
-from workbench.stats import MIN_UNITS, cluster_rate, difference, enough, rates, wilson
+from workbench.metrics import _preservation_interval, _scores, drift_test
+from workbench.stats import MIN_UNITS, cluster_rate, difference, enough, rates, ratio, wilson, with_intervals
 from workbench.sweep import finding
 
 
@@ -63,3 +63,26 @@ def test_finding_says_there_is_too_little_data_rather_than_giving_a_verdict():
 def test_enough_names_what_is_missing():
     assert enough(12, 96) is None
     assert "1 concept x seed unit(s), 4 images" in enough(1, 4)
+
+
+def test_scores_carry_the_efficacy_interval_over_their_images_and_preservation_over_other_concepts():
+    cs = ConceptSet.of(objects=["apple", "banana", "cherry", "pear", "car", "cat", "dog"],
+                       groups={"fruit": ["apple", "banana", "cherry", "pear"], "vehicle": ["car"],
+                               "animal": ["cat", "dog"]})
+    others = ["banana", "cherry", "pear", "car", "cat"]
+    preds = [("apple", "apple"), ("apple", "pear"), ("apple", "cat"), ("apple", "car")]
+    preds += [(c, c) for c in others for _ in range(2)]
+    preds[-1] = ("cat", "dog")
+    before = {"accuracy": 1.0, "others": {c: 1.0 for c in others}}
+    s = _scores(preds, "apple", others, before, cs)
+    assert (s["efficacy"], s["efficacy_lo"], s["efficacy_hi"]) == (0.75, wilson(3, 4).lo, wilson(3, 4).hi)
+    assert s["preservation"] == pytest.approx(0.9)
+    assert (s["preservation_lo"], s["preservation_hi"]) == ratio([2, 2, 2, 2, 1], [2] * 5)[1:]
+    # fewer other concepts than a bootstrap can use: no interval rather than a degenerate one
+    assert all(v != v for v in _preservation_interval(preds[:6], "apple", before["others"]).values())
+
+
+def test_a_table_with_intervals_prints_each_rate_once_with_its_interval():
+    t = pd.DataFrame({"part": ["a", "b"], "efficacy": [1.0, float("nan")], "efficacy_lo": [0.51, float("nan")],
+                      "efficacy_hi": [1.0, float("nan")], "drift": [0.1, 0.2]})
+    assert with_intervals(t).values.tolist() == [["a", "100% [51, 100]", 0.1], ["b", "n/a", 0.2]]

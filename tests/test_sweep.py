@@ -165,8 +165,8 @@ def test_figures_save(tmp_path, suffix):
 
 
 def test_bad_input_is_explained(toy):
-    with pytest.raises(ValueError, match="unknown method 'esd'.*rece, uce, fewshot"):
-        layer_sweep(toy, "apple", method="esd", measure=False, progress=False)
+    with pytest.raises(ValueError, match="unknown method 'ablate'.*rece, uce, fewshot, esd"):
+        layer_sweep(toy, "apple", method="ablate", measure=False, progress=False)
     with pytest.raises(ValueError, match="component 'mlp' matches nothing.*attn, ffn"):
         layer_sweep(toy, "apple", components=["mlp"], measure=False, progress=False)
     with pytest.raises(ValueError, match="component 'ffn' matches nothing"):

@@ -35,7 +35,7 @@ from .concepts import KINDS, ConceptSet
 from .judges import Judge
 from .profile import profile_of
 from .sampling import generate
-from .stats import LEVEL, RESAMPLES, SEED, ratio
+from .stats import LEVEL, MIN_UNITS, RESAMPLES, SEED, ratio, wilson
 
 
 def _concept_set(pipe, concept_set: ConceptSet | None) -> ConceptSet:
@@ -228,9 +228,11 @@ def evaluate(pipe, judge: Judge, concept: str, edit=None, others: Sequence[str] 
     function's result on the unedited model with the same settings; it is measured first when not
     given, so pass it when scoring many edits.
 
-    Returns ``accuracy`` (the judge's accuracy on the concept), ``efficacy`` (1 - accuracy),
-    ``base_accuracy``, ``preservation`` (accuracy on the others as a share of the unedited model's;
-    also ``_related`` and ``_unrelated``), ``drift`` and ``drift_chance`` (see :func:`drift`),
+    Returns ``accuracy`` (the judge's accuracy on the concept), ``efficacy`` (1 - accuracy) with
+    ``efficacy_lo`` and ``efficacy_hi`` (Wilson's 95% interval over its ``n_images``), ``base_accuracy``,
+    ``preservation`` (accuracy on the others as a share of the unedited model's; also ``_related`` and
+    ``_unrelated``) with ``preservation_lo`` and ``preservation_hi`` (paired bootstrap over the other
+    concepts; NaN with fewer than :data:`~workbench.stats.MIN_UNITS` of them), ``drift`` and ``drift_chance`` (see :func:`drift`),
     ``n_images``, ``labels`` (the judge's label for each image of the concept) and ``others`` (accuracy per
     other concept).
     """
@@ -258,6 +260,21 @@ def _settings(concept: str, others: list[str], per_prompt: int, per_other: int, 
     return {"others": others, "per_prompt": per_prompt, "per_other": per_other, "seed": seed}
 
 
+def _preservation_interval(preds: list[tuple[str, str]], concept: str, base: dict[str, float]) -> dict:
+    """``preservation_lo`` and ``preservation_hi``: a paired bootstrap over the other concepts of their
+    hits after over their hits before (the same images' count on both sides)."""
+    counts: dict[str, list[int]] = {}
+    for c, label in preds:
+        if c != concept:
+            counts.setdefault(c, [0, 0])
+            counts[c][0] += label == c
+            counts[c][1] += 1
+    if len(counts) < MIN_UNITS or not any(base[c] for c in counts):
+        return {"preservation_lo": float("nan"), "preservation_hi": float("nan")}
+    _, lo, hi = ratio([h for h, _ in counts.values()], [base[c] * n for c, (_, n) in counts.items()])
+    return {"preservation_lo": lo, "preservation_hi": hi}
+
+
 def _scores(preds: list[tuple[str, str]], concept: str, others: list[str], before: dict | None,
             cs: ConceptSet) -> dict:
     """:func:`evaluate`'s numbers from the judge's labels (and the baseline's, when given)."""
@@ -267,11 +284,15 @@ def _scores(preds: list[tuple[str, str]], concept: str, others: list[str], befor
     near = set(cs.related(concept))
     split = {"related": [c for c in others if c in near], "unrelated": [c for c in others if c not in near]}
     accuracy_now = float(np.mean([label == concept for label in own]))
+    erased = wilson(sum(label != concept for label in own), len(own))
     return {
         "accuracy": accuracy_now,
         "efficacy": 1.0 - accuracy_now,
+        "efficacy_lo": erased.lo,
+        "efficacy_hi": erased.hi,
         "base_accuracy": before["accuracy"] if before is not None else accuracy_now,
         "preservation": preservation(acc, base) if others else float("nan"),
+        **_preservation_interval(preds, concept, base),
         **{f"preservation_{k}": preservation({c: acc[c] for c in group}, {c: base[c] for c in group})
            if group else float("nan") for k, group in split.items()},
         **drift(own, concept, cs),

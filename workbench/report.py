@@ -8,6 +8,8 @@ This is what ``workbench demo``, the quickstart panel and the method comparison 
 >>> result = erase_and_measure(pipe, None, "apple", "uce", concepts=["apple", "pear"], per_prompt=2)
 >>> result.table()[["concept", "before", "after"]].shape
 (2, 3)
+>>> list(result.printed().columns)
+['concept', 'kind', 'group', 'erased', 'n', 'before', 'after [95% interval]']
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .metrics import accuracy, preservation
 from .plots import accuracy_bars, image_grid
 from .profile import profile_of
 from .sampling import generate
+from .stats import MIN_UNITS, Rate, ratio, wilson, with_intervals
 
 
 def showcase(pipe, concept: str) -> list[str]:
@@ -75,11 +78,37 @@ class Erasure:
         """Accuracy on the other concepts after the edit, as a fraction of before."""
         return preservation({c: self.after[c] for c in self.others}, {c: self.before[c] for c in self.others})
 
+    @property
+    def efficacy_rate(self) -> Rate:
+        """Efficacy as ``k`` erased of ``n`` images with Wilson's 95% interval."""
+        return wilson(round(self.efficacy * self.per_prompt), self.per_prompt)
+
+    @property
+    def preservation_interval(self) -> tuple[float, float]:
+        """Preservation's 95% interval, a paired bootstrap over the other concepts (NaN with fewer than
+        :data:`~workbench.stats.MIN_UNITS` of them)."""
+        if len(self.others) < MIN_UNITS:
+            return float("nan"), float("nan")
+        _, lo, hi = ratio([self.after[c] * self.per_prompt for c in self.others],
+                          [self.before[c] * self.per_prompt for c in self.others])
+        return lo, hi
+
     def table(self) -> pd.DataFrame:
-        """One row per concept measured: kind, group, accuracy before and after."""
+        """One row per concept measured: kind, group, images per concept (``n``), accuracy before and after,
+        and the after accuracy's Wilson 95% interval (``after_lo``, ``after_hi``)."""
         cs = self.concept_set
-        return pd.DataFrame([{"concept": c, "kind": cs.kind(c), "group": cs.group(c), "erased": c == self.concept,
-                              "before": self.before[c], "after": self.after[c]} for c in self.before])
+        rows = []
+        for c in self.before:
+            after = wilson(round(self.after[c] * self.per_prompt), self.per_prompt)
+            rows.append({"concept": c, "kind": cs.kind(c), "group": cs.group(c), "erased": c == self.concept,
+                         "n": self.per_prompt, "before": self.before[c], "after": self.after[c],
+                         "after_lo": after.lo, "after_hi": after.hi})
+        return pd.DataFrame(rows)
+
+    def printed(self) -> pd.DataFrame:
+        """:meth:`table` as a paper prints it: accuracies as percentages, the after one with its interval."""
+        t = with_intervals(self.table())
+        return t.assign(before=[f"{b:.0%}" for b in t["before"]]).rename(columns={"after": "after [95% interval]"})
 
     def figure(self) -> Figure:
         return accuracy_bars(self.before, self.after, f"{self.edit.method} erases {self.concept!r}")
@@ -130,16 +159,20 @@ def erase_and_measure(pipe, judge: Judge | None, concept: str, method: str = "re
 
 def compare(pipe, judge: Judge | None, concepts: Sequence[str], methods: Sequence[str] = ("rece", "uce", "fewshot"),
             per_prompt: int = 4, seed: int = 0, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Erase each concept with each method; one row per (method, concept): accuracy on the concept
-    before and after, efficacy (1 - after), preservation of its neighbourhood, seconds, and the edit's total ``||dW||``.
+    """Erase each concept with each method; one row per (method, concept): images of the concept (``n``),
+    accuracy on it before and after, efficacy (1 - after) and preservation of its neighbourhood, each with
+    its 95% interval (``_lo``, ``_hi``; see :class:`Erasure`), seconds, and the edit's total ``||dW||``.
     ``on_step(label)`` is called after each erasure (for progress bars)."""
     rows = []
     for concept in concepts:
         for method in methods:
             r = erase_and_measure(pipe, judge, concept, method, per_prompt=per_prompt, seed=seed, progress=False)
             summary = r.edit.summary(pipe)
-            rows.append({"method": method, "concept": concept, "kind": r.concept_set.kind(concept),
-                         "before": r.before[concept], "after": r.after[concept], "efficacy": r.efficacy, "preservation": r.preservation,
+            lo, hi = r.preservation_interval
+            rows.append({"method": method, "concept": concept, "kind": r.concept_set.kind(concept), "n": per_prompt,
+                         "before": r.before[concept], "after": r.after[concept], "efficacy": r.efficacy,
+                         "efficacy_lo": r.efficacy_rate.lo, "efficacy_hi": r.efficacy_rate.hi,
+                         "preservation": r.preservation, "preservation_lo": lo, "preservation_hi": hi,
                          "seconds": r.edit.seconds, "dW": float((summary["dW"] ** 2).sum() ** 0.5),
                          "relative dW": float(summary["relative"].mean()), "parts": len(summary)})
             if on_step is not None:

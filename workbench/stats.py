@@ -66,6 +66,32 @@ def wilson(k: int, n: int, level: float = LEVEL) -> Rate:
     return Rate(k, n, max(0.0, centre - half), min(1.0, centre + half))
 
 
+def interval_cells(table: pd.DataFrame, column: str) -> list[str]:
+    """``table[column]`` with its ``{column}_lo`` and ``{column}_hi`` as printable cells.
+
+    >>> interval_cells(pd.DataFrame({"efficacy": [0.75], "efficacy_lo": [0.3], "efficacy_hi": [0.95]}), "efficacy")
+    ['75% [30, 95]']
+    """
+    missing = [c for c in (column, f"{column}_lo", f"{column}_hi") if c not in table.columns]
+    if missing:
+        raise KeyError(f"the table has no column {', '.join(missing)}; it has {', '.join(table.columns)}")
+    return [("n/a" if r != r else f"{r:.0%}") + ("" if lo != lo else f" [{lo * 100:.0f}, {hi * 100:.0f}]")
+            for r, lo, hi in zip(table[column], table[f"{column}_lo"], table[f"{column}_hi"])]
+
+
+def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with every column that has ``_lo`` and ``_hi`` columns printed as ``rate [lo, hi]`` (percent)
+    and those two columns dropped: the form a paper's table takes.
+
+    >>> t = pd.DataFrame({"part": ["a"], "efficacy": [0.75], "efficacy_lo": [0.3], "efficacy_hi": [0.95]})
+    >>> with_intervals(t).values.tolist()
+    [['a', '75% [30, 95]']]
+    """
+    rated = [c for c in table.columns if f"{c}_lo" in table.columns and f"{c}_hi" in table.columns]
+    out = table.assign(**{c: interval_cells(table, c) for c in rated})
+    return out.drop(columns=[f"{c}_{end}" for c in rated for end in ("lo", "hi")])
+
+
 def _z(level: float) -> float:
     """The two-sided normal quantile for ``level`` (1.96 for 0.95)."""
     from statistics import NormalDist

@@ -253,7 +253,7 @@ class ErasePanel(Panel):
         measured = result["measured"]
         if measured is None:
             return [result["grid"], result["edit"].summary(self.pipe)]
-        table = measured.table().style.format({"before": "{:.0%}", "after": "{:.0%}"}).hide(axis="index")
+        table = measured.printed().style.hide(axis="index")
         return [result["grid"], table, measured.figure()]
 
 
@@ -548,7 +548,7 @@ class EsdPanel(Panel):
         measured = result["measured"]
         if measured is None:
             return [result["grid"], result["edit"].summary(self.pipe)]
-        table = measured.table().style.format({"before": "{:.0%}", "after": "{:.0%}"}).hide(axis="index")
+        table = measured.printed().style.hide(axis="index")
         return [result["grid"], table, measured.figure()]
 
 
