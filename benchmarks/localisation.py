@@ -4,6 +4,7 @@ and ESD through UNet FFNs, self-attention and cross-attention.
 
     python benchmarks/localisation.py                  # the timing table (each row in a fresh process)
     python benchmarks/localisation.py --quality        # ESD presets on 8 concepts, rates with 95% intervals
+    python benchmarks/localisation.py --quality --presets esd-x --timestep reference   # the reference's t
     python benchmarks/localisation.py --subsets        # ESD through UNet FFN / self- / cross-attention, 3 seeds
     python benchmarks/localisation.py --figures docs/gallery   # the README gallery's localisation figures
     python benchmarks/localisation.py --sd14           # the same timing rows on the SD 1.4-shaped pipeline
@@ -30,7 +31,7 @@ import torch
 import workbench
 from workbench.attnmaps import attention_maps
 from workbench.methods import erase
-from workbench.methods.esd import PRESETS
+from workbench.methods.esd import PRESETS, TIMESTEPS
 from workbench.profile import profile_of
 from workbench.sampling import generate
 from workbench.stats import cluster_rate
@@ -112,9 +113,9 @@ def _others(pipe, judge, cs, concept: str, n: int) -> dict[str, int]:
     return {o: _seen(pipe, judge, cs, o, n)[0] for o in cs.names if o != concept}
 
 
-def quality(per_concept: int, per_other: int, presets: list[str]) -> None:
+def quality(per_concept: int, per_other: int, presets: list[str], timestep: str = "reached") -> None:
     """ESD's four presets with the toy defaults and each preset's toy learning rate (TOY_ESD_LR), each
-    concept erased with its own training seed."""
+    concept erased with its own training seed; ``timestep`` as in :func:`workbench.methods.esd.esd`."""
     pipe = workbench.load("toy")
     profile = profile_of(pipe)
     judge, cs = profile.judge(), profile.concept_set()
@@ -126,7 +127,8 @@ def quality(per_concept: int, per_other: int, presets: list[str]) -> None:
     for preset in presets:
         seen, kept, before_kept, seconds = [], [], [], []
         for seed, concept in enumerate(CONCEPTS):
-            edit = erase(pipe, concept, "esd", preset=preset, lr=TOY_ESD_LR[preset], seed=seed, progress=False)
+            edit = erase(pipe, concept, "esd", preset=preset, lr=TOY_ESD_LR[preset], seed=seed, timestep=timestep,
+                         progress=False)
             with edit.apply(pipe):
                 k, n = _seen(pipe, judge, cs, concept, per_concept)
                 others = _others(pipe, judge, cs, concept, per_other)
@@ -187,6 +189,7 @@ def main() -> None:
     ap.add_argument("--per-concept", type=int, default=8)
     ap.add_argument("--per-other", type=int, default=2)
     ap.add_argument("--presets", default=",".join(PRESETS), help="the quality table's presets, comma-separated")
+    ap.add_argument("--timestep", default="reached", choices=TIMESTEPS, help="the quality table's ESD timestep choice")
     ap.add_argument("--subsets", action="store_true")
     ap.add_argument("--concepts", default="apple,car,cat")
     ap.add_argument("--seeds", default="0,1,2")
@@ -197,7 +200,7 @@ def main() -> None:
     if args.row:
         print(json.dumps(row(args.row, args.sd14)))
     elif args.quality:
-        quality(args.per_concept, args.per_other, args.presets.split(","))
+        quality(args.per_concept, args.per_other, args.presets.split(","), args.timestep)
     elif args.subsets:
         subsets(args.concepts.split(","), [int(s) for s in args.seeds.split(",")])
     elif args.figures:

@@ -31,6 +31,8 @@ def test_bad_esd_input_lists_what_is_valid_and_changes_nothing(toy):
         esd(toy, "apple", parts="unet.*.mlp.z")
     with pytest.raises(ValueError, match="iterations must be positive"):
         esd(toy, "apple", iterations=0)
+    with pytest.raises(ValueError, match="timestep cannot be 'last'; choose one of reached, reference"):
+        esd(toy, "apple", timestep="last")
     assert same_state(toy, before)
 
 
@@ -47,6 +49,17 @@ def test_an_esd_edit_of_convolutions_and_biases_applies_and_reverts_exactly(toy)
     with edit.apply(toy):
         assert not same_state(toy, before)
     assert same_state(toy, before)
+
+
+def test_the_reference_timestep_is_drawn_from_the_schedules_slice_of_the_sampling_step():
+    from workbench.methods.esd import _Trainer
+
+    trainer = _Trainer.__new__(_Trainer)
+    trainer.gen, trainer.device = torch.Generator().manual_seed(0), torch.device("cpu")
+    trainer.sched = type("S", (), {"config": type("C", (), {"num_train_timesteps": 1000})(),
+                                   "timesteps": torch.arange(50)})()
+    assert all(0 <= int(trainer.reference_timestep(0)) < 20 for _ in range(20))
+    assert all(980 <= int(trainer.reference_timestep(49)) < 1000 for _ in range(20))
 
 
 def test_esd_erases_apple_from_the_toy_model_and_keeps_a_car(toy, oracle):

@@ -22,8 +22,9 @@ parts train as float32 master copies while the forward passes run in the pipelin
 (as few-shot unlearning does), so a float16 or bfloat16 pipeline loses no update below its weights'
 last bit; the pipeline itself is never changed. The defaults are the paper's: Adam at lr 1e-5, 1,000
 iterations of batch 1, eta 1, x_t from up to 50 DDIM steps with guidance 3. Unlike the reference code,
-t is the timestep the partial sampling stopped at (the reference pairs k steps from noise with the
-training timestep near k/50 of the schedule, the opposite end).
+t is by default the timestep the partial sampling stopped at (``timestep="reached"``); the reference
+pairs k steps from noise with a training timestep drawn near k/50 of the schedule, the opposite end of
+the noise scale, and ``timestep="reference"`` does that (the README compares the two).
 
 >>> import workbench
 >>> from workbench.methods import esd
@@ -47,6 +48,8 @@ from ..edits import Edit, Timer
 from ..embed import check_prompt, encode
 from ..sampling import seeded
 
+#: How t is chosen for the loss: the timestep partial sampling reached, or the reference code's pairing.
+TIMESTEPS = ("reached", "reference")
 #: The ESD authors' parameter presets (``esd-u`` is every UNet part outside cross-attention).
 PRESETS: dict[str, str] = {
     "esd-x": "every cross-attention matrix (unet.*.xattn)",
@@ -114,8 +117,9 @@ class _Trainer:
     """The frozen UNet, the trained masters, the conditions and the sampler of one ESD run."""
 
     def __init__(self, pipe, prompts: list[str], masters: dict[str, torch.Tensor], path: dict[str, str],
-                 sample_steps: int, sample_guidance: float, gen: torch.Generator) -> None:
+                 sample_steps: int, sample_guidance: float, gen: torch.Generator, timestep: str = "reached") -> None:
         self.unet, self.masters, self.path, self.gen = pipe.unet, masters, path, gen
+        self.timestep = timestep
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         emb = encode(pipe, ["", *prompts]).to(self.device, self.dtype)
         self.empty, self.concept = emb[:1], emb[1:]
@@ -145,12 +149,21 @@ class _Trainer:
             x = self.sched.step(uncond + self.guidance * (guided - uncond), t, x).prev_sample
         return x, self.sched.timesteps[k]
 
+    def reference_timestep(self, k: int) -> torch.Tensor:
+        """The reference code's training timestep after ``k`` of S sampling steps: uniform in
+        [k / S, (k + 1) / S) of the training schedule."""
+        total, steps = self.sched.config.num_train_timesteps, len(self.sched.timesteps)
+        lo, hi = round(k / steps * total), round((k + 1) / steps * total)
+        return torch.randint(lo, max(hi, lo + 1), (1,), generator=self.gen)[0].to(self.device)
+
     def step(self, opt: torch.optim.Optimizer, batch: int, eta: float) -> float:
         """One iteration: partial sampling, the frozen model's target, one Adam step; returns the loss."""
         pick = torch.randint(len(self.concept), (batch,), generator=self.gen)
         cond = self.concept[pick.to(self.device)]
         k = int(torch.randint(len(self.sched.timesteps), (1,), generator=self.gen))
         x, t = self.partial_sample(cond, k)
+        if self.timestep == "reference":
+            t = self.reference_timestep(k)
         with torch.no_grad():
             frozen = self.unet(torch.cat([x, x]), t, torch.cat([self.empty.expand(batch, -1, -1), cond])).sample
             plain, with_concept = frozen.float().chunk(2)
@@ -179,24 +192,27 @@ def _check(eta: float, lr: float, iterations: int, batch: int, sample_steps: int
 
 def esd(pipe, concept: str, preset: str = "esd-x", parts: Selector | None = None,
         prompts: Sequence[str] | None = None, eta: float = 1.0, lr: float = 1e-5, iterations: int = 1000,
-        batch: int = 1, sample_steps: int = 50, sample_guidance: float = 3.0, seed: int = 0,
-        progress: bool = True) -> Edit:
+        batch: int = 1, sample_steps: int = 50, sample_guidance: float = 3.0, timestep: str = "reached",
+        seed: int = 0, progress: bool = True) -> Edit:
     """Erase ``concept`` by fine-tuning the UNet parts of ``preset`` (or of the selector ``parts``, which
     takes precedence) towards the frozen model's negatively guided prediction (see the module doc).
 
     ``prompts`` (default: the concept itself) are the conditions, one drawn per example;
     ``erase(pipe, concept, "esd")`` takes them from the model's concept set. ``eta`` is the negative
     guidance, ``lr`` Adam's learning rate, ``iterations`` the training steps of ``batch`` examples;
-    x_t comes from ``sample_steps`` DDIM steps at guidance ``sample_guidance``. Every random draw
+    x_t comes from ``sample_steps`` DDIM steps at guidance ``sample_guidance``; ``timestep`` is one of
+    :data:`TIMESTEPS` (the module doc says how they differ). Every random draw
     comes from a generator seeded with ``seed``. The pipeline is not changed: apply the returned edit.
     """
     check_prompt(pipe, concept)
     prompts = as_list(prompts) if prompts is not None else [concept]
     names = _unet_parts(pipe, preset, parts)
     _check(eta, lr, iterations, batch, sample_steps)
+    if timestep not in TIMESTEPS:
+        raise ValueError(f"timestep cannot be {timestep!r}; choose one of {', '.join(TIMESTEPS)}; nothing was changed")
     with Timer() as timer:
         masters, path = _masters(pipe, names)
-        trainer = _Trainer(pipe, prompts, masters, path, sample_steps, sample_guidance, seeded(seed))
+        trainer = _Trainer(pipe, prompts, masters, path, sample_steps, sample_guidance, seeded(seed), timestep)
         opt = torch.optim.Adam(masters.values(), lr=lr)
         with _no_grads(pipe.unet):
             losses = [trainer.step(opt, batch, eta)
@@ -205,6 +221,7 @@ def esd(pipe, concept: str, preset: str = "esd-x", parts: Selector | None = None
         base = {k: getattr(table[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).detach() for k in masters}
     hyper = dict(preset=preset if parts is None else None, parts=names, prompts=prompts, eta=eta, lr=lr,
                  iterations=iterations, batch=batch, sample_steps=sample_steps, sample_guidance=sample_guidance,
+                 timestep=timestep,
                  loss_first=_mean(losses[:max(1, len(losses) // 10)]), loss_last=_mean(losses[-max(1, len(losses) // 10):]))
     return Edit.between(base, {k: m.detach() for k, m in masters.items()}, method="esd", concept=concept,
                         params=hyper, seed=seed, seconds=timer.seconds)
