@@ -155,7 +155,7 @@ def subsets(concepts: list[str], seeds: list[int]) -> None:
     print("\n| subset | efficacy [95%] | k / n images | units | preservation (mean) |")
     print("|---|---|---|---|---|")
     for r in rates.itertuples():
-        print(f"| {r.subset} | {r.efficacy:.0%} [{r.lo:.0%}, {r.hi:.0%}] | {r.k} / {r.n} | {r.units} | "
+        print(f"| {r.subset} | {r.efficacy:.0%} [{r.efficacy_lo:.0%}, {r.efficacy_hi:.0%}] | {r.k} / {r.n} | {r.units} | "
               f"{r.preservation:.2f} |")
     print("\n" + unet_finding(table))
 

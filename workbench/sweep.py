@@ -293,8 +293,9 @@ def _finding_ffn(table: pd.DataFrame, about: float, much_less: float, alpha: flo
 
 
 def subset_rates(table: pd.DataFrame, by: str | Sequence[str] = "subset") -> pd.DataFrame:
-    """Per group of ``by``: efficacy as a share of images with its 95% interval (bootstrap over concept x
-    seed units, :func:`workbench.stats.cluster_rate`), mean preservation, images and units.
+    """Per group of ``by``: efficacy as a share of images with its 95% interval (``efficacy_lo``,
+    ``efficacy_hi``: bootstrap over concept x seed units, :func:`workbench.stats.cluster_rate`), mean
+    preservation, images and units.
 
     >>> t = pd.DataFrame({"subset": ["ffn"] * 2, "concept": ["a", "b"], "seed": [0, 0], "efficacy": [0.5, 1.0],
     ...                   "n_images": [8, 8], "preservation": [0.9, 1.0]})
@@ -307,7 +308,7 @@ def subset_rates(table: pd.DataFrame, by: str | Sequence[str] = "subset") -> pd.
         cells = _cells(runs)
         rate = cells.attrs["rate"]
         rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "efficacy": rate.rate,
-                     "lo": rate.lo, "hi": rate.hi, "k": rate.k, "n": rate.n, "units": len(cells),
+                     "efficacy_lo": rate.lo, "efficacy_hi": rate.hi, "k": rate.k, "n": rate.n, "units": len(cells),
                      "interval": rate.method, "preservation": float(runs["preservation"].mean())})
     return pd.DataFrame(rows)
 
