@@ -1,8 +1,15 @@
+import os
+
 import pytest
 import torch
 
 import workbench
 from workbench.toy.oracle import Oracle
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # test processes share the cores: one torch thread each, and for the notebook kernels they start
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ one batched, seeded pass, against a baseline of the unedited model that is measu
 >>> scores = evaluate(pipe, oracle, "apple", edit=uce(pipe, "apple"), per_prompt=1, per_other=1,
 ...                   others=["banana", "car"])
 >>> sorted(k for k in scores if k.startswith("preservation"))
-['preservation', 'preservation_related', 'preservation_unrelated']
+['preservation', 'preservation_hi', 'preservation_lo', 'preservation_related', 'preservation_unrelated']
 """
 from __future__ import annotations
 
