@@ -21,6 +21,8 @@ def test_a_cluster_rate_falls_back_to_wilson_below_the_unit_minimum_and_bootstra
     assert few.method == "Wilson" and few == wilson(MIN_UNITS - 1, 4 * (MIN_UNITS - 1))
     many = cluster_rate([0, 4, 0, 4, 0, 4], [4] * 6)
     assert many.method == "bootstrap over 6 units" and many.rate == 0.5
+    assert cluster_rate([0] * 6, [4] * 6) == wilson(0, 24) and wilson(0, 24).hi > 0.1  # never [0, 0]
+    assert cluster_rate([4] * 6, [4] * 6) == wilson(24, 24)
     # units that disagree widen the interval beyond Wilson's over the same 24 images
     assert many.hi - many.lo > wilson(12, 24).hi - wilson(12, 24).lo
 

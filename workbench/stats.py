@@ -108,12 +108,13 @@ def _resample(hits: np.ndarray, totals: np.ndarray, resamples: int, seed: int) -
 def cluster_rate(hits: Sequence[int], totals: Sequence[int], level: float = LEVEL,
                  resamples: int = RESAMPLES, seed: int = SEED) -> Rate:
     """The pooled rate of units (``hits[i]`` of ``totals[i]`` images in unit i) with a percentile
-    bootstrap interval over units; Wilson's over images when there are fewer than :data:`MIN_UNITS`."""
+    bootstrap interval over units; Wilson's over images when there are fewer than :data:`MIN_UNITS`, or
+    when every image or none is a hit (resampling cannot widen a 0% or 100% rate)."""
     h, t = np.asarray(hits, dtype=np.int64), np.asarray(totals, dtype=np.int64)
     if h.shape != t.shape or (h < 0).any() or (h > t).any():
         raise ValueError("give one hit count and one total per unit, with 0 <= hits <= total")
     k, n = int(h.sum()), int(t.sum())
-    if len(h) < MIN_UNITS or n == 0:
+    if len(h) < MIN_UNITS or n == 0 or k in (0, n):  # a bootstrap of all or nothing is [k/n, k/n]
         return wilson(k, n, level)
     draws = _resample(h, t, resamples, seed)
     lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
