@@ -200,15 +200,22 @@ def enough(n_units: int, n_images: int, min_units: int = 2, min_images: int = 16
 def ratio(hits_a: Sequence[int], hits_b: Sequence[int], level: float = LEVEL, resamples: int = RESAMPLES,
           seed: int = SEED) -> tuple[float, float, float]:
     """Sum(a) / sum(b) over units with a paired percentile bootstrap interval (e.g. accuracy after an edit
-    over accuracy before it, on the same prompts and seeds): ``(ratio, lo, hi)``.
+    over accuracy before it, on the same prompts and seeds): ``(ratio, lo, hi)``. When every unit has
+    a = b, the interval is Wilson's for sum(a) of sum(b) images.
 
     >>> ratio([3, 4, 4, 2, 4], [4, 4, 4, 4, 4])[0]
     0.85
+    >>> [round(x, 3) for x in ratio([4] * 5, [4] * 5)]  # nothing lost: Wilson's interval over the 20 images
+    [1.0, 0.839, 1.0]
     """
     a, b = np.asarray(hits_a, dtype=float), np.asarray(hits_b, dtype=float)
     if a.shape != b.shape or not len(a):
         raise ValueError("give one count per unit on both sides, and at least one unit")
     point = a.sum() / b.sum() if b.sum() else float("nan")
+    if (a == b).all() and b.sum() and float(b.sum()).is_integer():
+        # every unit kept all it had: resampling gives [1, 1]; bound it as a share of b's images instead
+        kept = wilson(int(a.sum()), int(b.sum()), level)
+        return float(point), kept.lo, kept.hi
     pick = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
     with np.errstate(invalid="ignore", divide="ignore"):
         draws = a[pick].sum(1) / b[pick].sum(1)
