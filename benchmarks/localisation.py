@@ -4,7 +4,7 @@ and ESD through UNet FFNs, self-attention and cross-attention.
 
     python benchmarks/localisation.py                  # the timing table (each row in a fresh process)
     python benchmarks/localisation.py --quality        # ESD presets on 8 concepts, rates with 95% intervals
-    python benchmarks/localisation.py --quality --presets esd-x --timestep reference   # the reference's t
+    python benchmarks/localisation.py --quality --presets esd-x --timestep reached   # t where sampling stopped
     python benchmarks/localisation.py --subsets        # ESD through UNet FFN / self- / cross-attention, 3 seeds
     python benchmarks/localisation.py --figures docs/gallery   # the README gallery's localisation figures
     python benchmarks/localisation.py --sd14           # the same timing rows on the SD 1.4-shaped pipeline
@@ -113,7 +113,7 @@ def _others(pipe, judge, cs, concept: str, n: int) -> dict[str, int]:
     return {o: _seen(pipe, judge, cs, o, n)[0] for o in cs.names if o != concept}
 
 
-def quality(per_concept: int, per_other: int, presets: list[str], timestep: str = "reached") -> None:
+def quality(per_concept: int, per_other: int, presets: list[str], timestep: str = TIMESTEPS[0]) -> None:
     """ESD's four presets with the toy defaults and each preset's toy learning rate (TOY_ESD_LR), each
     concept erased with its own training seed; ``timestep`` as in :func:`workbench.methods.esd.esd`."""
     pipe = workbench.load("toy")
@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--per-concept", type=int, default=8)
     ap.add_argument("--per-other", type=int, default=2)
     ap.add_argument("--presets", default=",".join(PRESETS), help="the quality table's presets, comma-separated")
-    ap.add_argument("--timestep", default="reached", choices=TIMESTEPS, help="the quality table's ESD timestep choice")
+    ap.add_argument("--timestep", default=TIMESTEPS[0], choices=TIMESTEPS, help="the quality table's ESD timestep choice")
     ap.add_argument("--subsets", action="store_true")
     ap.add_argument("--concepts", default="apple,car,cat")
     ap.add_argument("--seeds", default="0,1,2")

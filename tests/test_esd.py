@@ -31,7 +31,7 @@ def test_bad_esd_input_lists_what_is_valid_and_changes_nothing(toy):
         esd(toy, "apple", parts="unet.*.mlp.z")
     with pytest.raises(ValueError, match="iterations must be positive"):
         esd(toy, "apple", iterations=0)
-    with pytest.raises(ValueError, match="timestep cannot be 'last'; choose one of reached, reference"):
+    with pytest.raises(ValueError, match="timestep cannot be 'last'; choose one of reference, reached"):
         esd(toy, "apple", timestep="last")
     assert same_state(toy, before)
 
@@ -63,11 +63,11 @@ def test_the_reference_timestep_is_drawn_from_the_schedules_slice_of_the_samplin
 
 
 def test_esd_erases_apple_from_the_toy_model_and_keeps_a_car(toy, oracle):
-    edit = erase(toy, "apple", "esd", preset="esd-x", iterations=12, lr=3e-4, sample_steps=4, progress=False)
+    edit = erase(toy, "apple", "esd", preset="esd-x", iterations=30, lr=3e-4, sample_steps=4, progress=False)
     assert edit.params["prompts"] == ["a photo of an apple", "a picture of an apple", "an icon of an apple", "apple"]
     with edit.apply(toy):
         after = accuracy(toy, oracle, ["apple", "car"], per_prompt=4)  # unedited: 4 of 4 each (README, Quality)
-    assert after["apple"] <= 0.25 and after["car"] >= 0.5  # measured 0 and 0.75: margins no rounding crosses
+    assert after["apple"] <= 0.25 and after["car"] >= 0.5  # measured 0 and 1: margins no rounding crosses
 
 
 def test_esd_defaults_come_from_the_paper_and_the_toy_profile():

@@ -21,10 +21,11 @@ As in the reference code, a part is a Linear or Conv2d with its bias; normalisat
 parts train as float32 master copies while the forward passes run in the pipeline's dtype and device
 (as few-shot unlearning does), so a float16 or bfloat16 pipeline loses no update below its weights'
 last bit; the pipeline itself is never changed. The defaults are the paper's: Adam at lr 1e-5, 1,000
-iterations of batch 1, eta 1, x_t from up to 50 DDIM steps with guidance 3. Unlike the reference code,
-t is by default the timestep the partial sampling stopped at (``timestep="reached"``); the reference
-pairs k steps from noise with a training timestep drawn near k/50 of the schedule, the opposite end of
-the noise scale, and ``timestep="reference"`` does that (the README compares the two).
+iterations of batch 1, eta 1, x_t from up to 50 DDIM steps with guidance 3. As in the reference code,
+the loss's timestep t is drawn near k/50 of the training schedule after k sampling steps from noise
+(``timestep="reference"``), although those k steps leave x_t at the other end of the noise scale;
+``timestep="reached"`` uses the timestep the partial sampling stopped at instead (the README compares
+the two on the toy model).
 
 >>> import workbench
 >>> from workbench.methods import esd
@@ -48,8 +49,8 @@ from ..edits import Edit, Timer
 from ..embed import check_prompt, encode
 from ..sampling import seeded
 
-#: How t is chosen for the loss: the timestep partial sampling reached, or the reference code's pairing.
-TIMESTEPS = ("reached", "reference")
+#: How t is chosen for the loss: the reference code's pairing, or the timestep partial sampling reached.
+TIMESTEPS = ("reference", "reached")
 #: The ESD authors' parameter presets (``esd-u`` is every UNet part outside cross-attention).
 PRESETS: dict[str, str] = {
     "esd-x": "every cross-attention matrix (unet.*.xattn)",
@@ -117,7 +118,7 @@ class _Trainer:
     """The frozen UNet, the trained masters, the conditions and the sampler of one ESD run."""
 
     def __init__(self, pipe, prompts: list[str], masters: dict[str, torch.Tensor], path: dict[str, str],
-                 sample_steps: int, sample_guidance: float, gen: torch.Generator, timestep: str = "reached") -> None:
+                 sample_steps: int, sample_guidance: float, gen: torch.Generator, timestep: str = "reference") -> None:
         self.unet, self.masters, self.path, self.gen = pipe.unet, masters, path, gen
         self.timestep = timestep
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
@@ -192,7 +193,7 @@ def _check(eta: float, lr: float, iterations: int, batch: int, sample_steps: int
 
 def esd(pipe, concept: str, preset: str = "esd-x", parts: Selector | None = None,
         prompts: Sequence[str] | None = None, eta: float = 1.0, lr: float = 1e-5, iterations: int = 1000,
-        batch: int = 1, sample_steps: int = 50, sample_guidance: float = 3.0, timestep: str = "reached",
+        batch: int = 1, sample_steps: int = 50, sample_guidance: float = 3.0, timestep: str = "reference",
         seed: int = 0, progress: bool = True) -> Edit:
     """Erase ``concept`` by fine-tuning the UNet parts of ``preset`` (or of the selector ``parts``, which
     takes precedence) towards the frozen model's negatively guided prediction (see the module doc).
