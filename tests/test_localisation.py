@@ -19,9 +19,12 @@ def processors(pipe) -> dict:
     return dict(pipe.unet.attn_processors)
 
 
-def no_hooks(pipe) -> bool:
+def hooks(pipe) -> set:
+    """Every forward and forward-pre hook on the pipeline's modules. Compared before and after, not
+    required empty: transformers keeps hooks of its own on a BERT encoder once hidden states were asked for."""
     modules = [*pipe.unet.modules(), *pipe.text_encoder.modules()]
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return {(id(m), kind, key) for m in modules
+            for kind, table in (("forward", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in table}
 
 
 def test_attention_maps_leave_the_image_and_every_processor_exactly_as_they_were(toy):
@@ -72,10 +75,10 @@ def test_restoring_the_last_text_layer_at_every_token_gives_the_clean_conditioni
 
 
 def test_a_trace_restores_the_clean_run_exactly_at_the_last_unet_block_and_changes_nothing(toy, oracle):
-    before = state_of(toy)
+    before, hooked = state_of(toy), hooks(toy)
     t = trace(toy, "apple", "an icon of an apple", oracle, sites=["text.0", "unet.mid", "unet.up.2"], n=2,
               steps=6, tokens=True)
-    assert same_state(toy, before) and no_hooks(toy)
+    assert same_state(toy, before) and hooks(toy) == hooked
     rows = t.layers().set_index("site")
     assert list(rows.index) == ["text.0", "unet.mid", "unet.up.2"]
     assert rows.loc["unet.up.2", "probability"] == pytest.approx(t.clean, abs=1e-6)
@@ -87,6 +90,7 @@ def test_a_trace_restores_the_clean_run_exactly_at_the_last_unet_block_and_chang
 
 
 def test_bad_trace_input_lists_what_is_valid(toy, oracle):
+    hooked = hooks(toy)
     with pytest.raises(ValueError, match="no such site.*text.0, text.1, .*unet.down.0, .*unet.up.2"):
         trace(toy, "apple", judge=oracle, sites=["unet.mid.0"])
     with pytest.raises(ValueError, match="concepts: apple, banana"):
@@ -95,21 +99,21 @@ def test_bad_trace_input_lists_what_is_valid(toy, oracle):
         trace(toy, "apple", "a red pear", oracle)
     assert sites(toy)[6:] == ["unet.down.0", "unet.down.1", "unet.down.2", "unet.mid", "unet.up.0", "unet.up.1",
                               "unet.up.2"]
-    assert no_hooks(toy)
+    assert hooks(toy) == hooked
 
 
 def test_tracing_and_attention_maps_run_on_an_sd_shaped_pipeline_with_a_clip_judge(tiny_sd_dir, tmp_path):
     pipe = workbench.load(tiny_sd_dir)
     judge = ClipJudge.load(tiny_clip(tmp_path / "clip"))
     cs = ConceptSet.of(objects=["apple", "car"])
-    before = state_of(pipe)
+    before, hooked = state_of(pipe), hooks(pipe)
     t = trace(pipe, "apple", "a photo of an apple", judge, concept_set=cs, n=1, steps=2, tokens=False)
     assert len(t.layers()) == len(sites(pipe)) == 2 + 9  # the tiny CLIP's 2 layers; SD 1.4's 9 UNet blocks
     edit = uce(pipe, "apple")
     with edit.apply(pipe):
         maps = attention_maps(pipe, "a photo of an apple", "apple", steps=2)
     assert len(maps.layers) == 16 and maps.total.shape == (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    assert same_state(pipe, before) and no_hooks(pipe)
+    assert same_state(pipe, before) and hooks(pipe) == hooked
 
 
 def test_the_three_localisation_panels_run_on_click_and_keep_no_edit(toy, oracle):
