@@ -66,7 +66,7 @@ from .methods import METHODS
 from .models import load
 from .profile import Profile, attach, profile_of
 from .store import Store, load_results
-from .sweep import _SCOPE, _Measurer, _Run, layer_sweep, run_one
+from .sweep import SCOPE, Measurer, Planned, layer_sweep, run_one
 
 #: Measurement settings a grid may give, with layer_sweep's defaults.
 MEASURE = {k: inspect.signature(layer_sweep).parameters[k].default
@@ -155,7 +155,7 @@ class Run:
 
     model: dict[str, Any]
     method: str
-    spec: _Run
+    spec: Planned
     knobs: dict[str, Any]
     measure: dict[str, Any] | None
     threads: int
@@ -327,21 +327,21 @@ def _layers_with(pipe, component: str, within: str = "*") -> list[str]:
     return out
 
 
-def _scopes(pipe, entries: list) -> list[_Run]:
+def _scopes(pipe, entries: list) -> list[Planned]:
     """One planned run (concept and seed left blank) per scope the entries spell."""
     out = []
     for entry in entries:
         if entry == "default":
-            out.append(_Run("", "default", (), None, "all", "default", False, 0))
+            out.append(Planned("", "default", (), None, "all", "default", False, 0))
         elif isinstance(entry, dict):
             out += _layerwise(pipe, entry)
         else:
             globs = tuple(as_list(entry))
-            out.append(_Run("", "parts", globs, None, "all", " + ".join(globs), False, 0))
+            out.append(Planned("", "parts", globs, None, "all", " + ".join(globs), False, 0))
     return out
 
 
-def _layerwise(pipe, entry: dict) -> list[_Run]:
+def _layerwise(pipe, entry: dict) -> list[Planned]:
     cumulative = "cumulative" in entry
     comps = as_list(entry["cumulative" if cumulative else "per_layer"])
     found = {comp: _layers_with(pipe, comp, entry.get("within", "*")) for comp in comps}
@@ -352,7 +352,7 @@ def _layerwise(pipe, entry: dict) -> list[_Run]:
             have = found[comp]
             if i < len(have):
                 upto = have[:i + 1] if cumulative else [have[i]]
-                out.append(_Run("", "cumulative" if cumulative else "layer", tuple(f"{l}.{comp}" for l in upto), i,
+                out.append(Planned("", "cumulative" if cumulative else "layer", tuple(f"{l}.{comp}" for l in upto), i,
                                 have[i], comp, cumulative, 0))
     return out
 
@@ -367,9 +367,9 @@ def sweep_grid(pipe, concept: str, method: str, cumulative: bool = False, seeds:
                measure: dict[str, Any] | bool = True, model: str | None = None) -> dict[str, Any]:
     """The grid that runs what :func:`~workbench.sweep.layer_sweep` runs (its default components, every
     layer), for running it on a cluster."""
-    if method not in _SCOPE:
-        raise ValueError(f"unknown method {method!r}; the layer sweep runs {', '.join(_SCOPE)}")
-    entry = {"cumulative" if cumulative else "per_layer": list(_SCOPE[method][1]), "within": _SCOPE[method][0]}
+    if method not in SCOPE:
+        raise ValueError(f"unknown method {method!r}; the layer sweep runs {', '.join(SCOPE)}")
+    entry = {"cumulative" if cumulative else "per_layer": list(SCOPE[method][1]), "within": SCOPE[method][0]}
     return {"model": model or model_name(pipe), "concepts": [concept], "methods": [method], "parts": [entry],
             "seeds": list(seeds), "measure": measure}
 
@@ -410,7 +410,7 @@ class _Context:
 
     def __init__(self, pipe=None, model: dict[str, Any] | None = None) -> None:
         self.pipes: dict[str, Any] = {} if pipe is None else {_text(model): pipe}
-        self.measurers: dict[tuple[int, str], _Measurer] = {}
+        self.measurers: dict[tuple[int, str], Measurer] = {}
 
     def pipe(self, model: dict[str, Any]):
         key = _text(model)
@@ -418,11 +418,11 @@ class _Context:
             self.pipes[key] = load_model(model)
         return self.pipes[key]
 
-    def measurer(self, pipe, measure: dict[str, Any] | None) -> _Measurer:
+    def measurer(self, pipe, measure: dict[str, Any] | None) -> Measurer:
         key = (id(pipe), _text(measure))
         if key not in self.measurers:
             s = measure or MEASURE
-            self.measurers[key] = _Measurer.make(pipe, None, None, measure is not None, s["others"],
+            self.measurers[key] = Measurer.make(pipe, None, None, measure is not None, s["others"],
                                                  s["per_prompt"], s["per_other"], s["eval_seed"])
         return self.measurers[key]
 

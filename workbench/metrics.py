@@ -35,7 +35,7 @@ from .concepts import KINDS, ConceptSet
 from .judges import Judge
 from .profile import profile_of
 from .sampling import generate
-from .stats import LEVEL, MIN_UNITS, RESAMPLES, SEED, ratio, wilson
+from .stats import LEVEL, RESAMPLES, SEED, ratio, ratio_interval, wilson
 
 
 def _concept_set(pipe, concept_set: ConceptSet | None) -> ConceptSet:
@@ -269,9 +269,7 @@ def _preservation_interval(preds: list[tuple[str, str]], concept: str, base: dic
             counts.setdefault(c, [0, 0])
             counts[c][0] += label == c
             counts[c][1] += 1
-    if len(counts) < MIN_UNITS or not any(base[c] for c in counts):
-        return {"preservation_lo": float("nan"), "preservation_hi": float("nan")}
-    _, lo, hi = ratio([h for h, _ in counts.values()], [base[c] * n for c, (_, n) in counts.items()])
+    lo, hi = ratio_interval([h for h, _ in counts.values()], [base[c] * n for c, (_, n) in counts.items()])
     return {"preservation_lo": lo, "preservation_hi": hi}
 
 

@@ -29,7 +29,7 @@ from .metrics import accuracy, preservation
 from .plots import accuracy_bars, image_grid
 from .profile import profile_of
 from .sampling import generate
-from .stats import MIN_UNITS, Rate, ratio, wilson, with_intervals
+from .stats import Rate, ratio_interval, wilson, with_intervals
 
 
 def showcase(pipe, concept: str) -> list[str]:
@@ -87,11 +87,8 @@ class Erasure:
     def preservation_interval(self) -> tuple[float, float]:
         """Preservation's 95% interval, a paired bootstrap over the other concepts (NaN with fewer than
         :data:`~workbench.stats.MIN_UNITS` of them)."""
-        if len(self.others) < MIN_UNITS:
-            return float("nan"), float("nan")
-        _, lo, hi = ratio([self.after[c] * self.per_prompt for c in self.others],
-                          [self.before[c] * self.per_prompt for c in self.others])
-        return lo, hi
+        return ratio_interval([self.after[c] * self.per_prompt for c in self.others],
+                              [self.before[c] * self.per_prompt for c in self.others])
 
     def table(self) -> pd.DataFrame:
         """One row per concept measured: kind, group, images per concept (``n``), accuracy before and after,

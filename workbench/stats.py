@@ -221,3 +221,18 @@ def ratio(hits_a: Sequence[int], hits_b: Sequence[int], level: float = LEVEL, re
         draws = a[pick].sum(1) / b[pick].sum(1)
     lo, hi = np.nanquantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return float(point), float(lo), float(hi)
+
+
+def ratio_interval(hits_a: Sequence[int | float], hits_b: Sequence[int | float], level: float = LEVEL) -> tuple[float, float]:
+    """:func:`ratio`'s interval alone, or NaNs with fewer than :data:`MIN_UNITS` units or nothing in b
+    (preservation: the other concepts' hits after an edit over their hits before it).
+
+    >>> ratio_interval([4, 4], [4, 4])
+    (nan, nan)
+    >>> [round(x, 3) for x in ratio_interval([4] * 5, [4] * 5)]
+    [0.839, 1.0]
+    """
+    if len(hits_a) < MIN_UNITS or not sum(hits_b):
+        return float("nan"), float("nan")
+    _, lo, hi = ratio(hits_a, hits_b, level)
+    return lo, hi

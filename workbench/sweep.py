@@ -40,7 +40,7 @@ from .profile import profile_of
 from .stats import cluster_rate, difference, enough
 
 #: Where each method's edits can go, and the components a layer sweep runs by default.
-_SCOPE = {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
+SCOPE = {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
           "fewshot": ("text.*", ("ffn", "attn")), "esd": ("unet.*.xattn.k", ("attn", "xattn", "ffn"))}
 #: The few-shot parameter subsets the paper compares; ``None`` is its default (:func:`default_parts`).
 SUBSETS: dict[str, str | None] = {"ffn": "text.*.ffn", "attn": "text.*.attn", "ffn + last attn": None,
@@ -50,7 +50,10 @@ UNET_SUBSETS: dict[str, str] = {"ffn": "unet.*.ffn", "attn": "unet.*.attn", "xat
 
 
 @dataclass(frozen=True)
-class _Run:
+class Planned:
+    """One planned sweep run: the concept, the parts it may edit (``selectors``; empty for the method's
+    default parts), where it sits in the sweep and its training seed."""
+
     concept: str
     subset: str
     selectors: tuple[str, ...]
@@ -64,7 +67,7 @@ class _Run:
 def layers(pipe, method: str = "fewshot") -> list[str]:
     """The layers ``method`` can edit, in network order: ``["text.0", ...]`` or ``["unet.down.1.0", ...]``."""
     _check_method(method)
-    return list(dict.fromkeys(layer_of(n) for n in select(pipe, _SCOPE[method][0])))
+    return list(dict.fromkeys(layer_of(n) for n in select(pipe, SCOPE[method][0])))
 
 
 def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequence[str] | None = None,
@@ -90,7 +93,7 @@ def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequenc
     spent measuring them.
     """
     runs = _layer_runs(pipe, concept, method, components, cumulative, seeds, layers)
-    measurer = _Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
+    measurer = Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
     return _run_table(pipe, runs, method, measurer, progress, on_run, method_kwargs)
 
 
@@ -109,11 +112,11 @@ def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1
         for seed in seeds:
             for name, selector in SUBSETS.items():
                 chosen = default_parts(pipe) if selector is None else select(pipe, selector)
-                runs.append(_Run(concept, name, tuple(chosen) if selector is None else (selector,), None,
+                runs.append(Planned(concept, name, tuple(chosen) if selector is None else (selector,), None,
                                  "all", name, False, seed))
         if per_layer:
             runs += _layer_runs(pipe, concept, "fewshot", None, False, seeds, None)
-    measurer = _Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
+    measurer = Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
     return _run_table(pipe, runs, "fewshot", measurer, progress, on_run, fewshot_kwargs)
 
 
@@ -125,14 +128,14 @@ def unet_subsets(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1, 2)
     """FFN versus attention in the UNet: ESD of each concept through each subset of :data:`UNET_SUBSETS`
     (FFNs only, self-attention only, cross-attention only), per seed; rows as :func:`ffn_vs_attention`'s.
     Summarise with :func:`subset_rates` and :func:`unet_finding`."""
-    runs = [_Run(concept, name, (selector,), None, "all", name, False, seed)
+    runs = [Planned(concept, name, (selector,), None, "all", name, False, seed)
             for concept in as_list(concepts) for seed in seeds for name, selector in UNET_SUBSETS.items()]
-    measurer = _Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
+    measurer = Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
     return _run_table(pipe, runs, "esd", measurer, progress, on_run, esd_kwargs)
 
 
 @dataclass
-class _Measurer:
+class Measurer:
     """Measures runs against each concept's baseline, measured once (or nothing, for ``judge=None``)."""
 
     judge: Judge | None
@@ -143,7 +146,7 @@ class _Measurer:
 
     @classmethod
     def make(cls, pipe, judge: Judge | None, concept_set: ConceptSet | None, measure: bool,
-             others: Sequence[str] | None, per_prompt: int, per_other: int, eval_seed: int) -> "_Measurer":
+             others: Sequence[str] | None, per_prompt: int, per_other: int, eval_seed: int) -> "Measurer":
         profile = profile_of(pipe)
         if measure:
             judge = judge if judge is not None else profile.judge()
@@ -173,7 +176,7 @@ class _Measurer:
         return self.baselines[concept]
 
 
-def _run_table(pipe, runs: Sequence[_Run], method: str, measure: _Measurer, progress: bool,
+def _run_table(pipe, runs: Sequence[Planned], method: str, measure: Measurer, progress: bool,
                on_run: Callable[[str], None] | None, method_kwargs: dict) -> pd.DataFrame:
     """Run the planned runs and measure each; ``on_run(label)`` is called after each run (for progress
     bars other than the text one)."""
@@ -195,7 +198,7 @@ def _run_table(pipe, runs: Sequence[_Run], method: str, measure: _Measurer, prog
     return table
 
 
-def run_one(pipe, run: _Run, method: str, measure: _Measurer, method_kwargs: dict) -> dict:
+def run_one(pipe, run: Planned, method: str, measure: Measurer, method_kwargs: dict) -> dict:
     """Erase, measure and size one planned run: one sweep row (empty ``run.selectors``: the method's
     default parts, named ``"default"``)."""
     selectors = list(run.selectors) or None
@@ -388,19 +391,19 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
 
 
 def _check_method(method: str) -> None:
-    if method not in _SCOPE:
-        raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(_SCOPE)}")
+    if method not in SCOPE:
+        raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(SCOPE)}")
 
 
 def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | None, cumulative: bool,
-                seeds: Sequence[int], picked: Sequence[int] | None) -> list[_Run]:
+                seeds: Sequence[int], picked: Sequence[int] | None) -> list[Planned]:
     all_layers = layers(pipe, method)
     if isinstance(components, str):
         components = [components]
-    components = list(_SCOPE[method][1] if components is None else components)
+    components = list(SCOPE[method][1] if components is None else components)
     if not components:
         raise ValueError("give at least one component, e.g. 'ffn' or 'attn'")
-    scope = select(pipe, _SCOPE[method][0])
+    scope = select(pipe, SCOPE[method][0])
     available = ", ".join(sorted({component_of(n) for n in scope}))
     if method == "fewshot":
         available += " (or one matrix: " + ", ".join(dict.fromkeys(n.split(".", 2)[2] for n in scope)) + ")"
@@ -420,7 +423,7 @@ def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | Non
         for i in idx:
             for comp in components:
                 upto = all_layers[:i + 1] if cumulative else [all_layers[i]]
-                runs.append(_Run(concept, "cumulative" if cumulative else "layer",
+                runs.append(Planned(concept, "cumulative" if cumulative else "layer",
                                  tuple(f"{layer}.{comp}" for layer in upto), i, all_layers[i], comp,
                                  cumulative, seed))
     return runs
