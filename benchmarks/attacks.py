@@ -1,6 +1,7 @@
 """Attack benchmark on the toy model: does each erased concept come back, per method and attack?
 
-    python benchmarks/attacks.py                       # 3 methods x 8 concepts x 4 attacks (about 30 min)
+    python benchmarks/attacks.py                       # 3 methods x 8 concepts x 4 attacks x 4 seeds
+    python benchmarks/attacks.py --seeds 7000 7001 7002   # the README's table: 30.5 min on 2 quiet cores
     python benchmarks/attacks.py --concepts apple car --methods uce rece --attacks derived
     python benchmarks/attacks.py --from data/results/attacks_toy.csv   # tables and figure from a saved run
 
