@@ -353,7 +353,7 @@ def _layerwise(pipe, entry: dict) -> list[Planned]:
             if i < len(have):
                 upto = have[:i + 1] if cumulative else [have[i]]
                 out.append(Planned("", "cumulative" if cumulative else "layer", tuple(f"{l}.{comp}" for l in upto), i,
-                                have[i], comp, cumulative, 0))
+                                   have[i], comp, cumulative, 0))
     return out
 
 
@@ -423,7 +423,7 @@ class _Context:
         if key not in self.measurers:
             s = measure or MEASURE
             self.measurers[key] = Measurer.make(pipe, None, None, measure is not None, s["others"],
-                                                 s["per_prompt"], s["per_other"], s["eval_seed"])
+                                                s["per_prompt"], s["per_other"], s["eval_seed"])
         return self.measurers[key]
 
 

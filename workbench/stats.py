@@ -223,7 +223,7 @@ def ratio(hits_a: Sequence[int], hits_b: Sequence[int], level: float = LEVEL, re
     return float(point), float(lo), float(hi)
 
 
-def ratio_interval(hits_a: Sequence[int | float], hits_b: Sequence[int | float], level: float = LEVEL) -> tuple[float, float]:
+def ratio_interval(hits_a: Sequence[float], hits_b: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
     """:func:`ratio`'s interval alone, or NaNs with fewer than :data:`MIN_UNITS` units or nothing in b
     (preservation: the other concepts' hits after an edit over their hits before it).
 

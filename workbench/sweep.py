@@ -41,7 +41,7 @@ from .stats import cluster_rate, difference, enough
 
 #: Where each method's edits can go, and the components a layer sweep runs by default.
 SCOPE = {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
-          "fewshot": ("text.*", ("ffn", "attn")), "esd": ("unet.*.xattn.k", ("attn", "xattn", "ffn"))}
+         "fewshot": ("text.*", ("ffn", "attn")), "esd": ("unet.*.xattn.k", ("attn", "xattn", "ffn"))}
 #: The few-shot parameter subsets the paper compares; ``None`` is its default (:func:`default_parts`).
 SUBSETS: dict[str, str | None] = {"ffn": "text.*.ffn", "attn": "text.*.attn", "ffn + last attn": None,
                                   "all": "text.*"}
@@ -113,7 +113,7 @@ def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1
             for name, selector in SUBSETS.items():
                 chosen = default_parts(pipe) if selector is None else select(pipe, selector)
                 runs.append(Planned(concept, name, tuple(chosen) if selector is None else (selector,), None,
-                                 "all", name, False, seed))
+                                    "all", name, False, seed))
         if per_layer:
             runs += _layer_runs(pipe, concept, "fewshot", None, False, seeds, None)
     measurer = Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)
@@ -424,8 +424,8 @@ def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | Non
             for comp in components:
                 upto = all_layers[:i + 1] if cumulative else [all_layers[i]]
                 runs.append(Planned(concept, "cumulative" if cumulative else "layer",
-                                 tuple(f"{layer}.{comp}" for layer in upto), i, all_layers[i], comp,
-                                 cumulative, seed))
+                                    tuple(f"{layer}.{comp}" for layer in upto), i, all_layers[i], comp,
+                                    cumulative, seed))
     return runs
 
 
