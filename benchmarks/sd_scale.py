@@ -9,10 +9,13 @@ On 2 shared CPU cores ``--quick`` took 37 minutes, 27 of them the lens (12 layer
 guidance: 48 UNet passes and 12 VAE decodes) and 5 few-shot; without the lens, 10 minutes.
 
 The pipeline is :func:`workbench.sd14.sd14_pipeline` (built once into ``$WORKBENCH_CACHE``, about a
-minute). Rows: one batched encode of N prompts; UCE and RECE (3 epochs) with N preserve prompts; few-shot
+minute). Rows: one batched encode of N prompts, the embeddings kept on the text encoder's device (as
+UCE and RECE keep them); UCE and RECE (3 epochs) with N preserve prompts; few-shot
 unlearning at 512 px (2 steps; 8 on a GPU); a UMAP of 2,000 CLIP-L embeddings; the text-encoder lens.
-Memory, in GiB: on the CPU, *peak* is the process's largest resident set while the row ran (sampled every
-10 ms), *growth* that peak less the resident set when it started, *max RSS* the process's maximum so far
+On CUDA each row runs once untimed (the first run, in its own column: kernel selection for new shapes)
+and then ``--repeats`` times (default 9); its seconds are the median. Memory, in GiB: on the CPU,
+*peak* is the process's largest resident set while the row ran (sampled every 10 ms), *growth* that
+peak less the resident set when it started, *max RSS* the process's maximum so far
 (``getrusage``; it never goes down). On CUDA, peak and growth are ``torch.cuda.max_memory_allocated``.
 Targets: UCE within 1.2x and RECE within 1.6x of the encode of the same prompts; on a GPU RECE <= 1 s
 and few-shot (8 steps) <= 5 s; few-shot's CPU peak <= 12 GiB.
@@ -87,15 +90,18 @@ class Sampler:
 @dataclass
 class Row:
     name: str
-    seconds: float
+    seconds: float  # the median of the timed runs
     peak: int  # bytes
     growth: int  # bytes
     max_rss: int  # bytes
+    first: float  # the first run's seconds (the warm-up, when there were several)
+    runs: int  # timed runs
     target: str = ""
 
 
-def measure(name: str, fn: Callable[[], object], device: str, rows: list[Row]) -> None:
-    """Run ``fn`` once and append its row."""
+def measure(name: str, fn: Callable[[], object], device: str, rows: list[Row], repeats: int = 1) -> None:
+    """Run ``fn`` and append its row: once, or (``repeats`` > 1) once untimed to warm up, then
+    ``repeats`` timed runs whose median is the row's seconds."""
     gc.collect()
     cuda = device == "cuda"
     if cuda:
@@ -103,20 +109,25 @@ def measure(name: str, fn: Callable[[], object], device: str, rows: list[Row]) -
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
+    times = []
     with Sampler() as sampler:
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        for _ in range(1 + repeats if repeats > 1 else 1):
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         growth = peak - start
     else:
         peak, growth = sampler.peak, sampler.peak - sampler.start
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    rows.append(Row(name, seconds, peak, growth, max_rss))
-    print(f"  {name}: {seconds:.2f} s, peak {peak / GB:.2f} GiB (+{growth / GB:.2f} GiB)", flush=True)
+    timed = times[1:] if repeats > 1 else times
+    seconds = float(np.median(timed))
+    rows.append(Row(name, seconds, peak, growth, max_rss, times[0], len(timed)))
+    print(f"  {name}: {seconds:.3f} s (median of {len(timed)}; first {times[0]:.3f} s), peak {peak / GB:.2f} GiB "
+          f"(+{growth / GB:.2f} GiB)", flush=True)
 
 
 def church_images(n: int = 4, size: int = 512, seed: int = 0) -> list[Image.Image]:
@@ -151,9 +162,10 @@ def targets(rows: list[Row], device: str) -> None:
 
 def table(rows: list[Row], device: str) -> str:
     mem = "GPU" if device == "cuda" else "RSS"
-    lines = [f"| row | seconds | peak {mem} (GiB) | growth (GiB) | max RSS (GiB) | target |", "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r.name} | {r.seconds:.2f} | {r.peak / GB:.2f} | {r.growth / GB:.2f} | {r.max_rss / GB:.2f} | "
-              f"{r.target} |" for r in rows]
+    lines = [f"| row | seconds | runs | first run (s) | peak {mem} (GiB) | growth (GiB) | max RSS (GiB) | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r.name} | {r.seconds:.3f} | {r.runs} | {r.first:.3f} | {r.peak / GB:.2f} | {r.growth / GB:.2f} | "
+              f"{r.max_rss / GB:.2f} | {r.target} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -164,7 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated, from {', '.join(ROWS)} (default: all; fewshot-8 only on cuda)")
     parser.add_argument("--quick", action="store_true", help="10 and 100 prompts only, not 1,000")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per row after an untimed warm-up, the median reported (default: 9 on "
+                             "cuda, 1 on cpu: one run, no warm-up); umap always runs once")
     args = parser.parse_args(argv)
+    repeats = args.repeats or (9 if args.device == "cuda" else 1)
     wanted = args.rows.split(",") if args.rows else [r for r in ROWS if r != "fewshot-8" or args.device == "cuda"]
     unknown = sorted(set(wanted) - set(ROWS))
     if unknown:
@@ -180,11 +196,11 @@ def main(argv: list[str] | None = None) -> None:
           f"threads", flush=True)
     encode(pipe, ["a warm-up prompt"])  # first-call costs (kernel selection, allocator) stay out of the rows
     rows: list[Row] = []
-    run = lambda name, fn: measure(name, fn, args.device, rows)  # noqa: E731
+    run = lambda name, fn, times=repeats: measure(name, fn, args.device, rows, times)  # noqa: E731
     for n in sizes:
         preserve = prompts(n)
-        if "encode" in wanted:
-            run(f"encode-{n}", lambda: encode(pipe, preserve))
+        if "encode" in wanted:  # kept on the text encoder's device, as UCE and RECE keep it
+            run(f"encode-{n}", lambda: encode(pipe, preserve, device=None))
         if "uce" in wanted:
             run(f"uce-{n}", lambda: uce(pipe, "a photo of a church", preserve=preserve))
         if "rece" in wanted:
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             run(name, lambda: fewshot(pipe, "church", images=images, steps=steps, progress=False))
     if "umap" in wanted:
         vocabulary = words(2000)
-        run("umap", lambda: LandingMap.fit(pipe, vocabulary=vocabulary, space="text"))
+        run("umap", lambda: LandingMap.fit(pipe, vocabulary=vocabulary, space="text"), 1)
     if "lens" in wanted:
         run("lens", lambda: lens(pipe, "a painting by van gogh", steps=2))
     targets(rows, args.device)

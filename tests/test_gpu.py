@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import same_state, state_of
 from workbench.concepts import ConceptSet
+from workbench.edits import Edit
 from workbench.judges import ClipJudge, tiny_clip
 from workbench.methods import erase
 from workbench.metrics import evaluate
@@ -40,11 +41,14 @@ def images():
 
 
 @pytest.mark.parametrize("method", ["uce", "rece", "fewshot"])
-def test_every_method_runs_on_cuda_in_float16_and_reverts_exactly(sd14_half, images, method):
+def test_every_method_runs_on_cuda_in_float16_and_reverts_exactly(sd14_half, images, method, tmp_path):
     state = state_of(sd14_half)
     knobs = {"images": images, "steps": 2} if method == "fewshot" else {"preserve": ["a photo of a church"]}
     edit = erase(sd14_half, "van gogh", method, progress=False, **knobs)
     assert all(torch.isfinite(d).all() and d.abs().max() > 0 for d in edit.deltas.values())
+    assert all(d.device.type == "cuda" and d.dtype == torch.float32 for d in edit.deltas.values())
+    loaded = Edit.load(edit.save(tmp_path / "edit.safetensors"))  # saved from the GPU, read to the CPU
+    assert all(torch.equal(loaded.deltas[k], d.cpu()) for k, d in edit.deltas.items())
     with edit.apply(sd14_half):
         assert not same_state(sd14_half, state)
     assert same_state(sd14_half, state)

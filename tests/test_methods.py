@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,23 @@ def test_rece_returns_derived_embeddings_and_keeps_the_best_epoch(toy):
     assert edit.params["best_epoch"] == 1 and len(edit.extras) == 3
     assert edit.extras["derived.0"].shape == (20, 384)
     assert same_state(toy, state)  # methods never change the pipeline
+
+
+@pytest.mark.parametrize("selector", ["unet.*.xattn.[kv]", ["unet.down.1.0.xattn.k", "unet.mid.0.xattn.v"]])
+def test_matrices_solved_together_give_the_edit_of_solving_them_one_by_one(toy, monkeypatch, selector):
+    edits = lambda: [uce(toy, "apple", preserve=["a pear"], parts=selector),  # noqa: E731
+                     rece(toy, "apple", preserve=["a pear"], parts=selector, epochs=2),
+                     rece(toy, "apple", preserve=["a pear"], parts=selector, epochs=2, preserve_at="original")]
+    one_by_one = edits()
+    together = lambda weights: [list(weights)]  # noqa: E731 (as on a GPU)
+    for module in ("workbench.methods.uce", "workbench.methods.rece"):  # the names of the modules' functions too
+        monkeypatch.setattr(sys.modules[module], "groups", together)
+    stacked = edits()
+    for a, b in zip(one_by_one, stacked):
+        assert a.deltas.keys() == b.deltas.keys() and len(a.deltas) == (2 * 7 if isinstance(selector, str) else 2)
+        for key in a.deltas:
+            assert torch.allclose(a.deltas[key], b.deltas[key], rtol=1e-4, atol=1e-6 * float(a.deltas[key].abs().max()))
+    assert torch.allclose(one_by_one[1].extras["derived.1"], stacked[1].extras["derived.1"], rtol=1e-4, atol=1e-5)
 
 
 def test_apply_and_revert_are_exact_and_edits_stack(toy):

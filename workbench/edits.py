@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,7 +47,11 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class Edit:
-    """Weight deltas keyed ``"<part>.<weight|bias>"`` (e.g. ``"unet.mid.0.xattn.k.weight"``) and what made them."""
+    """Weight deltas keyed ``"<part>.<weight|bias>"`` (e.g. ``"unet.mid.0.xattn.k.weight"``) and what made them.
+
+    The deltas are float32 on the device of the weights they were made from (a GPU pipeline's edit stays
+    on the GPU; :meth:`to` moves it, :meth:`save` writes it from anywhere, :meth:`load` reads it to the CPU).
+    """
 
     deltas: dict[str, torch.Tensor]
     method: str
@@ -60,16 +64,27 @@ class Edit:
 
     @classmethod
     def between(cls, base: dict[str, torch.Tensor], new: dict[str, torch.Tensor], **meta) -> "Edit":
-        """The edit that turns ``base`` tensors into ``new`` ones; refuses NaN or inf."""
-        deltas = {}
-        for key, value in new.items():
-            if not torch.isfinite(value).all():
-                raise FloatingPointError(
-                    f"the {meta.get('method', 'edit')} result for {key} has NaN or inf values; nothing was "
-                    "changed. Lower the erase scale or raise the regulariser (lam / ridge) and try again."
-                )
-            deltas[key] = (value.float() - base[key].float()).cpu().contiguous()
+        """The edit that turns ``base`` tensors into ``new`` ones, float32 on ``new``'s device; refuses
+        NaN or inf."""
+        finite = torch.stack([torch.isfinite(value).all() for value in new.values()]) if new else None
+        if finite is not None and not bool(finite.all()):  # one look at the device for every tensor
+            key = list(new)[int((~finite).nonzero()[0])]
+            raise FloatingPointError(
+                f"the {meta.get('method', 'edit')} result for {key} has NaN or inf values; nothing was "
+                "changed. Lower the erase scale or raise the regulariser (lam / ridge) and try again."
+            )
+        deltas = {key: (value.float() - base[key].to(value.device).float()).contiguous()
+                  for key, value in new.items()}
         return cls(deltas=deltas, **meta)
+
+    def to(self, device: torch.device | str) -> "Edit":
+        """A copy of this edit with its deltas and extras on ``device`` (tensors already there are shared).
+
+        >>> Edit({"a.weight": torch.ones(2)}, "uce", "apple").to("cpu").deltas["a.weight"].device.type
+        'cpu'
+        """
+        return replace(self, deltas={k: v.to(device) for k, v in self.deltas.items()},
+                       extras={k: v.to(device) for k, v in self.extras.items()})
 
     @property
     def parts(self) -> list[str]:
@@ -137,8 +152,8 @@ class Edit:
         """Write a ``.safetensors`` file: the deltas, extras, and the metadata as JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"delta/{k}": v.contiguous() for k, v in self.deltas.items()}
-        tensors |= {f"extra/{k}": v.contiguous() for k, v in self.extras.items()}
+        tensors = {f"delta/{k}": v.cpu().contiguous() for k, v in self.deltas.items()}
+        tensors |= {f"extra/{k}": v.cpu().contiguous() for k, v in self.extras.items()}
         meta = {"method": self.method, "concept": self.concept, "params": self.params, "seed": self.seed,
                 "seconds": self.seconds, "versions": self.versions}
         save_file(tensors, path, metadata={"workbench": json.dumps(meta)})

@@ -70,15 +70,17 @@ def _final_norm(encoder: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @torch.no_grad()
-def _states(pipe, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
-    """``[layers + 1, n, tokens, width]`` (``layer=None``) or layer ``text.{layer}``'s ``[n, tokens, width]``."""
+def _states(pipe, ids: torch.Tensor, mask: torch.Tensor, layer: int | None,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[layers + 1, n, tokens, width]`` (``layer=None``) or layer ``text.{layer}``'s ``[n, tokens, width]``,
+    float32 on ``device``."""
     encoder = pipe.text_encoder
     masked = bool(getattr(encoder.config, "use_attention_mask", False))
     result = encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device) if masked else None,
                      output_hidden_states=True)
     states = torch.stack(result.hidden_states) if layer is None else result.hidden_states[layer + 1]
     norm = _final_norm(encoder)
-    return (states if norm is None else norm(states)).float().cpu()
+    return (states if norm is None else norm(states)).to(device, torch.float32)
 
 
 def hidden_states(pipe, prompts: str | Sequence[str], batch: int = 256) -> torch.Tensor:
@@ -100,23 +102,27 @@ def _layer_index(pipe, layer: int) -> int:
 
 
 @torch.no_grad()
-def encode(pipe, prompts: str | Sequence[str], batch: int = 256, layer: int | None = None) -> torch.Tensor:
-    """``[n_prompts, tokens, width]`` text-encoder output, float32 on the CPU; one pass per batch.
+def encode(pipe, prompts: str | Sequence[str], batch: int = 256, layer: int | None = None,
+           device: torch.device | str | None = "cpu") -> torch.Tensor:
+    """``[n_prompts, tokens, width]`` text-encoder output, float32 on ``device`` (``None``: the text
+    encoder's own, so nothing leaves the GPU); one pass per batch.
 
     ``layer=None`` is what the pipeline conditions on; ``layer=i`` is the output of layer ``text.{i}``
     (negative counts from the end, so ``-1`` equals ``None``), conditioning-ready.
     """
     prompts = as_list(prompts)
+    device = pipe.text_encoder.device if device is None else torch.device(device)
     if layer is not None:
         index = _layer_index(pipe, layer)
-        return torch.cat([_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), index)
-                          for i in range(0, len(prompts), batch)]) if prompts else torch.empty(0)
-    device = pipe.text_encoder.device
-    out = []
-    for i in range(0, len(prompts), batch):
-        emb, _ = pipe.encode_prompt(prompts[i:i + batch], device, 1, do_classifier_free_guidance=False)
-        out.append(emb.float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        out = [_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), index, device)
+               for i in range(0, len(prompts), batch)]
+    else:
+        out = [pipe.encode_prompt(prompts[i:i + batch], pipe.text_encoder.device, 1,
+                                  do_classifier_free_guidance=False)[0].to(device, torch.float32)
+               for i in range(0, len(prompts), batch)]
+    if not out:
+        return torch.empty(0, device=device)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
@@ -128,8 +134,8 @@ def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
     [0, 1, 5, 4]
     """
     prompts = as_list(prompts)
-    _, mask = _tokenize(pipe, prompts)
-    _, prefix_mask = _tokenize(pipe, [" ".join(text.split()[:-1]) for text in prompts])
+    _, masks = _tokenize(pipe, prompts + [" ".join(text.split()[:-1]) for text in prompts])
+    mask, prefix_mask = masks[:len(prompts)], masks[len(prompts):]
     last = (mask.sum(1) - 2).clamp(min=0)  # the last token before the end token
     first = (prefix_mask.sum(1) - 1).clamp(min=0).minimum(last)  # one past the prefix's last token
     return [f if text.split() else 0 for f, text in zip(first.tolist(), prompts)]

@@ -24,60 +24,107 @@ torch.Size([20, 384])
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
 from ..anatomy import Selector, as_list, parts as all_parts, select
 from ..edits import Edit, Timer
 from ..embed import check_prompt, encode, last_word
-from .solver import Gram, System
-from .uce import XATTN, aligned_rows, cross_attention_parts, edit_weights
+from .solver import Gram, System, groups, stack, unstack
+from .uce import XATTN, aligned_rows, cross_attention_parts, edit_weights, weights_device
 
 #: Where RECE's epochs hold the preserved prompts: at the current weights' outputs (the reference) or the original's.
 PRESERVE_AT = ("current", "original")
 
 
-def derive_embedding(base: dict[str, torch.Tensor], current: dict[str, torch.Tensor],
+def derive_embedding(base: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+                     current: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
                      keys: torch.Tensor, ridge: float) -> torch.Tensor:
     """Rows c' = (sum W'^T W' + ridge I)^-1 (sum W'^T W) c for every row c of ``keys``.
 
+    ``base`` (W) and ``current`` (W') give the matrices by part name, or as two lists in the same order
+    whose entries may be several matrices stacked row-wise (:func:`~workbench.methods.solver.stack`).
     Summed in float64 on the weights' device; returned as float32 on the device of ``keys``.
     """
-    d = keys.shape[-1]
-    device = next(iter(current.values())).device
+    if isinstance(base, Mapping):
+        base, current = list(base.values()), [current[name] for name in base]
+    d, device = keys.shape[-1], current[0].device
     A = ridge * torch.eye(d, dtype=torch.float64, device=device)
     B = torch.zeros(d, d, dtype=torch.float64, device=device)
-    for name, W in base.items():
-        Wc = current[name].double()
-        A += Wc.T @ Wc
-        B += Wc.T @ W.to(device, torch.float64)
-    X = torch.linalg.solve(A, B)  # A X = B, A symmetric positive definite
+    for W, Wc in zip(base, current):
+        Wc = Wc.to(device, torch.float64)
+        A.addmm_(Wc.T, Wc)
+        B.addmm_(Wc.T, W.to(device, torch.float64))
+    X = torch.cholesky_solve(B, torch.linalg.cholesky(A))  # A X = B; A is positive definite
     rows = keys.reshape(-1, d).to(device, torch.float64) @ X.T
     return rows.reshape(keys.shape).to(keys.device, torch.float32)
 
 
 @dataclass
+class _Group:
+    """Cross-attention k/v matrices solved together (:func:`~workbench.methods.solver.groups`): their
+    original and current rows, stacked in float64, the rows the edit changes, and those rows' targets."""
+
+    names: list[str]  # every matrix of the group, edited or not
+    base: torch.Tensor  # [rows, width]
+    current: torch.Tensor  # [rows, width]; the unedited rows stay original
+    edited: slice | torch.Tensor | None  # the edited rows (None: none of them)
+    targets: torch.Tensor | None  # [erase rows, edited rows]
+    rounded: torch.Tensor | None  # the edited rows in the dtype the edit keeps (None: float64)
+
+
+@dataclass
 class _Run:
-    """What RECE carries from epoch to epoch: the original and current weights (of every cross-attention
-    k/v: the derived embeddings sum over all of them), the concept's rows, and the growing erase set
-    (keys, and per edited matrix their targets)."""
+    """What RECE carries from epoch to epoch: every cross-attention k/v in groups (the derived embeddings
+    sum over all of them), the concepts' rows, and the growing erase set."""
 
     names: list[str]  # the edited matrices
-    base: dict[str, torch.Tensor]  # every cross-attention k/v, original
-    current: dict[str, torch.Tensor]  # every cross-attention k/v, now (the unedited ones stay original)
+    weights: dict[str, torch.Tensor]  # their original weights, as the model holds them, by "<part>.weight"
+    groups: list[_Group]
     full: torch.Tensor  # [k, tokens, width]: the concepts' embeddings
     at: list[int]  # the first row of each concept's last word
     guide: torch.Tensor  # [k, tokens, width]: the guide's embedding, once per concept
     guide_at: int  # the first row of the guide's last word (0 for the empty prompt)
     keep: Gram | None
     erase_keys: list[torch.Tensor]
-    targets: dict[str, list[torch.Tensor]]
 
     def edit(self, method: str) -> Edit:
-        return Edit.between({f"{n}.weight": self.base[n] for n in self.names},
-                            {f"{n}.weight": self.current[n] for n in self.names}, method=method, concept="")
+        new = {}
+        for g in self.groups:
+            if g.edited is not None:
+                new |= unstack(g.current[g.edited], {f"{n}.weight": self.weights[f"{n}.weight"]
+                                                     for n in g.names if f"{n}.weight" in self.weights})
+        return Edit.between(self.weights, new, method=method, concept="")
+
+
+def _rows_of(names: list[str], group: list[str], sizes: list[int]) -> slice | torch.Tensor | None:
+    """The stacked rows of ``names`` in ``group`` (matrices of ``sizes`` rows): a slice when they are
+    one run, None when there are none."""
+    offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
+    spans = [(offsets[i], offsets[i + 1]) for i, n in enumerate(group) if n in names]
+    if not spans:
+        return None
+    if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return slice(spans[0][0], spans[-1][1])
+    return torch.cat([torch.arange(a, b) for a, b in spans])
+
+
+def _group(table: dict, group: list[str], names: list[str], first: dict[str, torch.Tensor],
+           guide_rows: torch.Tensor) -> _Group:
+    """One group at the start: original rows, the UCE start's rows where edited, their first targets."""
+    base = stack(table[n].weight for n in group)
+    current = base.clone()
+    edited = _rows_of(names, group, [table[n].weight.shape[0] for n in group])
+    if edited is None:
+        return _Group(group, base, current, None, None, None)
+    current[edited] = stack((first[f"{n}.weight"] for n in group if n in names), base.device)
+    targets = guide_rows.to(base.device, torch.float64) @ base[edited].T
+    master = torch.promote_types(table[group[0]].weight.dtype, torch.float32)  # the model's, >= float32
+    rounded = None if master == torch.float64 else torch.empty(current[edited].shape, dtype=master,
+                                                                 device=base.device)
+    return _Group(group, base, current, edited, targets, rounded)
 
 
 def _start(pipe, concepts: list[str], guide: str, preserve: Sequence[str], names: list[str], uce_lam: float,
@@ -85,20 +132,18 @@ def _start(pipe, concepts: list[str], guide: str, preserve: Sequence[str], names
     """UCE: map the concepts' rows onto the guide's; the erase set starts with them. The preserve set is
     ``preserve``, with the empty prompt first when ``preserve_empty``."""
     k = len(concepts)
-    emb = encode(pipe, concepts + [guide, ""] + list(preserve))
+    emb = encode(pipe, concepts + [guide, ""] + list(preserve), device=weights_device(pipe, names))
     full = emb[:k]
     at = last_word(pipe, concepts + [guide])
     guide_emb = emb[k].expand(k, -1, -1)
     keys, guide_rows = aligned_rows(full, at[:k], guide_emb, [at[k]] * k)
     kept = emb[k + 1:] if preserve_empty else emb[k + 2:]  # ["", *preserve] or preserve
     keep = Gram.of(kept) if len(kept) else None
-    base_w, first_w = edit_weights(pipe, names, keys, guide_rows, keep, uce_lam, 1.0, uce_preserve_scale)
+    weights, first = edit_weights(pipe, names, keys, guide_rows, keep, uce_lam, 1.0, uce_preserve_scale)
     table = all_parts(pipe)
-    everything = select(pipe, XATTN)  # (A) sums over every cross-attention k/v, edited or not
-    base = {n: base_w[f"{n}.weight"] if n in names else table[n].weight.detach() for n in everything}
-    current = {n: first_w[f"{n}.weight"] if n in names else base[n] for n in everything}
-    targets = {n: [guide_rows.to(base[n].device, torch.float64) @ base[n].double().T] for n in names}
-    return _Run(names, base, current, full, at[:k], guide_emb, at[k], keep, [keys.double()], targets)
+    everything = {n: table[n].weight for n in select(pipe, XATTN)}  # (A) sums over every k/v, edited or not
+    run_groups = [_group(table, group, names, first, guide_rows) for group in groups(everything)]
+    return _Run(names, weights, run_groups, full, at[:k], guide_emb, at[k], keep, [keys.double()])
 
 
 def _epoch(run: _Run, ridge: float, lam: float, preserve_scale: float, preserve_at: str) -> torch.Tensor:
@@ -106,17 +151,23 @@ def _epoch(run: _Run, ridge: float, lam: float, preserve_scale: float, preserve_
     row mapped to what the current weights make of the guide, and re-solve, the preserved prompts held at
     the current (or original) weights' outputs. Returns (A)'s rows."""
     k = len(run.at)
-    derived = derive_embedding(run.base, run.current, run.full, ridge)
+    derived = derive_embedding([g.base for g in run.groups], [g.current for g in run.groups], run.full, ridge)
     rows, guide_rows = aligned_rows(derived, run.at, run.guide, [run.guide_at] * k)
     run.erase_keys.append(rows.double())
     K = torch.cat(run.erase_keys)
-    device = run.current[run.names[0]].device
-    system = System.build(Gram.of(K), K, run.keep, lam, 1.0, preserve_scale, device)
-    for n in run.names:
-        Wc = run.current[n]
-        run.targets[n].append(guide_rows.to(Wc.device, torch.float64) @ Wc.double().T)
-        held = None if preserve_at == "current" else run.base[n]
-        run.current[n] = system.solve(Wc, torch.cat(run.targets[n]), preserve_weight=held)
+    system = System.build(Gram.of(K), K, run.keep, lam, 1.0, preserve_scale, run.groups[0].base.device)
+    guides = guide_rows.to(system.keys.device, torch.float64)
+    for g in run.groups:
+        if g.edited is None:
+            continue
+        now = g.current[g.edited]  # a view of the stack when the edited rows are one run, else a copy
+        g.targets = torch.cat([g.targets, guides @ now.T])
+        held = None if preserve_at == "current" else g.base[g.edited]
+        system.solve_(now, g.targets, preserve_weight=held)
+        if g.rounded is not None:  # rounded as the edit's weights are, without a new stack-sized tensor
+            now.copy_(g.rounded.copy_(now))
+        if not isinstance(g.edited, slice):
+            g.current[g.edited] = now
     return derived[0] if k == 1 else derived
 
 
@@ -151,14 +202,16 @@ def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence
     if preserve_at not in PRESERVE_AT:
         raise ValueError(f"preserve_at must be one of {', '.join(map(repr, PRESERVE_AT))}, not {preserve_at!r}")
     names = cross_attention_parts(pipe, parts, "RECE")
+    every = validate is not None  # without a validator only the last epoch's edit is made
     with Timer() as timer:
         run = _start(pipe, concepts, guide, preserve, names, uce_lam, uce_preserve_scale, preserve_empty)
-        candidates, derived = [run.edit("uce")], {}
+        candidates, derived = [run.edit("uce")] if every or not epochs else [], {}
         for epoch in range(epochs):
             derived[f"derived.{epoch}"] = _epoch(run, ridge, lam, preserve_scale, preserve_at)
-            candidates.append(run.edit("rece"))
+            if every or epoch == epochs - 1:
+                candidates.append(run.edit("rece"))
     best, scores = _choose(candidates, validate)
-    chosen = candidates[best]
+    chosen, best = candidates[best], best if every else epochs
     chosen.method, chosen.concept, chosen.seconds = "rece", ", ".join(concepts), timer.seconds
     chosen.params = dict(erase=concepts, guide=guide, preserve=list(preserve), parts=names, epochs=epochs,
                          best_epoch=best, ridge=ridge, lam=lam, preserve_scale=preserve_scale,

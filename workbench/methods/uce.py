@@ -16,7 +16,7 @@ import torch
 from ..anatomy import Selector, as_list, component_of, parts as all_parts, select
 from ..edits import Edit, Timer
 from ..embed import check_prompt, encode, last_word
-from .solver import Gram, System
+from .solver import Gram, System, groups, stack, unstack
 
 XATTN = "unet.*.xattn.[kv]"
 
@@ -35,6 +35,11 @@ def cross_attention_parts(pipe, selector: Selector, method: str) -> list[str]:
                          + " are not: select them with 'unet.*.xattn.k', 'unet.*.xattn.v' or "
                          "'unet.*.xattn.[kv]', or train other UNet parts with ESD ('esd')")
     return names
+
+
+def weights_device(pipe, names: Sequence[str]) -> torch.device:
+    """Where the named parts' weights are: the device an edit of them is computed on."""
+    return all_parts(pipe)[names[0]].weight.device
 
 
 def aligned_rows(prompts: torch.Tensor, at: Sequence[int], guides: torch.Tensor,
@@ -59,16 +64,17 @@ def aligned_rows(prompts: torch.Tensor, at: Sequence[int], guides: torch.Tensor,
 
 def edit_weights(pipe, names: list[str], keys: torch.Tensor, guide_keys: torch.Tensor,
                  keep: Gram | None, lam: float, erase_scale: float, preserve_scale: float):
-    """(base, new) weights of the named parts after mapping ``keys`` to the guide's values."""
+    """(base, new) weights of the named parts after mapping ``keys`` to the guide's values, solved
+    together (:func:`~workbench.methods.solver.groups`)."""
     modules = all_parts(pipe)
-    device = modules[names[0]].weight.device
+    base = {f"{name}.weight": modules[name].weight.detach() for name in names}
+    device = base[f"{names[0]}.weight"].device
     system = System.build(Gram.of(keys), keys, keep, lam, erase_scale, preserve_scale, device)
-    guides = guide_keys.reshape(-1, keys.shape[-1]).to(device, torch.float64)
-    base, new = {}, {}
-    for name in names:
-        W0 = modules[name].weight.detach()
-        base[f"{name}.weight"] = W0
-        new[f"{name}.weight"] = system.solve(W0, guides @ W0.double().T)
+    guides = guide_keys.reshape(-1, keys.shape[-1]).to(system.keys.device, torch.float64)
+    new = {}
+    for group in groups(base):
+        W0 = stack(base[key] for key in group)
+        new |= unstack(system.solve_(W0, guides @ W0.T), {key: base[key] for key in group})
     return base, new
 
 
@@ -93,7 +99,7 @@ def uce(pipe, erase: str | Sequence[str], guide: str | Sequence[str] = "", prese
     names = cross_attention_parts(pipe, parts, "UCE")
     with Timer() as timer:
         kept = ([""] if preserve_empty else []) + preserve
-        emb = encode(pipe, erase + guides + kept)
+        emb = encode(pipe, erase + guides + kept, device=weights_device(pipe, names))
         at = last_word(pipe, erase + guides)
         keys, guide_keys = aligned_rows(emb[:len(erase)], at[:len(erase)], emb[len(erase):2 * len(erase)],
                                         at[len(erase):])
