@@ -3,6 +3,7 @@
     python benchmarks/sd_scale.py --quick          # 10 and 100 prompts only
     python benchmarks/sd_scale.py                  # also 1,000 prompts
     python benchmarks/sd_scale.py --device cuda --dtype float16
+    python benchmarks/sd_scale.py --device cuda --dtype float16 --rows encode --quick --profile  # UCE/RECE by operator
     python benchmarks/sd_scale.py --quick --rows encode,uce,rece,fewshot,umap   # no lens
 
 On 2 shared CPU cores ``--quick`` took 37 minutes, 27 of them the lens (12 layers at 512 px with
@@ -130,6 +131,28 @@ def measure(name: str, fn: Callable[[], object], device: str, rows: list[Row], r
           f"(+{growth / GB:.2f} GiB)", flush=True)
 
 
+def edits(pipe, preserve: list[str]) -> dict[str, Callable[[], object]]:
+    """The UCE and RECE rows' erasures of "church" with ``preserve``."""
+    return {"uce": lambda: uce(pipe, "a photo of a church", preserve=preserve),
+            "rece": lambda: rece(pipe, "church", preserve=preserve, epochs=3)}
+
+
+def profile(pipe, preserve: list[str], device: str) -> None:
+    """Print where UCE's and RECE's time goes, operator by operator, after a warm-up run of each."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for name, fn in edits(pipe, preserve).items():
+        fn()
+        with profiler(activities=activities) as prof:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        print(f"\n{name}-{len(preserve)}: operators by host time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=45))
+
+
 def church_images(n: int = 4, size: int = 512, seed: int = 0) -> list[Image.Image]:
     """``n`` smooth random RGB images (stand-ins: the weights are random, so any image will do)."""
     rng = np.random.default_rng(seed)
@@ -176,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated, from {', '.join(ROWS)} (default: all; fewshot-8 only on cuda)")
     parser.add_argument("--quick", action="store_true", help="10 and 100 prompts only, not 1,000")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's operators (host and device time) for UCE and RECE at the "
+                             "smallest N")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per row after an untimed warm-up, the median reported (default: 9 on "
                              "cuda, 1 on cpu: one run, no warm-up); umap always runs once")
@@ -202,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         if "encode" in wanted:  # kept on the text encoder's device, as UCE and RECE keep it
             run(f"encode-{n}", lambda: encode(pipe, preserve, device=None))
         if "uce" in wanted:
-            run(f"uce-{n}", lambda: uce(pipe, "a photo of a church", preserve=preserve))
+            run(f"uce-{n}", lambda: edits(pipe, preserve)["uce"]())
         if "rece" in wanted:
-            run(f"rece-{n}", lambda: rece(pipe, "church", preserve=preserve, epochs=3))
+            run(f"rece-{n}", lambda: edits(pipe, preserve)["rece"]())
     images = church_images(size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
     for name, steps in (("fewshot", 2), ("fewshot-8", 8)):
         if name in wanted:
@@ -214,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         run("umap", lambda: LandingMap.fit(pipe, vocabulary=vocabulary, space="text"), 1)
     if "lens" in wanted:
         run("lens", lambda: lens(pipe, "a painting by van gogh", steps=2))
+    if args.profile:
+        profile(pipe, prompts(sizes[0]), args.device)
     targets(rows, args.device)
     print()
     print(table(rows, args.device))
