@@ -80,8 +80,7 @@ class _Run:
     """What RECE carries from epoch to epoch: every cross-attention k/v in groups (the derived embeddings
     sum over all of them), the concepts' rows, and the growing erase set."""
 
-    names: list[str]  # the edited matrices
-    weights: dict[str, torch.Tensor]  # their original weights, as the model holds them, by "<part>.weight"
+    weights: dict[str, torch.Tensor]  # the edited matrices' original weights, as the model holds them
     groups: list[_Group]
     full: torch.Tensor  # [k, tokens, width]: the concepts' embeddings
     at: list[int]  # the first row of each concept's last word
@@ -143,7 +142,7 @@ def _start(pipe, concepts: list[str], guide: str, preserve: Sequence[str], names
     table = all_parts(pipe)
     everything = {n: table[n].weight for n in select(pipe, XATTN)}  # (A) sums over every k/v, edited or not
     run_groups = [_group(table, group, names, first, guide_rows) for group in groups(everything)]
-    return _Run(names, weights, run_groups, full, at[:k], guide_emb, at[k], keep, [keys.double()])
+    return _Run(weights, run_groups, full, at[:k], guide_emb, at[k], keep, [keys.double()])
 
 
 def _epoch(run: _Run, ridge: float, lam: float, preserve_scale: float, preserve_at: str) -> torch.Tensor:
