@@ -100,6 +100,7 @@ class System:
             W.add_(kept, alpha=self.preserve_scale)
         return W
 
+
 def solve(W0: torch.Tensor, erase: Gram, erase_values: torch.Tensor, erase_keys: torch.Tensor,
           preserve: Gram | None = None, preserve_weight: torch.Tensor | None = None,
           lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0) -> torch.Tensor:
