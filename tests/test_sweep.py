@@ -7,6 +7,7 @@ import torch
 
 from conftest import same_state, state_of
 from workbench.anatomy import select
+from workbench.grid import sweep_grid
 from workbench.methods.fewshot import default_parts
 from workbench.metrics import drift, evaluate
 from workbench.plots import dw_per_layer, save, subset_bars, sweep_heatmap
@@ -167,6 +168,8 @@ def test_figures_save(tmp_path, suffix):
 def test_bad_input_is_explained(toy):
     with pytest.raises(ValueError, match="unknown method 'ablate'.*rece, uce, fewshot, esd"):
         layer_sweep(toy, "apple", method="ablate", measure=False, progress=False)
+    with pytest.raises(ValueError, match="unknown method 'ablate'.*rece, uce, fewshot, esd"):
+        sweep_grid(toy, "apple", method="ablate")
     with pytest.raises(ValueError, match="component 'mlp' matches nothing.*attn, ffn"):
         layer_sweep(toy, "apple", components=["mlp"], measure=False, progress=False)
     with pytest.raises(ValueError, match="UCE edits UNet cross-attention k/v projections only.*unet.down.1.0.ffn.in.*ESD"):

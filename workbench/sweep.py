@@ -66,7 +66,7 @@ class Planned:
 
 def layers(pipe, method: str = "fewshot") -> list[str]:
     """The layers ``method`` can edit, in network order: ``["text.0", ...]`` or ``["unet.down.1.0", ...]``."""
-    _check_method(method)
+    check_method(method)
     return list(dict.fromkeys(layer_of(n) for n in select(pipe, SCOPE[method][0])))
 
 
@@ -180,7 +180,7 @@ def _run_table(pipe, runs: Sequence[Planned], method: str, measure: Measurer, pr
                on_run: Callable[[str], None] | None, method_kwargs: dict) -> pd.DataFrame:
     """Run the planned runs and measure each; ``on_run(label)`` is called after each run (for progress
     bars other than the text one)."""
-    _check_method(method)
+    check_method(method)
     if "parts" in method_kwargs:
         raise ValueError("the sweep chooses `parts` itself; give `components` and `layers` instead")
     rows = []
@@ -390,7 +390,11 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
     return float(min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))))
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """Raise for a method the layer sweep does not run, naming those it does.
+
+    >>> check_method("uce")
+    """
     if method not in SCOPE:
         raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(SCOPE)}")
 
