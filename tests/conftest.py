@@ -18,6 +18,11 @@ def toy():
 
 
 @pytest.fixture(scope="session")
+def toy_bf16():
+    return workbench.load("toy", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
 def oracle():
     return Oracle.load()
 

@@ -13,11 +13,6 @@ from workbench.methods import erase
 from workbench.metrics import evaluate
 
 
-@pytest.fixture(scope="module")
-def toy_bf16():
-    return workbench.load("toy", dtype=torch.bfloat16)
-
-
 @pytest.mark.parametrize("method", ["uce", "rece", "fewshot"])
 def test_every_method_runs_in_bfloat16_and_reverts_exactly(toy_bf16, method):
     state = state_of(toy_bf16)

@@ -92,11 +92,13 @@ def test_rece_returns_derived_embeddings_and_keeps_the_best_epoch(toy):
     assert same_state(toy, state)  # methods never change the pipeline
 
 
+@pytest.mark.parametrize("model", ["toy", "toy_bf16"])  # bfloat16: half-precision weights, float32 edits, as on a GPU
 @pytest.mark.parametrize("selector", ["unet.*.xattn.[kv]", ["unet.down.1.0.xattn.k", "unet.mid.0.xattn.v"]])
-def test_matrices_solved_together_give_the_edit_of_solving_them_one_by_one(toy, monkeypatch, selector):
-    edits = lambda: [uce(toy, "apple", preserve=["a pear"], parts=selector),  # noqa: E731
-                     rece(toy, "apple", preserve=["a pear"], parts=selector, epochs=2),
-                     rece(toy, "apple", preserve=["a pear"], parts=selector, epochs=2, preserve_at="original")]
+def test_matrices_solved_together_give_the_edit_of_solving_them_one_by_one(request, monkeypatch, model, selector):
+    pipe = request.getfixturevalue(model)
+    edits = lambda: [uce(pipe, "apple", preserve=["a pear"], parts=selector),  # noqa: E731
+                     rece(pipe, "apple", preserve=["a pear"], parts=selector, epochs=2),
+                     rece(pipe, "apple", preserve=["a pear"], parts=selector, epochs=2, preserve_at="original")]
     one_by_one = edits()
     together = lambda weights: [list(weights)]  # noqa: E731 (as on a GPU)
     for module in ("workbench.methods.uce", "workbench.methods.rece"):  # the names of the modules' functions too
