@@ -133,6 +133,8 @@ def stack(weights: Iterable[torch.Tensor], device: torch.device | str | None = N
     """
     weights = [w.detach() for w in weights]
     device = weights[0].device if device is None else device
+    if len(weights) == 1:  # a copy, never the matrix itself (the caller edits it in place)
+        return weights[0].to(device, torch.float64, copy=True)
     return torch.cat([w.to(device, torch.float64) for w in weights])
 
 
