@@ -393,7 +393,9 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
 def check_method(method: str) -> None:
     """Raise for a method the layer sweep does not run, naming those it does.
 
-    >>> check_method("uce")
+    >>> check_method("ablate")
+    Traceback (most recent call last):
+    ValueError: unknown method 'ablate'; the sweep runs rece, uce, fewshot, esd
     """
     if method not in SCOPE:
         raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(SCOPE)}")

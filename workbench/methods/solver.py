@@ -130,6 +130,9 @@ def stack(weights: Iterable[torch.Tensor], device: torch.device | str | None = N
 
     >>> stack([torch.ones(2, 3), torch.zeros(1, 3)]).shape
     torch.Size([3, 3])
+    >>> W = torch.ones(2, 3, dtype=torch.float64)
+    >>> stack([W]).add_(1).equal(W)  # always a copy: editing the stack in place leaves W as it was
+    False
     """
     weights = [w.detach() for w in weights]
     device = weights[0].device if device is None else device
