@@ -1,16 +1,19 @@
-"""Attack benchmark on the toy model: does each erased concept come back, per method and attack?
+"""Attack benchmark on the toy model: does each erased concept come back, per method, attack and budget?
 
-    python benchmarks/attacks.py                       # 3 methods x 8 concepts x 4 attacks x 4 seeds
-    python benchmarks/attacks.py --seeds 7000 7001 7002   # the README's table: 30.5 min on 2 quiet cores
-    python benchmarks/attacks.py --concepts apple car --methods uce rece --attacks derived
-    python benchmarks/attacks.py --from data/results/attacks_toy.csv   # tables and figure from a saved run
+    python benchmarks/attacks.py                        # the README's table: 20 concepts x 4 methods, 2 workers
+    python benchmarks/attacks.py --grid data/grids/attack_budgets_toy.yaml     # the budget curves
+    python benchmarks/attacks.py --concepts apple car --workers 0   # a subset, in this process
+    python benchmarks/attacks.py --from data/results/attacks_toy.csv    # tables and figures from saved rows
 
-Every edit is made by ``erase`` with the toy defaults (seed 0); every attack runs at one budget for all
-methods (inversion 100 steps, UnlearnDiffAtk 40 steps, concept vector 6 eta values) with seed 0, and is
-judged by the oracle on each concept's held-out probe prompts (3 per object, 4 per style) on the
-evaluation seeds 7000-7003. Prints Markdown tables: success rate per method x attack with 95% intervals
-(bootstrap over concept x seed), paired differences between methods, seconds and peak memory per attack;
-writes the image rows (``--out``) and the figure (``--figure``).
+The table is an experiment grid (``data/grids/attacks_toy.yaml``, :mod:`workbench.grid`): one run per
+concept and method erases with the toy defaults (seed 0) and attacks the edit with every attack at one
+budget for all methods (inversion 100 steps, UnlearnDiffAtk 40, concept vector 6 eta values; seed 0),
+judged by the oracle on the concept's held-out probe prompts (3 per object, 4 per style) and the
+evaluation seeds 7000-7002. Runs are stored as they finish (``--store``; a stopped run resumes) and
+spread over a Dask ``LocalCluster`` of ``--workers`` one-thread processes. Writes the image rows
+(``--out``) and figures beside them; prints Markdown tables: success rates with 95% intervals over all
+concepts, objects and styles; paired differences between methods; per-concept differences and the
+estimate pooled over concepts (bootstrap over concepts); budget curves; time and memory.
 """
 from __future__ import annotations
 
@@ -20,29 +23,25 @@ from pathlib import Path
 
 import pandas as pd
 
-import workbench
 from workbench import plots
-from workbench.attacks import ATTACKS, EVAL_SEEDS
-from workbench.attacks.table import compare_methods, peak_gb, success_table, summary
-from workbench.profile import profile_of
+from workbench.attacks.table import (compare_methods, concept_differences, grid_images, peak_gb, summary)
+from workbench.grid import Grid, run_grid
+from workbench.stats import interval_text
 
-CONCEPTS = ("apple", "van gogh", "car", "cat", "seurat", "star", "dog", "boat")
-METHODS = ("uce", "rece", "fewshot")
-#: One budget per attack, the same for every method.
-BUDGETS = {"inversion": 100, "unlearndiff": 40, "concept_vector": 6}
+GRIDS = Path(__file__).resolve().parents[1] / "data" / "grids"
 
 
 def rate_cell(row) -> str:
     return f"{row['rate']:.0%} [{row['lo'] * 100:.0f}, {row['hi'] * 100:.0f}]"
 
 
-def rates_table(table: pd.DataFrame) -> str:
-    s = summary(table)
-    wide = s.assign(cell=s.apply(rate_cell, axis=1)).pivot(index="attack", columns="method", values="cell")
-    wide = wide.reindex(index=list(dict.fromkeys(s["attack"])), columns=list(dict.fromkeys(s["method"])))
-    n = s.groupby("attack", sort=False)["n"].first()
-    lines = ["| attack | " + " | ".join(wide.columns) + " | n per cell |", "|---" * (len(wide.columns) + 2) + "|"]
-    lines += [f"| {a} | " + " | ".join(wide.loc[a]) + f" | {n[a]} |" for a in wide.index]
+def rates_table(table: pd.DataFrame, by: str = "attack") -> str:
+    s = summary(table, ("method", by))
+    wide = s.assign(cell=s.apply(rate_cell, axis=1)).pivot(index=by, columns="method", values="cell")
+    wide = wide.reindex(index=list(dict.fromkeys(s[by])), columns=list(dict.fromkeys(s["method"])))
+    n = s.groupby(by, sort=False)["n"].first()
+    lines = [f"| {by} | " + " | ".join(wide.columns) + " | n per cell |", "|---" * (len(wide.columns) + 2) + "|"]
+    lines += [f"| {a} | " + " | ".join(wide.loc[a].fillna("")) + f" | {n[a]} |" for a in wide.index]
     return "\n".join(lines)
 
 
@@ -55,56 +54,98 @@ def comparisons(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def timing(table: pd.DataFrame) -> str:
-    per = table.drop_duplicates(["method", "concept", "attack"])
-    lines = ["| attack | seconds per concept (median, max) | peak memory (GB, process) |", "|---|---|---|"]
-    for attack, g in per[per["attack"].isin(list(ATTACKS))].groupby("attack", sort=False):
-        lines.append(f"| {attack} | {g['attack_seconds'].median():.1f}, {g['attack_seconds'].max():.1f} | "
-                     f"{g['peak_gb'].max():.2f} |")
-    edits = per.drop_duplicates(["method", "concept"])
-    lines.append(f"| (erasure) | {edits['edit_seconds'].median():.1f}, {edits['edit_seconds'].max():.1f} | |")
+def heterogeneity(table: pd.DataFrame, a: str, b: str) -> str:
+    """Per attack: the difference a - b pooled over concepts (bootstrap over concepts) and how many
+    concepts go each way."""
+    lines = [f"| attack | {a} - {b}, pooled over concepts | concepts: {a} higher / {b} higher / not significant |",
+             "|---|---|---|"]
+    for attack in [x for x in dict.fromkeys(table["attack"]) if x != "unedited"]:
+        d = concept_differences(table, a, b, attack)
+        pooled = d.iloc[-1]
+        each = d.iloc[:-1]
+        lines.append(f"| {attack} | {interval_text(pooled.difference, pooled.lo, pooled.hi, signed=True)}, "
+                     f"p = {pooled.p:.2g} | {(each.lo > 0).sum()} / {(each.hi < 0).sum()} / "
+                     f"{((each.lo <= 0) & (each.hi >= 0)).sum()} |")
     return "\n".join(lines)
 
 
-def report(table: pd.DataFrame, figure: Path | None, wall: float | None) -> None:
-    print("### Attack success rate (share of held-out images in which the oracle sees the concept)\n")
-    print(rates_table(table) + "\n")
-    print("### Differences between methods (paired bootstrap over concept x seed)\n")
-    print(comparisons(table) + "\n")
-    print("### Time and memory\n")
+def timing(table: pd.DataFrame) -> str:
+    per = table[~table["attack"].isin(["unedited", "none"])].drop_duplicates(["method", "concept", "attack", "budget"])
+    lines = ["| attack | budget | seconds per concept (median, max) | peak memory (GB, process) |", "|---|---|---|---|"]
+    for (attack, budget), g in per.groupby(["attack", "budget"], sort=False, dropna=False):
+        lines.append(f"| {attack} | {'' if pd.isna(budget) else budget} | {g['attack_seconds'].median():.1f}, "
+                     f"{g['attack_seconds'].max():.1f} | {g['peak_gb'].max():.2f} |")
+    for method, g in table.drop_duplicates(["method", "concept"]).groupby("method", sort=False):
+        lines.append(f"| (erasure: {method}) | | {g['edit_seconds'].median():.1f}, {g['edit_seconds'].max():.1f} | |")
+    return "\n".join(lines)
+
+
+def report(table: pd.DataFrame, out: Path, wall: dict[str, float] | None = None) -> None:
+    curves = table["budget"].notna() & table.duplicated(["method", "concept", "attack", "seed", "prompt"], keep=False) \
+        & ~table["attack"].isin(["unedited", "none"])
+    concepts = table["concept"].nunique()
+    if curves.any():
+        print("### Success rate against budget (bootstrap over concept x seed)\n")
+        print(rates_table(table.assign(attack=table["attack"] + table["budget"].map(lambda b: "" if pd.isna(b) else f" {b}")))
+              + "\n")
+        print(f"Figure: {plots.save(plots.budget_curves(summary(table, ('method', 'attack', 'budget'))), out.with_suffix('.png'))}")
+    else:
+        print(f"### Attack success rate over {concepts} concepts (share of held-out images in which the oracle "
+              "sees the concept)\n")
+        print(rates_table(table) + "\n")
+        for kind, rows in table.groupby(table["concept"].map(_kind), sort=False):
+            print(f"#### {kind} ({rows['concept'].nunique()})\n")
+            print(rates_table(rows) + "\n")
+        print("### Differences between methods (paired bootstrap over concept x seed)\n")
+        print(comparisons(table) + "\n")
+        print("### UCE - RECE per concept, pooled over concepts (bootstrap over concepts)\n")
+        print(heterogeneity(table, "uce", "rece") + "\n")
+        print(f"Figure: {plots.save(plots.attack_rates(summary(table)), out.with_suffix('.png'))}")
+        forest = pd.concat([concept_differences(table, "uce", "rece", a).assign(attack=a)
+                            for a in ("inversion", "unlearndiff", "concept_vector")], ignore_index=True)
+        print(f"Figure: {plots.save(plots.forest(forest, 'UCE - RECE'), out.with_name(out.stem + '_forest.png'))}")
+    print("\n### Time and memory\n")
     print(timing(table) + "\n")
-    if wall is not None:
-        print(f"Wall time {wall / 60:.1f} min; peak memory {peak_gb():.2f} GB.")
-    if figure is not None:
-        print(f"Figure: {plots.save(plots.attack_rates(summary(table)), figure)}")
+    if wall:
+        print("; ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()) + f"; peak memory here {peak_gb():.2f} GB.")
+
+
+def _kind(concept: str) -> str:
+    from workbench.toy.world import PAINTERS
+    return "styles" if concept in PAINTERS else "objects"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(EVAL_SEEDS))
-    ap.add_argument("--out", type=Path, default=Path("out/attacks_toy.csv"))
-    ap.add_argument("--figure", type=Path, default=Path("out/attacks_toy.png"))
-    ap.add_argument("--from", dest="saved", type=Path, help="report on a saved run instead of running")
+    ap.add_argument("--grid", type=Path, default=GRIDS / "attacks_toy.yaml")
+    ap.add_argument("--concepts", nargs="+", help="a subset of the grid's concepts")
+    ap.add_argument("--methods", nargs="+", help="a subset of the grid's methods")
+    ap.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (0: this process)")
+    ap.add_argument("--store", type=Path, help="the grid's results folder (default results/<grid name>)")
+    ap.add_argument("--out", type=Path, help="the image rows as CSV (default out/<grid name>.csv)")
+    ap.add_argument("--from", dest="saved", type=Path, help="report on saved rows (a CSV or a results folder)")
     args = ap.parse_args(argv)
+    out = args.out or Path("out") / f"{args.grid.stem}.csv"
     if args.saved is not None:
-        report(pd.read_csv(args.saved), args.figure, None)
+        table = pd.read_csv(args.saved) if args.saved.suffix == ".csv" else grid_images(_load(args.saved))
+        report(table, out)
         return
-    pipe = workbench.load("toy")
-    judge = profile_of(pipe).judge()
+    spec = Grid.load(args.grid).to_dict()
+    spec |= {k: v for k, v in (("concepts", args.concepts), ("methods", args.methods)) if v}
     start = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for concept in args.concepts:  # the rows are saved after each concept, so a stopped run keeps them
-        parts.append(success_table(pipe, judge, [concept], args.methods, args.attacks, BUDGETS, args.seeds,
-                                   progress=False))
-        pd.concat(parts, ignore_index=True).to_csv(args.out, index=False)
-        print(f"{concept}: {time.perf_counter() - start:.0f} s", flush=True)
-    table = pd.concat(parts, ignore_index=True)
-    print(f"Image rows: {args.out}\n")
-    report(table, args.figure, time.perf_counter() - start)
+    runs = run_grid(spec, args.store or Path("results") / args.grid.stem,
+                    cluster=f"local:{args.workers}" if args.workers else None)
+    wall = {"wall time with the cluster's start": time.perf_counter() - start}
+    table = grid_images(runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.drop(columns=["key"]).to_csv(out, index=False)
+    print(f"{len(runs)} runs ({runs.attrs['ran']} run now, {runs.attrs['failed']} failed); image rows: {out}\n")
+    report(table, out, wall)
+
+
+def _load(folder: Path) -> pd.DataFrame:
+    from workbench.store import load_results
+    return load_results(folder)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ A grid is a dict or a YAML file (``data/grids/toy.yaml``)::
     vary: {uce: {lam: [0.5, 2.0]}}            # knobs whose values multiply the grid
     measure: {per_prompt: 8, per_other: 4, eval_seed: 1234}    # or false: sizes of the edits only
     threads: 1                    # torch threads per run, the same in-process and on every worker
+    attacks:                      # instead of measure: attack every edit (data/grids/attacks_toy.yaml)
+      names: [derived, inversion]             # default: every attack
+      budgets: {inversion: [25, 100, 400]}    # one budget, or a list: a budget curve
+      eval_seeds: [7000, 7001, 7002]          # default: workbench.attacks.EVAL_SEEDS
+      seed: 0                                 # the attacks' own seed
 
 :func:`plan` expands it into :class:`Run` s, each with a stable key (a hash of its whole config and the
 library versions), after checking every name against the model: an unknown method, concept, knob or a
@@ -23,7 +28,9 @@ selector that matches nothing refuses the grid before any run starts. :func:`run
 results store (:mod:`workbench.store`) does not hold yet, in this process or on Dask workers (each
 loads the model once; a run is a task), writing each row as it arrives; a row has the columns of a
 :func:`~workbench.sweep.layer_sweep` row plus ``key, config, knobs, host, worker, pid, run_seconds,
-finished, error, traceback``.
+finished, error, traceback``. An attack grid's row holds instead each judged image (``images``) and what
+each attack crafted (``crafted``); :func:`workbench.attacks.table.grid_images` turns its rows into the
+attack table.
 
 >>> import tempfile
 >>> grid = {"model": "toy", "concepts": ["apple"], "methods": ["uce"], "parts": ["unet.mid.0.xattn.v"],
@@ -59,10 +66,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from .anatomy import as_list, component_of, layer_of, names as part_names, select
+from .attacks import ATTACKS, BUDGETS, EVAL_SEEDS
+from .attacks.table import attack_edit
 from .concepts import ConceptSet
 from .edits import versions
 from .judges import ClipJudge
-from .methods import METHODS
+from .methods import METHODS, erase
 from .models import load
 from .profile import Profile, attach, profile_of
 from .store import Store, load_results
@@ -72,6 +81,8 @@ from .sweep import SCOPE, Measurer, Planned, check_method, layer_sweep, run_one
 MEASURE = {k: inspect.signature(layer_sweep).parameters[k].default
            for k in ("per_prompt", "per_other", "others", "eval_seed")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: What an attack grid's ``attacks`` mapping may hold.
+ATTACK_SETTINGS = ("names", "budgets", "eval_seeds", "seed")
 #: Knobs a grid sets through its own keys, never through ``knobs``.
 _RESERVED = {"parts": "parts", "seed": "seeds", "progress": "(the grid's progress bar)"}
 
@@ -93,6 +104,7 @@ class Grid:
     vary: dict[str, dict[str, list]] = field(default_factory=dict)
     measure: dict[str, Any] | bool = True
     threads: int = 1
+    attacks: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, spec: "Grid | dict[str, Any] | str | os.PathLike") -> "Grid":
@@ -141,11 +153,21 @@ class Grid:
         return [entries] if isinstance(entries, (str, dict)) else list(entries)
 
     def measure_settings(self) -> dict[str, Any] | None:
-        """The measurement settings with layer_sweep's defaults filled in, or ``None`` (not measuring)."""
-        if self.measure is False or self.measure is None:
+        """The measurement settings with layer_sweep's defaults filled in, or ``None`` (not measuring, or
+        an attack grid, whose runs are judged by their attacks)."""
+        if self.measure is False or self.measure is None or self.attacks is not None:
             return None
         given = {} if self.measure is True else dict(self.measure)
         return {**MEASURE, **given}
+
+    def attack_settings(self) -> dict[str, Any] | None:
+        """An attack grid's settings with the defaults filled in (every attack at its default budget, the
+        evaluation seeds, attack seed 0), or ``None`` for a grid that measures its edits instead."""
+        if self.attacks is None:
+            return None
+        given = dict(self.attacks)
+        return {"names": list(given.get("names") or ATTACKS), "budgets": dict(given.get("budgets") or {}),
+                "eval_seeds": list(given.get("eval_seeds") or EVAL_SEEDS), "seed": given.get("seed", 0)}
 
 
 @dataclass
@@ -159,6 +181,7 @@ class Run:
     knobs: dict[str, Any]
     measure: dict[str, Any] | None
     threads: int
+    attacks: dict[str, Any] | None = None
 
     def config(self) -> dict[str, Any]:
         """Everything that decides the run's numbers, library versions included."""
@@ -167,8 +190,9 @@ class Run:
         model = dict(self.model)
         if model.get("concept_set"):  # its content decides the numbers, not where the file lies
             model["concept_set"] = hashlib.sha256(Path(model["concept_set"]).read_bytes()).hexdigest()[:20]
+        attacks = {} if self.attacks is None else {"attacks": self.attacks}
         return {"model": model, "method": self.method, **spec, "knobs": self.knobs,
-                "measure": self.measure, "threads": self.threads, "versions": versions()}
+                "measure": self.measure, "threads": self.threads, **attacks, "versions": versions()}
 
     @cached_property
     def key(self) -> str:
@@ -195,7 +219,7 @@ def plan(grid: Grid | dict | str | os.PathLike, pipe) -> list[Run]:
         for scope, knobs in itertools.product(_scopes(pipe, grid.parts_for(method)), _knob_sets(grid, method)):
             for seed in grid.seeds:
                 runs.append(Run(grid.model_spec(), method, replace(scope, concept=concept, seed=seed), knobs,
-                                grid.measure_settings(), grid.threads))
+                                grid.measure_settings(), grid.threads, grid.attack_settings()))
     return list({r.key: r for r in runs}.values())
 
 
@@ -214,7 +238,38 @@ def _problems(grid: Grid, pipe) -> list[str]:
                         "must come from seeds the edits never saw: change measure.eval_seed or seeds")
     if not isinstance(grid.threads, int) or grid.threads < 1:
         problems.append(f"threads must be a whole number >= 1, not {grid.threads!r}")
+    problems += _attack_problems(grid, pipe)
     return list(dict.fromkeys(problems))
+
+
+def _attack_problems(grid: Grid, pipe) -> list[str]:
+    if grid.attacks is None:
+        return []
+    if not isinstance(grid.attacks, dict):
+        return [f"attacks is a mapping with {', '.join(ATTACK_SETTINGS)}, not {grid.attacks!r}"]
+    problems = [f"attacks has no setting {k!r}; its settings: {', '.join(ATTACK_SETTINGS)}"
+                for k in grid.attacks if k not in ATTACK_SETTINGS]
+    s = grid.attack_settings()
+    bad = [a for a in [*s["names"], *s["budgets"]] if a not in ATTACKS]
+    if bad:
+        problems.append(f"unknown attack(s) {', '.join(map(repr, bad))}; valid attacks: {', '.join(ATTACKS)}")
+    for name, budget in s["budgets"].items():
+        given = budget if isinstance(budget, list) else [budget]
+        if not given or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in given):
+            problems.append(f"the budget of {name} is a positive whole number or a list of them, not {budget!r}")
+        elif name in ATTACKS and BUDGETS.get(name) is None:
+            problems.append(f"{name} has no budget (it is a closed form); leave it out of budgets")
+    seeds = s["eval_seeds"]
+    if any(not isinstance(x, int) or isinstance(x, bool) for x in seeds):
+        problems.append(f"attacks.eval_seeds must be whole numbers, not {seeds!r}")
+    clash = sorted(set(seeds) & ({s["seed"]} | set(grid.seeds)))
+    if clash:
+        problems.append(f"evaluation seed(s) {clash} are also erasure or attack seeds; evaluation images must come "
+                        "from seeds the edits and attacks never saw: change attacks.eval_seeds")
+    cs = profile_of(pipe).concepts
+    if cs is None:
+        problems.append("attacking needs the model's concept set and judge: give concept_set (and judge) in the grid")
+    return problems
 
 
 def _name_problems(grid: Grid, pipe) -> list[str]:
@@ -458,15 +513,42 @@ def execute(run: Run, context: _Context | None = None, worker: str = "in-process
     try:
         with _LOCK:
             pipe = (context or _PROCESS).pipe(run.model)
-            measurer = (context or _PROCESS).measurer(pipe, run.measure)
-            if baseline is not None:
-                measurer.baselines.setdefault(run.spec.concept, baseline)
             with _determinism(run.threads, run.spec.seed):
-                row, error, trace = run_one(pipe, run.spec, run.method, measurer, run.knobs), None, None
+                if run.attacks is not None:
+                    row = attack_one(pipe, run)
+                else:
+                    measurer = (context or _PROCESS).measurer(pipe, run.measure)
+                    if baseline is not None:
+                        measurer.baselines.setdefault(run.spec.concept, baseline)
+                    row = run_one(pipe, run.spec, run.method, measurer, run.knobs)
+            error, trace = None, None
     except Exception as exc:  # the row records it; the sweep goes on
         row, error, trace = _planned(run), f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=-8)
     return {**row, **_about(run, worker), "run_seconds": time.perf_counter() - t0, "error": error,
             "traceback": trace}
+
+
+def attack_one(pipe, run: Run) -> dict[str, Any]:
+    """Erase as ``run`` says and attack the edit with the run's attacks: the planned columns, the erasure's
+    seconds, every judged image (``images``: attack, budget, seed, prompt, label, hit, attack_seconds,
+    peak_gb) and what each attack crafted (``crafted``, by ``"attack@budget"``)."""
+    s, settings = run.spec, run.attacks
+    edit = erase(pipe, s.concept, run.method, list(s.selectors) or None, progress=False, seed=s.seed, **run.knobs)
+    images, crafted = attack_edit(pipe, edit, profile_of(pipe).judge(), s.concept, settings["names"],
+                                  settings["budgets"], settings["eval_seeds"], settings["seed"])
+    images = images.drop(columns=["concept", "edit_seconds"]).astype(object)
+    return {**_planned(run), "images": images.where(images.notna(), None).to_dict("records"),
+            "crafted": {f"{a}@{b}": _plain(v) for (a, b), v in crafted.items()},
+            "parts_edited": tuple(edit.parts), "seconds": edit.seconds}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy and torch scalars made plain Python (for JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
 
 
 def _planned(run: Run) -> dict[str, Any]:

@@ -95,9 +95,10 @@ def _atomic(path: Path, write) -> None:
 
 
 def _table(row: dict[str, Any]) -> pa.Table:
-    """One row as an Arrow table; dicts become JSON text and tuples lists (both named in the schema's
-    metadata, so that they read back as they were)."""
-    as_json = [k for k, v in row.items() if isinstance(v, dict)]
+    """One row as an Arrow table; dicts and lists of dicts (an attack run's judged images) become JSON
+    text and tuples lists (both named in the schema's metadata, so that they read back as they were)."""
+    as_json = [k for k, v in row.items() if isinstance(v, dict) or (isinstance(v, list) and v
+                                                                    and all(isinstance(x, dict) for x in v))]
     tuples = [k for k, v in row.items() if isinstance(v, tuple)]
     values = {k: [json.dumps(v, sort_keys=True) if k in as_json else list(v) if k in tuples else v]
               for k, v in row.items()}

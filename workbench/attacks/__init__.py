@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import pandas as pd
@@ -45,6 +45,7 @@ from ..profile import profile_of
 from ..sampling import generate_from
 from ..stats import Rate, cluster_rate
 from .common import Crafted, eval_prompts
+from . import concept_vector as _cv, inversion as _inv, unlearndiff as _ud
 from .concept_vector import concept_vector
 from .derived import derived
 from .inversion import inversion
@@ -54,6 +55,9 @@ from .unlearndiff import unlearndiff
 ATTACKS: dict[str, Callable[..., Crafted]] = {
     "derived": derived, "inversion": inversion, "unlearndiff": unlearndiff, "concept_vector": concept_vector,
 }
+#: Each attack's budget when none is given (optimisation steps, or eta values); the derived one has none.
+BUDGETS: dict[str, int | None] = {"derived": None, "inversion": _inv.STEPS, "unlearndiff": _ud.STEPS,
+                                  "concept_vector": _cv.BUDGET}
 #: Evaluation seeds: no erasure (few-shot trains on seeds 0..), attack (0..) or metric (1234) uses them.
 EVAL_SEEDS = (7000, 7001, 7002, 7003)
 
@@ -129,6 +133,7 @@ def attack(pipe, edit: Edit | None, concept: str, judge: Judge, name: str = "der
     cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
     _check(pipe, edit, concept, cs, name, budget, eval_seeds, seed)
     fn = ATTACKS[name]
+    budget = BUDGETS[name] if budget is None else budget
     unknown = [k for k in options if k not in inspect.signature(fn).parameters]
     if unknown:
         raise TypeError(f"{name} has no option {', '.join(map(repr, unknown))}; its options: "
@@ -138,6 +143,32 @@ def attack(pipe, edit: Edit | None, concept: str, judge: Judge, name: str = "der
             crafted = fn(pipe, concept, cs, judge, budget, seed, **options)
         images, table = judged(pipe, judge, crafted.embeds, crafted.prompts, concept, cs, eval_seeds, name)
     return Attack(name, concept, crafted, images, table, _rate(table), timer.seconds, budget, seed, crafted.info)
+
+
+def budget_curve(pipe, edit: Edit | None, concept: str, judge: Judge, name: str, budgets: Sequence[int],
+                 seed: int = 0, eval_seeds: Sequence[int] = EVAL_SEEDS, concept_set: ConceptSet | None = None,
+                 **options) -> list[Attack]:
+    """Attack ``name`` at each of ``budgets``: one :class:`Attack` per budget, in increasing order.
+
+    An optimising attack (``inversion``, ``unlearndiff``) runs once, to the largest budget, and keeps what
+    it had crafted at each smaller one (the same steps in the same order: each is the result a run to
+    that budget gives); its ``seconds`` are those that budget took. Other attacks run once per budget.
+    """
+    budgets = sorted(set(budgets))
+    if not budgets:
+        raise ValueError("give at least one budget")
+    if "checkpoints" not in inspect.signature(ATTACKS.get(name, attack)).parameters:
+        return [attack(pipe, edit, concept, judge, name, b, seed, eval_seeds, concept_set, **options) for b in budgets]
+    top = attack(pipe, edit, concept, judge, name, budgets[-1], seed, eval_seeds, concept_set,
+                 checkpoints=budgets[:-1], **options)
+    cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
+    out = []
+    with edit.apply(pipe) if edit is not None else nullcontext():
+        for b, crafted in top.crafted.info.pop("checkpoints").items():
+            images, table = judged(pipe, judge, crafted.embeds, crafted.prompts, concept, cs, eval_seeds, name)
+            out.append(Attack(name, concept, crafted, images, table, _rate(table), crafted.info["seconds"], b, seed,
+                              crafted.info))
+    return out + [replace(top, seconds=top.crafted.info["seconds"])]
 
 
 def unattacked(pipe, edit: Edit | None, concept: str, judge: Judge, eval_seeds: Sequence[int] = EVAL_SEEDS,
@@ -152,5 +183,5 @@ def unattacked(pipe, edit: Edit | None, concept: str, judge: Judge, eval_seeds: 
     return pd.concat([before, after], ignore_index=True), {"unedited": before_images, "none": after_images}
 
 
-__all__ = ["ATTACKS", "EVAL_SEEDS", "Attack", "Crafted", "attack", "judged", "unattacked",
+__all__ = ["ATTACKS", "BUDGETS", "EVAL_SEEDS", "Attack", "Crafted", "attack", "budget_curve", "judged", "unattacked",
            "derived", "inversion", "unlearndiff", "concept_vector"]

@@ -7,7 +7,8 @@ concept's held-out probe wordings. Adam; the vectors start at the embedding of a
 """
 from __future__ import annotations
 
-from typing import Callable
+import time
+from typing import Callable, Sequence
 
 import torch
 
@@ -30,16 +31,21 @@ def word_vectors(pipe, word: str, k: int) -> torch.Tensor:
 
 
 def train(pipe, soft: SoftTokens, latents: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
-          project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+          project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          checkpoints: Sequence[int] = ()) -> tuple[list[float], dict[int, tuple[torch.Tensor, float]]]:
     """Minimise the denoising loss of ``latents`` through ``soft``'s templates; the pipeline is frozen.
     ``project`` (vectors -> vectors), when given, is applied in the forward pass and the gradient passes
-    straight through to the soft vectors. Returns the loss of every step."""
+    straight through to the soft vectors. Returns the loss of every step, and for each step count in
+    ``checkpoints`` (and ``steps``) the vectors after it and the seconds it took to get there: a run to
+    400 steps holds the runs to 25, 50, 100 and 200 steps exactly, as every step draws from one
+    generator in order."""
     gen = seeded(seed)
     opt = torch.optim.Adam([soft.vectors], lr=lr)
     frozen = Frozen(pipe.unet, pipe.vae, pipe.text_encoder)
-    losses = []
+    keep = set(checkpoints) | {steps}
+    losses, kept, start = [], {}, time.perf_counter()
     try:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             idx, rows = batches(len(latents), len(soft.templates), batch, gen)
             vectors = soft.vectors if project is None else soft.vectors + (project(soft.vectors) - soft.vectors).detach()
             loss = denoising_loss(pipe, latents[idx], soft.encode(rows, vectors), gen)
@@ -47,23 +53,58 @@ def train(pipe, soft: SoftTokens, latents: torch.Tensor, steps: int, lr: float, 
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if step in keep:
+                kept[step] = (soft.vectors.detach().clone(), time.perf_counter() - start)
     finally:
         frozen.restore()
-    return losses
+    return losses, kept
+
+
+def steps_for(budget: int | None, checkpoints: Sequence[int], default: int) -> tuple[int, list[int]]:
+    """The steps to train (the budget, or ``default``) and the checkpoints before it, checked.
+
+    >>> steps_for(100, [25, 50], 40)
+    (100, [25, 50])
+    """
+    steps = default if budget is None else budget
+    bad = [c for c in checkpoints if not isinstance(c, int) or not 0 < c <= steps]
+    if bad:
+        raise ValueError(f"checkpoints must be whole numbers of steps in 1..{steps} (the budget), not {bad}")
+    return steps, sorted(set(checkpoints) - {steps})
+
+
+def at_checkpoints(kept: dict[int, tuple[torch.Tensor, float]], losses: list[float], steps: int,
+                   make: Callable[[torch.Tensor, int, dict], Crafted]) -> Crafted:
+    """The crafted result after ``steps``, with ``info["checkpoints"]`` holding the one ``make`` builds
+    from the vectors of each earlier checkpoint (their ``info`` has ``steps``, ``seconds`` and ``loss_last``)."""
+    def made(step: int) -> Crafted:
+        vectors, seconds = kept[step]
+        return make(vectors, step, {"steps": step, "seconds": seconds, "loss_first": losses[0],
+                                    "loss_last": losses[step - 1]})
+
+    final = made(steps)
+    final.info["checkpoints"] = {s: made(s) for s in sorted(kept) if s != steps}
+    return final
 
 
 def inversion(pipe, concept: str, concept_set: ConceptSet, judge: Judge | None = None, budget: int | None = None,
-              seed: int = 0, tokens: int = TOKENS, lr: float = LR, batch: int = BATCH) -> Crafted:
+              seed: int = 0, tokens: int = TOKENS, lr: float = LR, batch: int = BATCH,
+              checkpoints: Sequence[int] = ()) -> Crafted:
     """Learn ``tokens`` soft tokens for ``budget`` steps (default :data:`STEPS`) on the concept's images
     under the edits applied to ``pipe``; the crafted embeddings are its held-out probe wordings with
-    ``<v>`` for the concept."""
-    steps = STEPS if budget is None else budget
+    ``<v>`` for the concept. ``checkpoints`` (step counts below the budget) also keep what the same run
+    had crafted after that many steps, in ``info["checkpoints"]``: one run gives a whole budget curve."""
+    steps, earlier = steps_for(budget, checkpoints, STEPS)
     forms = list(concept_set.templates[concept_set.kind(concept)])
     soft = SoftTokens(pipe, [fill(t, "{}") for t in forms], word_vectors(pipe, NEUTRAL, tokens))
-    losses = train(pipe, soft, concept_latents(pipe, concept_set, concept), steps, lr, batch, seed)
+    losses, kept = train(pipe, soft, concept_latents(pipe, concept_set, concept), steps, lr, batch, seed,
+                         checkpoints=earlier)
     shown = eval_prompts(concept_set, concept)
-    probe = SoftTokens(pipe, [slot(p, concept) for p in shown], soft.vectors)
-    with torch.no_grad():
-        embeds = probe.encode().float().cpu()
-    return Crafted(embeds, [slot(p, concept).format("<v>") for p in shown],
-                   {"steps": steps, "lr": lr, "tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1]})
+
+    def make(vectors: torch.Tensor, step: int, info: dict) -> Crafted:
+        probe = SoftTokens(pipe, [slot(p, concept) for p in shown], vectors)
+        with torch.no_grad():
+            embeds = probe.encode().float().cpu()
+        return Crafted(embeds, [slot(p, concept).format("<v>") for p in shown], {"lr": lr, "tokens": tokens, **info})
+
+    return at_checkpoints(kept, losses, steps, make)

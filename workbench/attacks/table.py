@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from ..anatomy import component_of, layer_of, select
 from ..concepts import ConceptSet
+from ..edits import Edit
 from ..judges import Judge
 from ..methods import erase
 from ..methods.uce import XATTN
 from ..profile import profile_of
 from ..stats import difference, rates
-from . import EVAL_SEEDS, attack, unattacked
+from . import EVAL_SEEDS, attack, budget_curve, unattacked
 
 #: The rows a summary lists first: the ceiling and the floor an attack is read against.
 BASELINES = ("unedited", "none")
@@ -40,32 +41,79 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+#: The columns of an attack table: one row per judged image.
+COLUMNS = ["method", "concept", "attack", "budget", "seed", "prompt", "label", "hit", "edit_seconds",
+           "attack_seconds", "peak_gb"]
+
+
 def success_table(pipe, judge: Judge, concepts: Sequence[str], methods: Sequence[str], attacks: Sequence[str],
-                  budgets: dict[str, int] | None = None, eval_seeds: Sequence[int] = EVAL_SEEDS, seed: int = 0,
-                  concept_set: ConceptSet | None = None, progress: bool = True,
+                  budgets: dict[str, int | Sequence[int]] | None = None, eval_seeds: Sequence[int] = EVAL_SEEDS,
+                  seed: int = 0, concept_set: ConceptSet | None = None, progress: bool = True,
                   on_run: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """One row per judged image: ``method, concept, attack, seed, prompt, label, hit``, plus the seconds
-    the erasure and the attack took and the process's peak memory after the attack
-    (``table.attrs["crafted"]`` keeps each attack's prompts and settings)."""
+    """One row per judged image (:data:`COLUMNS`): each concept erased by each method with seed ``seed``,
+    then attacked by each attack at its budget (a list of budgets gives a budget curve, see
+    :func:`attack_edit`); ``table.attrs["crafted"]`` keeps each attack's prompts and settings."""
     cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
-    budgets = dict(budgets or {})
     parts, crafted = [], {}
     jobs = [(m, c) for m in methods for c in concepts]
     for method, concept in tqdm(jobs, desc="attacks", disable=not progress):
         edit = erase(pipe, concept, method, seed=seed, progress=False)
-        base, _ = unattacked(pipe, edit, concept, judge, eval_seeds, cs)
-        parts.append(base.assign(method=method, edit_seconds=edit.seconds, attack_seconds=0.0, peak_gb=peak_gb()))
-        for name in attacks:
-            result = attack(pipe, edit, concept, judge, name, budgets.get(name), seed, eval_seeds, cs)
-            parts.append(result.table.assign(method=method, edit_seconds=edit.seconds,
-                                             attack_seconds=result.seconds, peak_gb=peak_gb()))
-            crafted[(method, concept, name)] = {"prompts": result.crafted.prompts, **result.info}
-            if on_run is not None:
-                on_run(f"{method} {concept} {name}")
-    table = pd.concat(parts, ignore_index=True)
-    table = table[["method", "concept", "attack", "seed", "prompt", "label", "hit", "edit_seconds",
-                   "attack_seconds", "peak_gb"]]
+        rows, made = attack_edit(pipe, edit, judge, concept, attacks, budgets, eval_seeds, seed, cs, on_run)
+        parts.append(rows.assign(method=method))
+        crafted.update({(method, concept, *k): v for k, v in made.items()})
+    table = pd.concat(parts, ignore_index=True)[COLUMNS]
     table.attrs["crafted"] = crafted
+    return table
+
+
+def attack_edit(pipe, edit: Edit, judge: Judge, concept: str, attacks: Sequence[str],
+                budgets: dict[str, int | Sequence[int]] | None = None, eval_seeds: Sequence[int] = EVAL_SEEDS,
+                seed: int = 0, concept_set: ConceptSet | None = None,
+                on_run: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Attack one edit with every attack, judged on the held-out prompts and ``eval_seeds``: the image
+    rows (the unedited model's and the un-attacked edit's first; :data:`COLUMNS` but ``method``) and,
+    per ``(attack, budget)``, what the attack crafted. A budget given as a list runs
+    :func:`~workbench.attacks.budget_curve`: one row set per budget, an optimising attack trained once."""
+    cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
+    budgets = dict(budgets or {})
+    base, _ = unattacked(pipe, edit, concept, judge, eval_seeds, cs)
+    parts = [base.assign(budget=None, edit_seconds=edit.seconds, attack_seconds=0.0, peak_gb=peak_gb())]
+    crafted = {}
+    for name in attacks:
+        given = budgets.get(name)
+        results = (budget_curve(pipe, edit, concept, judge, name, given, seed, eval_seeds, cs)
+                   if isinstance(given, (list, tuple)) else
+                   [attack(pipe, edit, concept, judge, name, given, seed, eval_seeds, cs)])
+        for result in results:
+            budget = result.budget
+            parts.append(result.table.assign(budget=budget, edit_seconds=edit.seconds,
+                                             attack_seconds=result.seconds, peak_gb=peak_gb()))
+            crafted[(name, budget)] = {"prompts": result.crafted.prompts,
+                                       **{k: v for k, v in result.info.items() if k != "checkpoints"}}
+        if on_run is not None:
+            on_run(f"{edit.method} {concept} {name}")
+    table = pd.concat(parts, ignore_index=True)
+    table["budget"] = table["budget"].astype("Int64")
+    return table[[c for c in COLUMNS if c != "method"]], crafted
+
+
+def grid_images(runs: pd.DataFrame) -> pd.DataFrame:
+    """The attack table (:data:`COLUMNS`, plus the run's ``erase_seed``, ``part`` and ``key``) of an attack
+    grid's rows (:func:`workbench.grid.run_grid` with ``attacks``, or :func:`workbench.store.load_results`);
+    runs that failed are left out (``table.attrs["failed"]`` counts them)."""
+    if "images" not in runs:
+        raise ValueError("these rows are not an attack grid's (they have no 'images'); run a grid with an "
+                         "'attacks' setting, e.g. data/grids/attacks_toy.yaml")
+    ok = runs[runs["error"].isna() & runs["images"].notna()]
+    frames = [pd.DataFrame(list(r.images)).assign(method=r.method, concept=r.concept, erase_seed=r.seed, part=r.part,
+                                                  key=r.key, edit_seconds=r.seconds) for r in ok.itertuples()]
+    if not frames:
+        return pd.DataFrame(columns=[*COLUMNS, "erase_seed", "part", "key"])
+    table = pd.concat(frames, ignore_index=True)
+    table["budget"] = table["budget"].astype("Int64")
+    table["hit"] = table["hit"].astype(bool)
+    table = table[[*COLUMNS, "erase_seed", "part", "key"]]
+    table.attrs["failed"] = int(len(runs) - len(ok))
     return table
 
 

@@ -8,13 +8,15 @@ the result is a readable prompt: the prefix is those tokens, prepended to each h
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..concepts import ConceptSet
 from ..judges import Judge
 from ..sampling import seeded
 from .common import Crafted, SoftTokens, concept_latents, eval_prompts
-from .inversion import train
+from .inversion import at_checkpoints, steps_for, train
 
 #: Optimisation steps, prefix length, learning rate and batch unless told otherwise.
 STEPS, TOKENS, LR, BATCH = 40, 5, 1e-2, 4
@@ -43,22 +45,27 @@ class Vocabulary:
 
 
 def unlearndiff(pipe, concept: str, concept_set: ConceptSet, judge: Judge | None = None, budget: int | None = None,
-                seed: int = 0, tokens: int = TOKENS, lr: float = LR, batch: int = BATCH, project: bool = True) -> Crafted:
+                seed: int = 0, tokens: int = TOKENS, lr: float = LR, batch: int = BATCH, project: bool = True,
+                checkpoints: Sequence[int] = ()) -> Crafted:
     """Optimise a ``tokens``-token prefix for ``budget`` steps (default :data:`STEPS`) under the edits
-    applied to ``pipe``; the crafted embeddings are the prefix before each held-out probe prompt."""
-    steps = STEPS if budget is None else budget
+    applied to ``pipe``; the crafted embeddings are the prefix before each held-out probe prompt.
+    ``checkpoints``: as for :func:`~workbench.attacks.inversion.inversion`."""
+    steps, earlier = steps_for(budget, checkpoints, STEPS)
     vocab = Vocabulary(pipe)
     start = vocab.rows[torch.randint(len(vocab.rows), (tokens,), generator=seeded(seed))]
     soft = SoftTokens(pipe, ["{} " + p.replace("{", "{{").replace("}", "}}") for p in concept_set.prompts(concept)],
                       start)
-    losses = train(pipe, soft, concept_latents(pipe, concept_set, concept), steps, lr, batch, seed,
-                   vocab.project if project else None)
-    vectors = vocab.project(soft.vectors) if project else soft.vectors
+    losses, kept = train(pipe, soft, concept_latents(pipe, concept_set, concept), steps, lr, batch, seed,
+                         vocab.project if project else None, earlier)
     shown = eval_prompts(concept_set, concept)
-    probe = SoftTokens(pipe, ["{} " + p.replace("{", "{{").replace("}", "}}") for p in shown], vectors)
-    with torch.no_grad():
-        embeds = probe.encode().float().cpu()
-    prefix = vocab.text(vocab.nearest(vectors)) if project else "<p1..p%d>" % tokens
-    return Crafted(embeds, [f"{prefix} {p}" for p in shown],
-                   {"steps": steps, "tokens": tokens, "lr": lr, "projected": project, "prefix": prefix,
-                    "loss_first": losses[0], "loss_last": losses[-1]})
+
+    def make(trained: torch.Tensor, step: int, info: dict) -> Crafted:
+        vectors = vocab.project(trained) if project else trained
+        probe = SoftTokens(pipe, ["{} " + p.replace("{", "{{").replace("}", "}}") for p in shown], vectors)
+        with torch.no_grad():
+            embeds = probe.encode().float().cpu()
+        prefix = vocab.text(vocab.nearest(vectors)) if project else "<p1..p%d>" % tokens
+        return Crafted(embeds, [f"{prefix} {p}" for p in shown],
+                       {"tokens": tokens, "lr": lr, "projected": project, "prefix": prefix, **info})
+
+    return at_checkpoints(kept, losses, steps, make)
