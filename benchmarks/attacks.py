@@ -24,9 +24,10 @@ from pathlib import Path
 import pandas as pd
 
 from workbench import plots
-from workbench.attacks.table import (compare_methods, concept_differences, grid_images, peak_gb, summary)
+from workbench.attacks import table as tables
+from workbench.attacks.table import compare_methods, grid_images, peak_gb, summary
 from workbench.grid import Grid, run_grid
-from workbench.stats import interval_text
+from workbench import stats
 
 GRIDS = Path(__file__).resolve().parents[1] / "data" / "grids"
 
@@ -60,10 +61,10 @@ def heterogeneity(table: pd.DataFrame, a: str, b: str) -> str:
     lines = [f"| attack | {a} - {b}, pooled over concepts | concepts: {a} higher / {b} higher / not significant |",
              "|---|---|---|"]
     for attack in [x for x in dict.fromkeys(table["attack"]) if x != "unedited"]:
-        d = concept_differences(table, a, b, attack)
+        d = tables.concept_differences(table, a, b, attack)
         pooled = d.iloc[-1]
         each = d.iloc[:-1]
-        lines.append(f"| {attack} | {interval_text(pooled.difference, pooled.lo, pooled.hi, signed=True)}, "
+        lines.append(f"| {attack} | {stats.interval_text(pooled.difference, pooled.lo, pooled.hi, signed=True)}, "
                      f"p = {pooled.p:.2g} | {(each.lo > 0).sum()} / {(each.hi < 0).sum()} / "
                      f"{((each.lo <= 0) & (each.hi >= 0)).sum()} |")
     return "\n".join(lines)
@@ -101,7 +102,7 @@ def report(table: pd.DataFrame, out: Path, wall: dict[str, float] | None = None)
         print("### UCE - RECE per concept, pooled over concepts (bootstrap over concepts)\n")
         print(heterogeneity(table, "uce", "rece") + "\n")
         print(f"Figure: {plots.save(plots.attack_rates(summary(table)), out.with_suffix('.png'))}")
-        forest = pd.concat([concept_differences(table, "uce", "rece", a).assign(attack=a)
+        forest = pd.concat([tables.concept_differences(table, "uce", "rece", a).assign(attack=a)
                             for a in ("inversion", "unlearndiff", "concept_vector")], ignore_index=True)
         print(f"Figure: {plots.save(plots.forest(forest, 'UCE - RECE'), out.with_name(out.stem + '_forest.png'))}")
     print("\n### Time and memory\n")
