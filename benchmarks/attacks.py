@@ -32,18 +32,15 @@ from workbench import stats
 GRIDS = Path(__file__).resolve().parents[1] / "data" / "grids"
 
 
-def rate_cell(row) -> str:
-    return f"{row['rate']:.0%} [{row['lo'] * 100:.0f}, {row['hi'] * 100:.0f}]"
+def markdown(frame: pd.DataFrame, index: str) -> str:
+    """``frame`` (its index named ``index``) as a Markdown table."""
+    lines = [f"| {index} | " + " | ".join(frame.columns) + " |", "|---" * (len(frame.columns) + 1) + "|"]
+    lines += [f"| {i} | " + " | ".join(map(str, row)) + " |" for i, row in zip(frame.index, frame.values)]
+    return "\n".join(lines)
 
 
 def rates_table(table: pd.DataFrame, by: str = "attack") -> str:
-    s = summary(table, ("method", by))
-    wide = s.assign(cell=s.apply(rate_cell, axis=1)).pivot(index=by, columns="method", values="cell")
-    wide = wide.reindex(index=list(dict.fromkeys(s[by])), columns=list(dict.fromkeys(s["method"])))
-    n = s.groupby(by, sort=False)["n"].first()
-    lines = [f"| {by} | " + " | ".join(wide.columns) + " | n per cell |", "|---" * (len(wide.columns) + 2) + "|"]
-    lines += [f"| {a} | " + " | ".join(wide.loc[a].fillna("")) + f" | {n[a]} |" for a in wide.index]
-    return "\n".join(lines)
+    return markdown(tables.rates_wide(table, by).rename(columns={"n": "n per cell"}), by)
 
 
 def comparisons(table: pd.DataFrame) -> str:
@@ -55,18 +52,18 @@ def comparisons(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def heterogeneity(table: pd.DataFrame, a: str, b: str) -> str:
-    """Per attack: the difference a - b pooled over concepts (bootstrap over concepts) and how many
-    concepts go each way."""
-    lines = [f"| attack | {a} - {b}, pooled over concepts | concepts: {a} higher / {b} higher / not significant |",
-             "|---|---|---|"]
-    for attack in [x for x in dict.fromkeys(table["attack"]) if x != "unedited"]:
-        d = tables.concept_differences(table, a, b, attack)
-        pooled = d.iloc[-1]
-        each = d.iloc[:-1]
-        lines.append(f"| {attack} | {stats.interval_text(pooled.difference, pooled.lo, pooled.hi, signed=True)}, "
-                     f"p = {pooled.p:.2g} | {(each.lo > 0).sum()} / {(each.hi < 0).sum()} / "
-                     f"{((each.lo <= 0) & (each.hi >= 0)).sum()} |")
+def heterogeneity(table: pd.DataFrame) -> str:
+    """Per pair of methods and attack: the difference pooled over concepts (bootstrap over concepts), how
+    many concepts go each way, and the verdict."""
+    methods = list(dict.fromkeys(table["method"]))
+    lines = ["| attack | a - b | pooled over concepts | p | concepts a higher / b higher / neither | verdict |",
+             "|---|---|---|---|---|---|"]
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            for r in tables.across_concepts(table, a, b).itertuples():
+                budget = "" if pd.isna(r.budget) else f" {r.budget}"
+                lines.append(f"| {r.attack}{budget} | {a} - {b} | {stats.interval_text(r.difference, r.lo, r.hi, True)} | "
+                             f"{r.p:.2g} | {r.a_higher} / {r.b_higher} / {r.neither} | {r.verdict} |")
     return "\n".join(lines)
 
 
@@ -82,14 +79,19 @@ def timing(table: pd.DataFrame) -> str:
 
 
 def report(table: pd.DataFrame, out: Path, wall: dict[str, float] | None = None) -> None:
-    curves = table["budget"].notna() & table.duplicated(["method", "concept", "attack", "seed", "prompt"], keep=False) \
-        & ~table["attack"].isin(["unedited", "none"])
+    budgets = table.groupby("attack", sort=False)["budget"].nunique()
+    curved = [a for a in budgets.index if budgets[a] > 1]
     concepts = table["concept"].nunique()
-    if curves.any():
-        print("### Success rate against budget (bootstrap over concept x seed)\n")
-        print(rates_table(table.assign(attack=table["attack"] + table["budget"].map(lambda b: "" if pd.isna(b) else f" {b}")))
-              + "\n")
-        print(f"Figure: {plots.save(plots.budget_curves(summary(table, ('method', 'attack', 'budget'))), out.with_suffix('.png'))}")
+    if curved:
+        print(f"### Success rate against budget over {concepts} concepts (bootstrap over concept x seed)\n")
+        for attack in curved:
+            rows = table[table["attack"] == attack]
+            print(f"#### {attack}\n")
+            print(rates_table(rows, "budget") + "\n")
+        print("UCE - RECE per budget over concepts (bootstrap over concepts):\n")
+        print(heterogeneity(table[table["attack"].isin(curved)]) + "\n")
+        figure = plots.budget_curves(summary(table, ("method", "attack", "budget")))
+        print(f"Figure: {plots.save(figure, out.with_suffix('.png'))}")
     else:
         print(f"### Attack success rate over {concepts} concepts (share of held-out images in which the oracle "
               "sees the concept)\n")
@@ -99,8 +101,8 @@ def report(table: pd.DataFrame, out: Path, wall: dict[str, float] | None = None)
             print(rates_table(rows) + "\n")
         print("### Differences between methods (paired bootstrap over concept x seed)\n")
         print(comparisons(table) + "\n")
-        print("### UCE - RECE per concept, pooled over concepts (bootstrap over concepts)\n")
-        print(heterogeneity(table, "uce", "rece") + "\n")
+        print("### Each pair of methods over concepts (bootstrap over concepts; per-concept Newcombe intervals)\n")
+        print(heterogeneity(table) + "\n")
         print(f"Figure: {plots.save(plots.attack_rates(summary(table)), out.with_suffix('.png'))}")
         forest = pd.concat([tables.concept_differences(table, "uce", "rece", a).assign(attack=a)
                             for a in ("inversion", "unlearndiff", "concept_vector")], ignore_index=True)
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("out") / f"{args.grid.stem}.csv"
     if args.saved is not None:
         table = pd.read_csv(args.saved) if args.saved.suffix == ".csv" else grid_images(_load(args.saved))
+        table["budget"] = table["budget"].astype("Int64") if "budget" in table else pd.NA
         report(table, out)
         return
     spec = Grid.load(args.grid).to_dict()

@@ -1,15 +1,19 @@
+import pandas as pd
 import pytest
 import torch
 
 from conftest import same_state, state_of
+from workbench import plots
 from workbench.anatomy import parts, select
-from workbench.attacks import ATTACKS, attack, unattacked
+from workbench.attacks import ATTACKS, attack, budget_curve, unattacked
+from workbench.attacks.table import attack_edit, concept_differences, summary
 from workbench.attacks.common import SoftTokens, original_weights, slot
 from workbench.attacks.unlearndiff import Vocabulary
 from workbench.edits import Edit
 from workbench.embed import encode
 from workbench.methods import erase
 from workbench.methods.uce import XATTN
+from workbench.store import saved
 from workbench.toy import TOY_CONCEPTS
 
 #: The smallest budgets that still run every step of each attack.
@@ -117,3 +121,85 @@ def test_the_attack_panel_shows_what_came_back_with_its_rates(toy, oracle):
     assert "derived on apple:" in panel.status.value and len(panel.output.outputs) == 3
     with pytest.raises(ValueError, match="attack cannot be 'jailbreak'; choose from derived, inversion"):
         panel.set(attack="jailbreak")
+
+
+@pytest.mark.parametrize("name", ["inversion", "unlearndiff"])
+def test_a_budget_curve_judges_each_budget_exactly_as_a_run_to_that_budget(toy, oracle, edits, name):
+    state = state_of(toy)
+    alone = attack(toy, edits["uce"], "apple", oracle, name, budget=2, eval_seeds=[7000])
+    curve = budget_curve(toy, edits["uce"], "apple", oracle, name, [3, 2], eval_seeds=[7000])
+    assert same_state(toy, state)
+    assert [r.budget for r in curve] == [2, 3] and [r.crafted.info["steps"] for r in curve] == [2, 3]
+    assert torch.equal(curve[0].crafted.embeds, alone.crafted.embeds)
+    assert curve[0].crafted.prompts == alone.crafted.prompts
+    assert curve[0].table["hit"].tolist() == alone.table["hit"].tolist()
+    assert not torch.equal(curve[1].crafted.embeds, curve[0].crafted.embeds)
+    assert 0 < curve[0].seconds < curve[1].seconds
+
+
+def test_checkpoints_outside_the_budget_are_refused(toy, edits):
+    with edits["uce"].apply(toy), pytest.raises(ValueError, match=r"checkpoints must be whole numbers of steps in 1..2"):
+        ATTACKS["inversion"](toy, "apple", TOY_CONCEPTS, budget=2, checkpoints=[5])
+
+
+def test_an_attack_table_row_says_the_budget_each_attack_ran_at(toy, oracle, edits):
+    rows, crafted = attack_edit(toy, edits["uce"], oracle, "apple", ["derived", "concept_vector", "inversion"],
+                                {"inversion": [1, 2], "concept_vector": 2}, eval_seeds=[7000])
+    budgets = rows.groupby("attack", sort=False)["budget"].apply(lambda b: sorted(b.dropna().unique().tolist()))
+    assert budgets.to_dict() == {"unedited": [], "none": [], "derived": [], "concept_vector": [2], "inversion": [1, 2]}
+    assert set(crafted) == {("derived", None), ("concept_vector", 2), ("inversion", 1), ("inversion", 2)}
+    assert crafted[("inversion", 1)]["prompts"] == ["a <v>", "a blue <v>", "a <v> by seurat"]
+
+
+def unit_table(rates: dict[str, tuple[float, float]], seeds: int = 3, prompts: int = 4) -> pd.DataFrame:
+    """Image rows of two methods a and b: per concept, the share of images with a hit under each."""
+    rows = []
+    for concept, (ra, rb) in rates.items():
+        for method, r in (("a", ra), ("b", rb)):
+            hits = [i < round(r * seeds * prompts) for i in range(seeds * prompts)]
+            rows += [dict(method=method, concept=concept, attack="inversion", seed=7000 + i // prompts,
+                          prompt=f"{method} crafted {i}", hit=h) for i, h in enumerate(hits)]
+    return pd.DataFrame(rows)
+
+
+def test_per_concept_differences_show_which_way_each_concept_goes_and_pool_over_concepts():
+    agree = unit_table({f"c{i}": (0.75, 0.25) for i in range(6)})
+    d = concept_differences(agree, "a", "b", "inversion")
+    assert list(d["concept"]) == [f"c{i}" for i in range(6)] + ["pooled"]
+    assert (d["difference"].round(6) == 0.5).all() and (d["direction"] == "a higher").all()
+    assert d.iloc[-1]["n"] == 72 and d.iloc[-1]["p"] < 0.01
+    split = unit_table({**{f"up{i}": (1.0, 0.0) for i in range(3)}, **{f"down{i}": (0.0, 1.0) for i in range(3)}})
+    d = concept_differences(split, "a", "b", "inversion")
+    assert list(d["direction"][:6]) == ["a higher"] * 3 + ["b higher"] * 3
+    pooled = d.iloc[-1]
+    assert pooled["difference"] == 0 and pooled["direction"] == "not significant"
+    # concepts that disagree widen the pooled interval far beyond one concept's images
+    assert pooled["lo"] < -0.3 and pooled["hi"] > 0.3
+    with pytest.raises(ValueError, match="has methods a, b"):
+        concept_differences(split, "a", "rece", "inversion")
+
+
+def test_the_forest_plot_has_a_row_per_concept_and_the_pooled_estimate():
+    d = concept_differences(unit_table({f"c{i}": (0.5 + i / 20, 0.5) for i in range(6)}), "a", "b", "inversion")
+    fig = plots.forest(d, "a - b")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [f"c{i}" for i in range(6)] + ["pooled over concepts"]
+    assert len(fig.axes[0].patches) == 1  # the pooled diamond
+
+
+def test_the_budget_curves_have_a_line_per_method_and_a_panel_per_attack():
+    t = pd.concat([unit_table({f"c{i}": (b / 100, b / 200) for i in range(5)}).assign(budget=b)
+                   for b in (25, 50, 100)], ignore_index=True)
+    s = summary(t, ("method", "attack", "budget"))
+    assert s[["method", "budget"]].values.tolist() == [["a", 25], ["a", 50], ["a", 100], ["b", 25], ["b", 50], ["b", 100]]
+    fig = plots.budget_curves(s)
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 2
+    assert fig.axes[0].lines[0].get_xdata().tolist() == [25, 50, 100]
+
+
+def test_saved_attack_rows_are_found_through_the_package_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = saved("attacks_toy")
+    assert table["concept"].nunique() == 20 and table["budget"].dtype == "Int64"
+    with pytest.raises(FileNotFoundError, match="saved: .*attacks_toy"):
+        saved("attacks_sd")

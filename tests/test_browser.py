@@ -1,15 +1,15 @@
-"""The quickstart notebook in a real browser: JupyterLab, headless Chromium, a click on the widget's Run.
+"""Notebooks in a real browser: JupyterLab, headless Chromium, a click on every control panel's Run.
 
-The test starts JupyterLab on loopback over a copy of ``notebooks/`` (so running the notebook never rewrites
-the committed file), with its own Jupyter config, data, runtime and settings folders, opens the notebook in
-Debian's Chromium through Playwright, runs all cells, clicks the control panel's "Run" button and waits
-for a new image grid (a PNG ``<img>``) in the panel's Output area. A screenshot goes to
-``out/browser/<notebook>.png`` whether the test passes or fails.
+For each notebook the test starts JupyterLab on loopback over a copy of its folder (so running it never
+rewrites the committed file), with its own Jupyter config, data, runtime and settings folders, opens the
+notebook in Debian's Chromium through Playwright, runs all cells, then clicks each control panel's "Run"
+button in turn and waits for a new image (a PNG ``<img>``) in that panel's Output area. A screenshot goes
+to ``out/browser/<notebook>.png`` whether the test passes or fails.
 
 Environment:
 
-- ``WORKBENCH_BROWSER_NOTEBOOK``: another notebook to drive (default ``notebooks/01_quickstart.ipynb``);
-  its folder is what gets copied.
+- ``WORKBENCH_BROWSER_NOTEBOOK``: one notebook to drive instead of :data:`NOTEBOOKS` (any notebook, with
+  any number of panels); its folder is what gets copied.
 - ``WORKBENCH_CHROMIUM``: the Chromium binary (default ``/usr/bin/chromium``).
 - ``CI=true``: a missing Chromium or Playwright fails the test instead of skipping it.
 """
@@ -33,7 +33,12 @@ import pytest
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = Path(os.environ.get("WORKBENCH_BROWSER_NOTEBOOK", REPO / "notebooks" / "01_quickstart.ipynb"))
+#: The notebooks the suite drives: the quickstart, and the two whose panels read saved results or run
+#: several analyses (07: the attack table; 08: three panels).
+NOTEBOOKS = [REPO / "notebooks" / name for name in
+             ("01_quickstart.ipynb", "07_does_it_come_back.ipynb", "08_where_concepts_live.ipynb")]
+if os.environ.get("WORKBENCH_BROWSER_NOTEBOOK"):
+    NOTEBOOKS = [Path(os.environ["WORKBENCH_BROWSER_NOTEBOOK"]).resolve()]
 CHROMIUM = Path(os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOTS = REPO / "out" / "browser"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -149,11 +154,12 @@ class Lab:
         self.log.close()
 
 
-@pytest.fixture
-def notebook() -> Path:
-    if not NOTEBOOK.is_file():
-        pytest.skip(f"{NOTEBOOK} does not exist yet (set WORKBENCH_BROWSER_NOTEBOOK to drive another one)")
-    return NOTEBOOK
+@pytest.fixture(params=NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def notebook(request) -> Path:
+    path = request.param
+    if not path.is_file():
+        pytest.fail(f"no notebook at {path} (WORKBENCH_BROWSER_NOTEBOOK names the one to drive)")
+    return path
 
 
 @pytest.fixture
@@ -230,7 +236,7 @@ NEW_PNG = ".widget-output img[src^='data:image/png']:not([data-wb-seen])"
 PNG = ".widget-output img[src^='data:image/png']"
 
 
-def test_quickstart_run_button_draws_image_grid(notebook, chromium, playwright_api, lab):
+def test_each_run_button_of_a_notebook_draws_a_new_image(notebook, chromium, playwright_api, lab):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / f"{notebook.stem}.png"
     browser = playwright_api.chromium.launch(executable_path=str(chromium), headless=True,
@@ -261,34 +267,13 @@ def test_quickstart_run_button_draws_image_grid(notebook, chromium, playwright_a
         t_run_all = time.monotonic()
 
         button = page.locator("button.widget-button").filter(has_text=re.compile(r"^\s*Run\s*$"))
-        run = page.locator(".jp-Notebook").locator(button)
-        assert run.count() == 1, f"expected one widget button 'Run' in {notebook.name}, found {run.count()}"
-        run.scroll_into_view_if_needed()
-        cell = page.locator(".jp-Notebook .jp-Cell").filter(has=button)
-        # whatever the panel's Output area shows now is marked; the click must bring a new image
-        before = cell.locator(PNG).evaluate_all(
-            "imgs => imgs.map(i => { i.setAttribute('data-wb-seen', ''); return i; }).length")
-        run.click()
-        new = cell.locator(NEW_PNG).first
-        try:
-            new.wait_for(state="visible", timeout=CLICK_RESULT * 1000)
-        except Exception as e:
-            pytest.fail(f"clicking 'Run' put no new PNG image in the panel's Output area within "
-                        f"{CLICK_RESULT} s ({before} image(s) there before the click): {e}")
-        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=new.element_handle(),
-                               timeout=30_000)
-        t_click = time.monotonic()
-        # the panel disables its button while it runs: wait for the whole run, then show the panel
-        page.wait_for_function("b => !b.disabled", arg=run.element_handle(), timeout=CLICK_RESULT * 1000)
-        page.wait_for_timeout(500)
-        run.evaluate("b => b.scrollIntoView({block: 'start'})")
-        after = cell.locator(PNG).count()
-        size = new.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-        assert min(size) >= 32, f"the new image is only {size[0]}x{size[1]} pixels"
+        panels = page.locator(".jp-Notebook .jp-Cell").filter(has=button)
+        assert panels.count() >= 1, f"no widget button 'Run' in {notebook.name}"
+        clicks = [click_run(page, panels.nth(i), button, notebook.name, i) for i in range(panels.count())]
         assert not problems, "\n".join(problems)
-        print(f"\n{notebook.name}: opened + kernel idle {t_open - t0:.1f} s, run all {t_run_all - t_open:.1f} s,"
-              f" click -> new image {t_click - t_run_all:.1f} s; PNG images in the panel's Output before"
-              f" the click {before}, after {after}; new image {size[0]}x{size[1]}")
+        print(f"\n{notebook.name}: opened + kernel idle {t_open - t0:.1f} s, run all {t_run_all - t_open:.1f} s; "
+              + "; ".join(f"panel {i + 1}: click -> new image {seconds:.1f} s (PNG images before {before}, after "
+                          f"{after}; {w}x{h})" for i, (seconds, before, after, (w, h)) in enumerate(clicks)))
     finally:
         try:
             page.screenshot(path=str(shot))
@@ -296,3 +281,32 @@ def test_quickstart_run_button_draws_image_grid(notebook, chromium, playwright_a
         except Exception as e:  # the screenshot is a by-product; the test's own failure says more
             print(f"no screenshot ({e})")
         browser.close()
+
+
+def click_run(page, cell, button, name: str, i: int) -> tuple[float, int, int, list[int]]:
+    """Click the Run ``button`` of the panel in ``cell`` and wait for a new PNG image in its Output area
+    and for the run to end: the seconds to the new image, the images before and after, and its size."""
+    t0 = time.monotonic()
+    run = cell.locator(button)
+    assert run.count() == 1, f"cell {i + 1} with a panel in {name} has {run.count()} 'Run' buttons"
+    run.scroll_into_view_if_needed()
+    # whatever the panel's Output area shows now is marked; the click must bring a new image
+    before = cell.locator(PNG).evaluate_all(
+        "imgs => imgs.map(i => { i.setAttribute('data-wb-seen', ''); return i; }).length")
+    run.click()
+    new = cell.locator(NEW_PNG).first
+    try:
+        new.wait_for(state="visible", timeout=CLICK_RESULT * 1000)
+    except Exception as e:
+        pytest.fail(f"clicking panel {i + 1}'s 'Run' in {name} put no new PNG image in its Output area within "
+                    f"{CLICK_RESULT} s ({before} image(s) there before the click): {e}")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=new.element_handle(),
+                           timeout=30_000)
+    seconds = time.monotonic() - t0
+    # the panel disables its button while it runs: wait for the whole run, then show the panel
+    page.wait_for_function("b => !b.disabled", arg=run.element_handle(), timeout=CLICK_RESULT * 1000)
+    page.wait_for_timeout(500)
+    run.evaluate("b => b.scrollIntoView({block: 'start'})")
+    size = new.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert min(size) >= 32, f"panel {i + 1}'s new image in {name} is only {size[0]}x{size[1]} pixels"
+    return seconds, before, cell.locator(PNG).count(), size

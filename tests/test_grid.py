@@ -17,6 +17,7 @@ from workbench import build_tiny_sd, load
 from workbench.cli import main
 from workbench.concepts import ConceptSet
 from workbench.edits import versions
+from workbench.attacks.table import grid_images, summary
 from workbench.grid import Grid, local_cluster, plan, run_grid
 from workbench.profile import Profile, attach
 from workbench.store import Store, load_results, status
@@ -227,6 +228,10 @@ def test_the_cli_runs_a_grid_file_and_reports_its_status(tmp_path, capsys):
 
 def test_the_example_grids_plan_on_their_models(toy, tiny_sd_dir):
     assert len(plan(DATA / "grids" / "toy.yaml", toy)) == 2 * 2 * (1 + 2 * 7) * 2
+    table = plan(DATA / "grids" / "attacks_toy.yaml", toy)
+    assert len(table) == 20 * 4 and {r.method for r in table} == {"uce", "rece", "fewshot", "esd"}
+    curves = plan(DATA / "grids" / "attack_budgets_toy.yaml", toy)
+    assert len(curves) == 20 * 2 and curves[0].attacks["budgets"]["inversion"] == [25, 50, 100, 200, 400]
     grid = Grid.load(DATA / "grids" / "sd14.yaml")
     assert Path(grid.concept_set) == (DATA / "concept_sets" / "imagenette.json").resolve()
     pipe = attach(load(tiny_sd_dir), Profile("sd", ConceptSet.load(grid.concept_set)))  # SD's shape, few layers
@@ -246,3 +251,44 @@ def test_the_sweep_panel_runs_its_sweep_on_a_cluster_and_links_the_dashboard(toy
     link = cluster.dashboard_link
     assert link in panel.status.value and link in str(panel.output.outputs)
     assert panel.run() is not None and panel.result["table"].attrs["ran"] == 0  # the folder had them all
+
+
+#: One edit attacked twice: the derived embedding, and inversion judged after 1 and 2 steps.
+ATTACK_GRID = {"model": "toy", "concepts": ["apple"], "methods": ["uce"], "threads": 1,
+               "attacks": {"names": ["derived", "inversion"], "budgets": {"inversion": [1, 2]}, "eval_seeds": [7000]}}
+
+
+def test_an_attack_grid_stores_every_judged_image_and_gives_the_same_table_on_a_cluster(toy, cluster, tmp_path):
+    state = state_of(toy)
+    here = run_grid(ATTACK_GRID, tmp_path / "here", pipe=toy, progress=False)
+    there = run_grid(ATTACK_GRID, tmp_path / "there", cluster=cluster, resources={"GPU": 1}, progress=False,
+                     log=lambda _: None)
+    assert same_state(toy, state)
+    assert here["error"].isna().all() and there["error"].isna().all()
+    a, b = grid_images(here), grid_images(there)
+    sizes = a.groupby(["attack", "budget"], sort=False, dropna=False).size()
+    assert [(x, None if pd.isna(y) else y, n) for (x, y), n in sizes.items()] == [
+        ("unedited", None, 3), ("none", None, 3), ("derived", None, 3), ("inversion", 1, 3), ("inversion", 2, 3)]
+    image = ["method", "concept", "attack", "budget", "seed", "prompt", "label", "hit"]
+    pd.testing.assert_frame_equal(a[image], b[image])
+    assert a.loc[a["attack"] == "unedited", "hit"].all()
+    assert set(here.iloc[0]["crafted"]) == {"derived@None", "inversion@1", "inversion@2"}
+    rates = summary(a, ("method", "attack", "budget"))
+    assert rates["n"].tolist() == [3] * 5
+    again = run_grid(ATTACK_GRID, tmp_path / "here", pipe=toy, progress=False)
+    assert again.attrs["ran"] == 0 and grid_images(again)[image].equals(a[image])
+
+
+def test_an_attack_grid_with_an_unknown_attack_a_bad_budget_or_a_reused_seed_is_refused(toy, tmp_path):
+    bad = {**ATTACK_GRID, "attacks": {"names": ["derived", "jailbreak"], "budgets": {"inversion": 0, "derived": 5},
+                                      "eval_seeds": [0, 7000], "colour": "red"}}
+    with pytest.raises(ValueError, match="the grid was refused; nothing ran") as refused:
+        run_grid(bad, tmp_path, pipe=toy, progress=False)
+    for problem in ("attacks has no setting 'colour'; its settings: names, budgets, eval_seeds, seed",
+                    "unknown attack(s) 'jailbreak'; valid attacks: derived, inversion, unlearndiff, concept_vector",
+                    "the budget of inversion is a positive whole number or a list of them, not 0",
+                    "derived has no budget", "evaluation seed(s) [0] are also erasure or attack seeds"):
+        assert problem in str(refused.value)
+    assert status(tmp_path)["runs"] == 0
+    with pytest.raises(ValueError, match="not an attack grid's"):
+        grid_images(run_grid({**ATTACK_GRID, "attacks": None, "measure": False}, tmp_path, pipe=toy, progress=False))

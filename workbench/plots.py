@@ -448,3 +448,70 @@ def attention_grid(maps: Sequence, labels: Sequence[str] = (), cell: float = 0.6
             axes[r][0].set_ylabel(f"{label}\n{m.word!r}", rotation=0, ha="right", va="center")
         fig.subplots_adjust(wspace=0.04, hspace=0.04)
     return fig
+
+
+@_detached
+def forest(table, label: str = "") -> Figure:
+    """A forest plot: one panel per attack, one row per concept (its difference and 95% interval), the
+    estimate pooled over concepts as a diamond at the bottom, and the line of no difference; ``table``
+    is :func:`workbench.attacks.table.concept_differences`'s rows (with ``attack``), for one or more
+    attacks. ``label`` names the difference (``"UCE - RECE"``)."""
+    attacks = list(dict.fromkeys(table["attack"]))
+    concepts = [c for c in dict.fromkeys(table["concept"]) if c != "pooled"]
+    y = {c: len(concepts) - i for i, c in enumerate(concepts)} | {"pooled": -0.4}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(attacks), figsize=(max(3.3, 1.75 * len(attacks) + 0.8),
+                                                           0.16 * len(concepts) + 0.9), sharey=True, squeeze=False)
+        for ax, attack in zip(axes[0], attacks):
+            rows = table[table["attack"] == attack]
+            for r in rows.itertuples():
+                colour = "#666666" if r.direction == "not significant" else PALETTE[0 if r.difference > 0 else 1]
+                if r.concept == "pooled":
+                    ax.fill([r.lo, r.difference, r.hi, r.difference], [y[r.concept], y[r.concept] + 0.35, y[r.concept],
+                            y[r.concept] - 0.35], color=colour, lw=0)
+                else:
+                    ax.plot([r.lo, r.hi], [y[r.concept]] * 2, color=colour, lw=0.8)
+                    ax.plot(r.difference, y[r.concept], "o", color=colour, ms=2.5)
+            ax.axvline(0, color="#999999", lw=0.5, zorder=0)
+            ax.axhline(0.3, color="#DDDDDD", lw=0.5, zorder=0)
+            ax.set_xlim(-1.05, 1.05)
+            ax.set_xticks([-1, 0, 1], ["-100%", "0", "+100%"])
+            ax.set_xticks([-0.5, 0.5], minor=True)
+            ax.set_title(attack)
+            ax.spines[["top", "right", "left"]].set_visible(False)
+            ax.tick_params(axis="y", length=0)
+            if label:
+                ax.set_xlabel(label)
+        axes[0][0].set_yticks([y[c] for c in [*concepts, "pooled"]], [*concepts, "pooled over concepts"])
+    return fig
+
+
+@_detached
+def budget_curves(summary) -> Figure:
+    """Attack success rate against the attacker's budget, one panel per attack and one line per method
+    with its 95% interval as a band; ``summary`` is :func:`workbench.attacks.table.summary` by
+    ``("method", "attack", "budget")`` (rows without a budget, the baselines, are left out)."""
+    rows = summary[summary["budget"].notna()]
+    attacks = list(dict.fromkeys(rows["attack"]))
+    methods = list(dict.fromkeys(rows["method"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(attacks), figsize=(max(3.3, 1.8 * len(attacks)), 1.9), sharey=True,
+                                 squeeze=False)
+        for ax, attack in zip(axes[0], attacks):
+            for i, method in enumerate(methods):
+                r = rows[(rows["attack"] == attack) & (rows["method"] == method)].sort_values("budget")
+                x = r["budget"].to_numpy(float)
+                ax.plot(x, r["rate"], "o-", color=PALETTE[i % len(PALETTE)], ms=2.5, lw=0.9, label=method)
+                ax.fill_between(x, r["lo"].to_numpy(float), r["hi"].to_numpy(float), color=PALETTE[i % len(PALETTE)],
+                                alpha=0.2, lw=0)
+            ax.set_xscale("log", base=2)
+            budgets = sorted(set(rows.loc[rows["attack"] == attack, "budget"].astype(int)))
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("budget (steps)")
+            ax.set_title(attack)
+            ax.spines[["top", "right"]].set_visible(False)
+        axes[0][0].set_ylabel("attack success rate")
+        axes[0][0].legend(frameon=False, loc="lower right")
+    return fig

@@ -188,6 +188,45 @@ def difference(hits_a: Sequence[int], totals_a: Sequence[int], hits_b: Sequence[
                       int(ta.sum() + tb.sum()), 1 - level, p_two)
 
 
+def paired_difference(a: Sequence[bool], b: Sequence[bool], level: float = LEVEL) -> tuple[float, float, float]:
+    """Rate a minus rate b over paired binary outcomes (``a[i]`` and ``b[i]``: the same prompt and seed
+    under two methods) with Newcombe's hybrid score interval for paired proportions (his method 10, 1998),
+    which stays inside [-1, 1] and does not collapse when both rates are 0% or 100%: ``(difference, lo, hi)``.
+
+    >>> [round(x, 3) for x in paired_difference([0] * 12, [0] * 12)]
+    [0.0, -0.242, 0.242]
+    >>> a = [1] * 21 + [0] * 23                  # Newcombe's example: 12 both, 9 a only, 2 b only, 21 neither
+    >>> b = [1] * 12 + [0] * 9 + [1] * 2 + [0] * 21
+    >>> [round(x, 4) for x in paired_difference(a, b)]    # his Table II: 0.0112 to 0.2954
+    [0.1591, 0.0112, 0.2954]
+    """
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape or x.ndim != 1 or not len(x):
+        raise ValueError(f"give the same number of paired outcomes on both sides, at least one ({len(x)} vs {len(y)})")
+    n = len(x)
+    e, f, g, h = (int(v) for v in ((x & y).sum(), (x & ~y).sum(), (~x & y).sum(), (~x & ~y).sum()))
+    p1, p2 = (e + f) / n, (e + g) / n
+    one, two = wilson(e + f, n, level), wilson(e + g, n, level)
+    denominator = (e + f) * (g + h) * (e + g) * (f + h)
+    cross = e * h - f * g
+    cross = cross - n / 2 if cross > n / 2 else (0.0 if cross >= 0 else cross)
+    phi = cross / math.sqrt(denominator) if denominator else 0.0
+    below = (p1 - one.lo) ** 2 - 2 * phi * (p1 - one.lo) * (two.hi - p2) + (two.hi - p2) ** 2
+    above = (one.hi - p1) ** 2 - 2 * phi * (one.hi - p1) * (p2 - two.lo) + (p2 - two.lo) ** 2
+    return p1 - p2, p1 - p2 - math.sqrt(max(below, 0.0)), p1 - p2 + math.sqrt(max(above, 0.0))
+
+
+def interval_text(value: float, lo: float, hi: float, signed: bool = False) -> str:
+    """A share and its interval as a paper prints them: ``'33% [6, 60]'``, or with signs for a difference.
+
+    >>> interval_text(0.31, 0.19, 0.41, signed=True)
+    '+31% [+19, +41]'
+    """
+    if signed:
+        return f"{value:+.0%} [{lo * 100:+.0f}, {hi * 100:+.0f}]"
+    return f"{value:.0%} [{lo * 100:.0f}, {hi * 100:.0f}]"
+
+
 def enough(n_units: int, n_images: int, min_units: int = 2, min_images: int = 16) -> str | None:
     """Why a verdict cannot be given on this much data (None when it can): fewer than ``min_units``
     concept x seed units, or fewer than ``min_images`` images."""

@@ -28,6 +28,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .paths import RESULTS
+
 #: Schema metadata naming the columns stored as JSON text (dicts: per-layer sizes, a run's config) and
 #: the list columns that were tuples.
 _JSON_META, _TUPLE_META = b"workbench.json_columns", b"workbench.tuple_columns"
@@ -139,6 +141,23 @@ def load_results(folder: str | os.PathLike) -> pd.DataFrame:
     if "finished" in table:
         table = table.sort_values("finished", kind="stable")
     return table.reset_index(drop=True)
+
+
+def saved(name: str) -> pd.DataFrame:
+    """Rows the workbench ships in ``data/results`` (``"attacks_toy"``: the attack table over every toy
+    concept), found through the package, so a notebook reads them from wherever it is opened or copied.
+
+    >>> sorted(saved("attacks_toy")["method"].unique())
+    ['esd', 'fewshot', 'rece', 'uce']
+    """
+    path = RESULTS / f"{name}.csv"
+    if not path.is_file():
+        have = sorted(p.stem for p in RESULTS.glob("*.csv"))
+        raise FileNotFoundError(f"no saved results named {name!r} in {RESULTS}; saved: {', '.join(have) or 'none'}")
+    table = pd.read_csv(path)
+    if "budget" in table:  # whole numbers with gaps (the baselines have none) read back as whole numbers
+        table["budget"] = table["budget"].astype("Int64")
+    return table
 
 
 def status(folder: str | os.PathLike) -> dict[str, int]:

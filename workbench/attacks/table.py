@@ -29,7 +29,7 @@ from ..judges import Judge
 from ..methods import erase
 from ..methods.uce import XATTN
 from ..profile import profile_of
-from ..stats import difference, rates
+from ..stats import difference, interval_text, paired_difference, rates
 from . import EVAL_SEEDS, attack, budget_curve, unattacked
 
 #: The rows a summary lists first: the ceiling and the floor an attack is read against.
@@ -127,6 +127,20 @@ def summary(table: pd.DataFrame, by: Sequence[str] = ("method", "attack")) -> pd
                            kind="stable").reset_index(drop=True)
 
 
+def rates_wide(table: pd.DataFrame, rows: str = "attack", columns: str = "method") -> pd.DataFrame:
+    """The success rates of an attack table as a paper prints them: one row per ``rows`` value (attacks,
+    baselines first; or ``"budget"``...), one column per ``columns`` value, each cell ``rate [lo, hi]``
+    (percent, 95% interval), and the images per cell (``n``; a range where cells differ)."""
+    s = summary(table, (columns, rows))
+    s = s.assign(cell=[interval_text(r, lo, hi) for r, lo, hi in zip(s["rate"], s["lo"], s["hi"])])
+    wide = s.pivot(index=rows, columns=columns, values="cell")
+    wide = wide.reindex(index=list(dict.fromkeys(s[rows])), columns=list(dict.fromkeys(s[columns]))).fillna("")
+    n = s.groupby(rows, sort=False)["n"].agg(lambda x: str(x.min()) if x.min() == x.max() else f"{x.min()}-{x.max()}")
+    wide["n"] = n.reindex(wide.index)
+    wide.columns.name = None
+    return wide
+
+
 def attack_layers(pipe, judge: Judge, concept: str, method: str, attack_name: str, budget: int | None = None,
                   components: Sequence[str] = ("xattn.k", "xattn.v"), eval_seeds: Sequence[int] = EVAL_SEEDS,
                   seed: int = 0, concept_set: ConceptSet | None = None, progress: bool = True) -> pd.DataFrame:
@@ -176,3 +190,77 @@ def compare_methods(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
                 rows.append(dict(attack=name, a=a, b=b, rate_a=d.a, rate_b=d.b, difference=d.a - d.b, lo=d.lo,
                                  hi=d.hi, p=d.p_two, n=n, verdict=verdict))
     return pd.DataFrame(rows)
+
+
+def concept_differences(table: pd.DataFrame, a: str, b: str, attack: str, budget: int | None = None) -> pd.DataFrame:
+    """Success rate of ``attack`` after method ``a`` minus after method ``b``, per concept and pooled: the
+    rows of a forest plot (:func:`workbench.plots.forest`).
+
+    One row per concept (``rate_a, rate_b, difference, lo, hi, n``: images paired by seed and held-out prompt,
+    Newcombe's interval for paired proportions over the concept's images), then the row ``"pooled"``:
+    the difference of the pooled rates with a 95% interval from a bootstrap over *concepts* (each
+    resampled concept brings all its seeds and prompts), so the interval widens as much as concepts
+    disagree, its two-sided ``p`` and the verdict. ``direction`` says which way each row goes: ``a higher``,
+    ``b higher`` or ``not significant``. ``budget``: which one, for an attack run at several.
+    """
+    rows, hits = [], []
+    table = table[table["attack"] == attack]
+    if "budget" in table and budget is not None:
+        table = table[table["budget"] == budget]
+    elif "budget" in table and table["budget"].nunique() > 1:
+        raise ValueError(f"{attack} ran at budgets {', '.join(map(str, sorted(table['budget'].dropna().unique())))}; "
+                         "give budget=... to compare at one")
+    # the i-th image of a seed is the same held-out prompt after either method (crafted prompts differ)
+    table = table.assign(slot=table.groupby(["method", "concept", "seed"]).cumcount())
+    for concept in dict.fromkeys(table["concept"]):
+        pair = [table[(table["method"] == m) & (table["concept"] == concept)].set_index(["seed", "slot"])["hit"]
+                for m in (a, b)]
+        both = pd.concat(pair, axis=1, keys=["a", "b"], join="inner")
+        if both.empty:
+            continue
+        d, lo, hi = paired_difference(both["a"].to_numpy(bool), both["b"].to_numpy(bool))
+        rows.append(dict(concept=concept, rate_a=both["a"].mean(), rate_b=both["b"].mean(), difference=d, lo=lo,
+                         hi=hi, n=len(both), p=float("nan")))
+        hits.append((int(both["a"].sum()), int(both["b"].sum()), len(both)))
+    if not rows:
+        raise ValueError(f"no concept has {attack!r} rows for both {a!r} and {b!r}; the table has methods "
+                         f"{', '.join(dict.fromkeys(table['method']))}")
+    ka, kb, n = (list(x) for x in zip(*hits))
+    pooled = difference(ka, n, kb, n)
+    rows.append(dict(concept="pooled", rate_a=pooled.a, rate_b=pooled.b, difference=pooled.a - pooled.b,
+                     lo=pooled.lo, hi=pooled.hi, n=sum(n), p=pooled.p_two))
+    out = pd.DataFrame(rows)
+    out["direction"] = ["not significant" if lo <= 0 <= hi else f"{a} higher" if lo > 0 else f"{b} higher"
+                        for lo, hi in zip(out["lo"], out["hi"])]
+    if len(rows) - 1 < 5:  # a bootstrap over fewer concepts cannot see their spread
+        out.loc[out.index[-1], "direction"] = f"too few concepts ({len(rows) - 1}) to pool"
+    return out.assign(a=a, b=b, attack=attack)
+
+
+def across_concepts(table: pd.DataFrame, a: str, b: str, attacks: Sequence[str] | None = None,
+                    alpha: float = 0.05) -> pd.DataFrame:
+    """Method ``a`` against method ``b`` per attack (and per budget, for an attack run at several), read
+    over concepts: the pooled difference with its interval from a bootstrap over concepts, how many
+    concepts go each way (:func:`concept_differences`), and the verdict in words: ``"a higher"``,
+    ``"b higher"``, ``"depends on the concept"`` (concepts significantly both ways; with the pooled
+    direction where it is significant) or ``"not significant at N concepts"``."""
+    attacks = [x for x in dict.fromkeys(table["attack"]) if x != "unedited"] if attacks is None else list(attacks)
+    rows = []
+    for attack in attacks:
+        budgets = table.loc[table["attack"] == attack, "budget"].dropna().unique() if "budget" in table else []
+        for budget in sorted(budgets) if len(budgets) > 1 else [None]:
+            d = concept_differences(table, a, b, attack, budget)
+            pooled, each = d.iloc[-1], d.iloc[:-1]
+            up, down = int((each["lo"] > 0).sum()), int((each["hi"] < 0).sum())
+            overall = (f"{a} higher" if pooled["difference"] > 0 else f"{b} higher") if pooled["p"] < alpha else None
+            if up and down:
+                verdict = "depends on the concept" + (f" ({overall} pooled)" if overall else "")
+            else:
+                verdict = overall or f"not significant at {len(each)} concepts"
+            rows.append(dict(attack=attack, budget=budget, a=a, b=b, rate_a=pooled["rate_a"], rate_b=pooled["rate_b"],
+                             difference=pooled["difference"], lo=pooled["lo"], hi=pooled["hi"], p=pooled["p"],
+                             concepts=len(each), a_higher=up, b_higher=down, neither=len(each) - up - down,
+                             verdict=verdict))
+    out = pd.DataFrame(rows)
+    out["budget"] = out["budget"].astype("Int64")
+    return out

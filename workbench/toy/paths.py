@@ -1,7 +1,5 @@
 """Where the toy world's files live: the trained weights, the few-shot image sets, the vocabulary."""
-from pathlib import Path
-
-DATA = Path(__file__).resolve().parents[2] / "data"
+from ..paths import DATA
 TOY_DIR = DATA / "toy"
 FEWSHOT_DIR = DATA / "fewshot"
 VOCABULARY_FILE = DATA / "vocabulary.txt"
