@@ -475,13 +475,13 @@ def forest(table, label: str = "") -> Figure:
             ax.axvline(0, color="#999999", lw=0.5, zorder=0)
             ax.axhline(0.3, color="#DDDDDD", lw=0.5, zorder=0)
             ax.set_xlim(-1.05, 1.05)
-            ax.set_xticks([-1, 0, 1], ["-100%", "0", "+100%"])
+            ax.set_xticks([-1, 0, 1], ["-100", "0", "+100"])
             ax.set_xticks([-0.5, 0.5], minor=True)
             ax.set_title(attack)
             ax.spines[["top", "right", "left"]].set_visible(False)
             ax.tick_params(axis="y", length=0)
-            if label:
-                ax.set_xlabel(label)
+            ax.set_xlabel(f"{label} (points)" if label else "difference (points)")
+        fig.subplots_adjust(wspace=0.3)
         axes[0][0].set_yticks([y[c] for c in [*concepts, "pooled"]], [*concepts, "pooled over concepts"])
     return fig
 
