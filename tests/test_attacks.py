@@ -6,7 +6,7 @@ from conftest import same_state, state_of
 from workbench import plots
 from workbench.anatomy import parts, select
 from workbench.attacks import ATTACKS, attack, budget_curve, unattacked
-from workbench.attacks.table import attack_edit, concept_differences, summary
+from workbench.attacks.table import across_concepts, attack_edit, concept_differences, summary
 from workbench.attacks.common import SoftTokens, original_weights, slot
 from workbench.attacks.unlearndiff import Vocabulary
 from workbench.edits import Edit
@@ -177,6 +177,8 @@ def test_per_concept_differences_show_which_way_each_concept_goes_and_pool_over_
     assert pooled["lo"] < -0.3 and pooled["hi"] > 0.3
     with pytest.raises(ValueError, match="has methods a, b"):
         concept_differences(split, "a", "rece", "inversion")
+    verdicts = [across_concepts(t, "a", "b")["verdict"].item() for t in (agree, split, unit_table({"c": (1.0, 0.0)}))]
+    assert verdicts == ["a higher", "depends on the concept", "too few concepts (1) to pool"]
 
 
 def test_the_forest_plot_has_a_row_per_concept_and_the_pooled_estimate():

@@ -29,7 +29,7 @@ from ..judges import Judge
 from ..methods import erase
 from ..methods.uce import XATTN
 from ..profile import profile_of
-from ..stats import difference, interval_text, paired_difference, rates
+from ..stats import MIN_UNITS, difference, interval_text, paired_difference, rates
 from . import EVAL_SEEDS, attack, budget_curve, unattacked
 
 #: The rows a summary lists first: the ceiling and the floor an attack is read against.
@@ -232,7 +232,7 @@ def concept_differences(table: pd.DataFrame, a: str, b: str, attack: str, budget
     out = pd.DataFrame(rows)
     out["direction"] = ["not significant" if lo <= 0 <= hi else f"{a} higher" if lo > 0 else f"{b} higher"
                         for lo, hi in zip(out["lo"], out["hi"])]
-    if len(rows) - 1 < 5:  # a bootstrap over fewer concepts cannot see their spread
+    if len(rows) - 1 < MIN_UNITS:  # a bootstrap over fewer concepts cannot see their spread
         out.loc[out.index[-1], "direction"] = f"too few concepts ({len(rows) - 1}) to pool"
     return out.assign(a=a, b=b, attack=attack)
 
@@ -255,6 +255,8 @@ def across_concepts(table: pd.DataFrame, a: str, b: str, attacks: Sequence[str] 
             overall = (f"{a} higher" if pooled["difference"] > 0 else f"{b} higher") if pooled["p"] < alpha else None
             if up and down:
                 verdict = "depends on the concept" + (f" ({overall} pooled)" if overall else "")
+            elif len(each) < MIN_UNITS:
+                verdict = f"too few concepts ({len(each)}) to pool"
             else:
                 verdict = overall or f"not significant at {len(each)} concepts"
             rows.append(dict(attack=attack, budget=budget, a=a, b=b, rate_a=pooled["rate_a"], rate_b=pooled["rate_b"],
