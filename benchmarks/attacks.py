@@ -28,8 +28,9 @@ from workbench.attacks import table as tables
 from workbench.attacks.table import compare_methods, grid_images, peak_gb, summary
 from workbench.grid import Grid, run_grid
 from workbench import stats
-
-GRIDS = Path(__file__).resolve().parents[1] / "data" / "grids"
+from workbench.paths import GRIDS
+from workbench.store import load_results
+from workbench.toy import TOY_CONCEPTS
 
 
 def markdown(frame: pd.DataFrame, index: str) -> str:
@@ -96,8 +97,8 @@ def report(table: pd.DataFrame, out: Path, wall: dict[str, float] | None = None)
         print(f"### Attack success rate over {concepts} concepts (share of held-out images in which the oracle "
               "sees the concept)\n")
         print(rates_table(table) + "\n")
-        for kind, rows in table.groupby(table["concept"].map(_kind), sort=False):
-            print(f"#### {kind} ({rows['concept'].nunique()})\n")
+        for kind, rows in table.groupby(table["concept"].map(TOY_CONCEPTS.kind), sort=False):
+            print(f"#### {kind}s ({rows['concept'].nunique()})\n")
             print(rates_table(rows) + "\n")
         print("### Differences between methods (paired bootstrap over concept x seed)\n")
         print(comparisons(table) + "\n")
@@ -113,11 +114,6 @@ def report(table: pd.DataFrame, out: Path, wall: dict[str, float] | None = None)
         print("; ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()) + f"; peak memory here {peak_gb():.2f} GB.")
 
 
-def _kind(concept: str) -> str:
-    from workbench.toy.world import PAINTERS
-    return "styles" if concept in PAINTERS else "objects"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", type=Path, default=GRIDS / "attacks_toy.yaml")
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = args.out or Path("out") / f"{args.grid.stem}.csv"
     if args.saved is not None:
-        table = pd.read_csv(args.saved) if args.saved.suffix == ".csv" else grid_images(_load(args.saved))
+        table = pd.read_csv(args.saved) if args.saved.suffix == ".csv" else grid_images(load_results(args.saved))
         table["budget"] = table["budget"].astype("Int64") if "budget" in table else pd.NA
         report(table, out)
         return
@@ -145,11 +141,6 @@ def main(argv: list[str] | None = None) -> None:
     table.drop(columns=["key"]).to_csv(out, index=False)
     print(f"{len(runs)} runs ({runs.attrs['ran']} run now, {runs.attrs['failed']} failed); image rows: {out}\n")
     report(table, out, wall)
-
-
-def _load(folder: Path) -> pd.DataFrame:
-    from workbench.store import load_results
-    return load_results(folder)
 
 
 if __name__ == "__main__":
