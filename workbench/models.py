@@ -18,74 +18,78 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.utils import logging as transformers_logging
 
-from .anatomy import check_supported
+from .families import family_of
 from .judges import ascii_clip_tokenizer
 from .sampling import seeded
 from .toy import model as toy_model
 
-__all__ = ["load", "seeded", "build_tiny_sd", "stable_diffusion_or_tiny"]
+__all__ = ["load", "seeded", "build_tiny_sd", "build_tiny_sdxl", "stable_diffusion_or_tiny"]
 
 
 def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
          device: str | torch.device | None = None) -> StableDiffusionPipeline:
     """Load a pipeline: ``"toy"`` (bundled), a local diffusers folder, or a hub id such as
-    ``"CompVis/stable-diffusion-v1-4"`` (SD 1.x / 2.x). Progress bars are off; images come back as PIL.
+    ``"CompVis/stable-diffusion-v1-4"`` (SD 1.x / 2.x) or ``"stabilityai/stable-diffusion-xl-base-1.0"``
+    (SDXL). Progress bars are off; images come back as PIL.
     """
     diffusers_logging.disable_progress_bar()  # loading bars, not sampling ones (those are per pipeline)
     transformers_logging.disable_progress_bar()
     if str(name) == "toy":
         pipe = toy_model.load_toy(dtype or torch.float32, toy_model.TOY_DIR)
     else:
-        path = Path(os.path.expanduser(str(name)))
-        if path.exists():
-            if not (path / "model_index.json").is_file():
-                raise ValueError(
-                    f"{str(path)!r} is not a diffusers pipeline folder: it has no model_index.json. "
-                    "Accepted: 'toy' (the bundled model), a folder written by "
-                    "`pipe.save_pretrained(...)` (with model_index.json, unet/, vae/, text_encoder/, "
-                    "tokenizer/, scheduler/), or a hub id like 'CompVis/stable-diffusion-v1-4'."
-                )
-            index = json.loads((path / "model_index.json").read_text())
-            found = index.get("_class_name", "diffusers")
-            if "text_encoder_2" in index or "text_encoder_3" in index:
-                raise ValueError(f"{str(path)!r} holds a {found} pipeline with several text encoders (SDXL, "
-                                 "SD3); the workbench edits Stable Diffusion 1.x/2.x pipelines, which have one.")
-            if "unet" not in index or "text_encoder" not in index:
-                raise ValueError(
-                    f"{str(path)!r} holds a {found} pipeline without a "
-                    "UNet and text encoder; the workbench edits Stable Diffusion 1.x/2.x pipelines."
-                )
-        elif str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
-            raise ValueError(
-                f"unknown model {str(name)!r}: not 'toy', not an existing folder, and not a hub id "
-                "of the form 'owner/name'. Accepted: 'toy' (the bundled model), a local diffusers "
-                "pipeline folder, or a hub id like 'CompVis/stable-diffusion-v1-4'."
-            )
-        kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(path if path.exists() else name), **kwargs)
-        except OSError as e:
-            raise ValueError(
-                f"could not load {str(name)!r} as a Stable Diffusion pipeline ({e}). Give 'toy', a local "
-                "diffusers pipeline folder, or a hub id that is in your local Hugging Face cache."
-            ) from e
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _from_pretrained(str(name), dtype)
     try:
-        check_supported(pipe)
+        family_of(pipe)
     except TypeError as e:
         raise ValueError(f"{str(name)!r}: {e}") from None
     if device is not None:
         pipe = pipe.to(device)
+    return pipe
+
+
+#: The pipelines the workbench loads, by the class name in model_index.json.
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+_ACCEPTED = ("Accepted: 'toy' (the bundled model), a folder written by `pipe.save_pretrained(...)` (with "
+             "model_index.json), or a hub id in your local Hugging Face cache such as "
+             "'CompVis/stable-diffusion-v1-4' or 'stabilityai/stable-diffusion-xl-base-1.0'.")
+
+
+def _from_pretrained(name: str, dtype: torch.dtype | None) -> DiffusionPipeline:
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a folder or a cached hub id."""
+    path = Path(os.path.expanduser(name))
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a diffusers pipeline folder: it has no model_index.json. {_ACCEPTED}")
+    if not path.exists() and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
+        raise ValueError(f"unknown model {name!r}: not 'toy', not an existing folder, and not a hub id of the "
+                         f"form 'owner/name'. {_ACCEPTED}")
+    source = str(path) if path.exists() else name
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not find {name!r} ({str(e).splitlines()[0]}). {_ACCEPTED}") from e
+    found = index.get("_class_name", "diffusers")
+    if found not in PIPELINES:
+        raise ValueError(f"{name!r} holds a {found}; the workbench loads {', '.join(PIPELINES)} "
+                         f"(Stable Diffusion 1.x/2.x and XL). {_ACCEPTED}")
+    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    if "safety_checker" in index:
+        kwargs |= dict(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = PIPELINES[found].from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ValueError(f"could not load {name!r} as a {found} ({e}). {_ACCEPTED}") from e
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -129,6 +133,52 @@ def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny, randomly initialised pipeline shaped like SDXL to ``folder``.
+
+    The same classes and layout as SDXL base: two CLIP text encoders of different widths (the second with
+    a projection, whose pooled output is added conditioning), their penultimate states concatenated
+    (32 + 48 = 80 wide) for a UNet with ``addition_embed_type="text_time"``, one block without
+    attention and deeper transformer stacks further down (``transformer_layers_per_block`` 1, 2), an
+    Euler scheduler. It draws noise; every code path runs on it without a download.
+
+    >>> import tempfile, workbench
+    >>> pipe = workbench.load(build_tiny_sdxl(tempfile.mkdtemp()))
+    >>> type(pipe).__name__, pipe.unet.config.cross_attention_dim
+    ('StableDiffusionXLPipeline', 80)
+    """
+    transformers_logging.disable_progress_bar()
+    folder = Path(folder)
+    tokenizer = ascii_clip_tokenizer(32)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.eos_token_id, hidden_act="gelu")
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96,
+                                                                projection_dim=32, **common))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        cross_attention_dim=80, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=ascii_clip_tokenizer(32), unet=unet,
+                                     scheduler=scheduler)
     pipe.save_pretrained(folder)
     return folder
 
