@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .anatomy import as_list, layer_of, parts
+from .anatomy import as_list
+from .families import family_of
+from .hooks import processors
 from .sampling import GUIDANCE, STEPS, generate
 
 
 def cross_attention_layers(pipe) -> dict[str, torch.nn.Module]:
     """Every cross-attention layer of the UNet by its anatomy name (``"unet.mid.0"``), in network order."""
-    owner = {id(getattr(m, "to_k", None)): m for m in pipe.unet.modules() if hasattr(m, "processor")}
-    return {layer_of(name): owner[id(module)] for name, module in parts(pipe).items()
-            if name.endswith(".xattn.k")}
+    return family_of(pipe).cross_attention(pipe)
 
 
 def word_positions(pipe, prompt: str, word: str) -> list[int]:
@@ -45,7 +45,7 @@ def word_positions(pipe, prompt: str, word: str) -> list[int]:
     >>> word_positions(workbench.load("toy"), "a painting by mondrian", "mondrian")
     [4, 5, 6]
     """
-    tok = pipe.tokenizer
+    tok = family_of(pipe).tokenizer(pipe)
     ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
     want = [t for t in tok(word, add_special_tokens=False).input_ids if t not in tok.all_special_ids]
     starts = [i for i in range(len(ids) - len(want) + 1) if want and ids[i:i + len(want)] == want]
@@ -90,16 +90,9 @@ class _Recorder:
 def recording(pipe, positions: list[int], layers: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Install recorders on the named cross-attention layers (default all); yields the dict they fill.
     On exit every layer gets back the very processor object it had."""
-    modules = _chosen(pipe, layers)
     sums: dict[str, torch.Tensor] = {}
-    saved = {name: m.processor for name, m in modules.items()}
-    try:
-        for name, m in modules.items():
-            m.set_processor(_Recorder(saved[name], name, positions, sums))
+    with processors(_chosen(pipe, layers), lambda name, inner: _Recorder(inner, name, positions, sums)):
         yield sums
-    finally:
-        for name, m in modules.items():
-            m.set_processor(saved[name])
 
 
 def _chosen(pipe, layers: Sequence[str] | None) -> dict[str, torch.nn.Module]:
@@ -151,6 +144,14 @@ def _upsampled(sums: dict[str, torch.Tensor], latent: tuple[int, int], size: tup
     return out
 
 
+def _latent_of(pipe, image: Image.Image) -> tuple[int, int]:
+    """The latent grid an image of this size was drawn on."""
+    family = family_of(pipe)
+    _, height, width = family.latent_shape(pipe)
+    factor = family.image_size(pipe) // height
+    return image.height // factor, image.width // factor
+
+
 def attention_maps(pipe, prompt: str, word: str, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
                    layers: Sequence[str] | None = None) -> AttentionMaps:
     """Draw ``prompt`` (seed ``seed``, as :func:`workbench.sampling.generate` does) and record every
@@ -161,8 +162,7 @@ def attention_maps(pipe, prompt: str, word: str, seed: int = 0, steps: int = STE
     positions = word_positions(pipe, prompt, word)
     with recording(pipe, positions, layers) as sums:
         image = generate(pipe, [prompt], seed, steps=steps, guidance=guidance)[0]
-    size = pipe.unet.config.sample_size
-    maps = _upsampled(sums, (size, size), (image.height, image.width))
+    maps = _upsampled(sums, _latent_of(pipe, image), (image.height, image.width))
     order = [name for name in cross_attention_layers(pipe) if name in maps]
     return AttentionMaps(prompt, word, positions, image, {name: maps[name] for name in order}, seed)
 

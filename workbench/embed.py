@@ -32,11 +32,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .anatomy import as_list, component_of, n_text_layers, parts
+from .anatomy import as_list, component_of, n_text_layers, parts, text_encoders
 from .edits import applied
+from .families import Conditioning, family_of
 from .sampling import GUIDANCE, STEPS, seeded
 
 POOLS = ("mean", "concept")
@@ -44,57 +44,34 @@ _CACHE_SIZE = 32
 _cache: weakref.WeakKeyDictionary[object, OrderedDict] = weakref.WeakKeyDictionary()
 
 
-def _tokenize(pipe, prompts: list[str], padding: str = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
+def _tokenize(pipe, prompts: list[str], padding: str = "max_length",
+              encoder: str = "text") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and the real-token mask, truncated as the pipeline does; padded to the pipeline's
     length, or (``padding="longest"``) only as far as the longest prompt."""
-    if hasattr(pipe, "maybe_convert_prompt"):
-        prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
-    tok = pipe.tokenizer(prompts, padding=padding, max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return tok.input_ids, tok.attention_mask
-
-
-def _padding_is_invisible(encoder: torch.nn.Module) -> bool:
-    """Whether real tokens' outputs ignore trailing padding: masked attention, or CLIP's causal attention."""
-    return bool(getattr(encoder.config, "use_attention_mask", False)) or type(encoder).__name__.startswith("CLIPText")
-
-
-def _final_norm(encoder: torch.nn.Module) -> torch.nn.Module | None:
-    """CLIP's final layer norm (its hidden states are not conditioning-ready without it); None for BERT,
-    whose layers already end in a layer norm."""
-    for owner in (encoder, getattr(encoder, "text_model", None)):
-        norm = getattr(owner, "final_layer_norm", None)
-        if isinstance(norm, torch.nn.Module):
-            return norm
-    return None
+    return family_of(pipe).tokenize(pipe, prompts, padding, encoder)
 
 
 @torch.no_grad()
 def _states(pipe, ids: torch.Tensor, mask: torch.Tensor, layer: int | None,
-            device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[layers + 1, n, tokens, width]`` (``layer=None``) or layer ``text.{layer}``'s ``[n, tokens, width]``,
-    float32 on ``device``."""
-    encoder = pipe.text_encoder
-    masked = bool(getattr(encoder.config, "use_attention_mask", False))
-    result = encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device) if masked else None,
-                     output_hidden_states=True)
-    states = torch.stack(result.hidden_states) if layer is None else result.hidden_states[layer + 1]
-    norm = _final_norm(encoder)
-    return (states if norm is None else norm(states)).to(device, torch.float32)
+            device: torch.device | str = "cpu", encoder: str = "text") -> torch.Tensor:
+    """``[layers + 1, n, tokens, width]`` (``layer=None``) or layer ``{encoder}.{layer}``'s
+    ``[n, tokens, width]``, conditioning-ready, float32 on ``device``."""
+    states = family_of(pipe).hidden_states(pipe, ids, mask, encoder)
+    return (torch.stack(states) if layer is None else states[layer + 1]).to(device, torch.float32)
 
 
-def hidden_states(pipe, prompts: str | Sequence[str], batch: int = 256) -> torch.Tensor:
+def hidden_states(pipe, prompts: str | Sequence[str], batch: int = 256, encoder: str = "text") -> torch.Tensor:
     """``[layers + 1, n_prompts, tokens, width]``: index 0 is the token embeddings entering layer 0,
-    index ``i + 1`` the output of layer ``text.{i}``; every entry conditioning-ready, float32 on the CPU."""
+    index ``i + 1`` the output of layer ``{encoder}.{i}``; every entry conditioning-ready, float32 on the CPU."""
     prompts = as_list(prompts)
     if not prompts:
         raise ValueError("no prompts given: pass a prompt or a list of prompts")
-    return torch.cat([_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), None)
+    return torch.cat([_states(pipe, *_tokenize(pipe, prompts[i:i + batch], encoder=encoder), None, encoder=encoder)
                       for i in range(0, len(prompts), batch)], dim=1)
 
 
-def _layer_index(pipe, layer: int) -> int:
-    n = n_text_layers(pipe)
+def _layer_index(pipe, layer: int, encoder: str = "text") -> int:
+    n = n_text_layers(pipe, encoder)
     if not -n <= layer < n:
         raise ValueError(f"layer {layer} does not exist: this text encoder has {n} layers, "
                          f"give 0..{n - 1} (or -1 for the last)")
@@ -111,18 +88,33 @@ def encode(pipe, prompts: str | Sequence[str], batch: int = 256, layer: int | No
     (negative counts from the end, so ``-1`` equals ``None``), conditioning-ready.
     """
     prompts = as_list(prompts)
-    device = pipe.text_encoder.device if device is None else torch.device(device)
     if layer is not None:
         index = _layer_index(pipe, layer)
-        out = [_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), index, device)
+        where = family_of(pipe).encoders(pipe)["text"].device if device is None else device
+        out = [_states(pipe, *_tokenize(pipe, prompts[i:i + batch]), index, where)
                for i in range(0, len(prompts), batch)]
-    else:
-        out = [pipe.encode_prompt(prompts[i:i + batch], pipe.text_encoder.device, 1,
-                                  do_classifier_free_guidance=False)[0].to(device, torch.float32)
-               for i in range(0, len(prompts), batch)]
+        return torch.cat(out) if out else torch.empty(0)
+    return conditioning(pipe, prompts, batch, device).tokens
+
+
+@torch.no_grad()
+def conditioning(pipe, prompts: str | Sequence[str], batch: int = 256,
+                 device: torch.device | str | None = "cpu") -> Conditioning:
+    """What the pipeline conditions on for ``prompts``: the token rows (as :func:`encode` gives them) and,
+    for a family that has one (SDXL), the pooled embedding; float32 on ``device`` (``None``: where the
+    text encoder made them).
+
+    >>> import workbench
+    >>> conditioning(workbench.load("toy"), ["an apple"]).pooled is None
+    True
+    """
+    prompts = as_list(prompts)
+    family = family_of(pipe)
+    out = [family.encode(pipe, prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
     if not out:
-        return torch.empty(0, device=device)
-    return out[0] if len(out) == 1 else torch.cat(out)
+        return Conditioning(torch.empty(0))
+    made = out[0] if len(out) == 1 else Conditioning.cat(out)
+    return made.to(made.tokens.device if device is None else torch.device(device), torch.float32)
 
 
 def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
@@ -143,7 +135,7 @@ def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
 
 def check_prompt(pipe, text: str) -> None:
     """Raise ``ValueError`` if ``text`` tokenizes to nothing (only special tokens)."""
-    ids = pipe.tokenizer(text, add_special_tokens=False).input_ids
+    ids = family_of(pipe).tokenizer(pipe)(text, add_special_tokens=False).input_ids
     if not text.strip() or not ids:
         raise ValueError(
             f"the concept {text!r} tokenizes to nothing for this model's tokenizer; give a word or phrase "
@@ -154,7 +146,8 @@ def check_prompt(pipe, text: str) -> None:
 def spaces(pipe) -> list[str]:
     """Every space name ``embed`` accepts for ``pipe``."""
     unet = [n for n in parts(pipe) if component_of(n) in ("xattn.k", "xattn.v")]
-    return ["text", *(f"text.{i}" for i in range(n_text_layers(pipe))), *unet]
+    layers = [f"{e}.{i}" for e in text_encoders(pipe) for i in range(n_text_layers(pipe, e))]
+    return ["text", *layers, *unet]
 
 
 def _check_space(pipe, space: str) -> None:
@@ -174,11 +167,12 @@ def _weights(pipe, ids: torch.Tensor, mask: torch.Tensor, prompts: list[str], po
     if pool == "mean":
         w = mask.float()
         return w / w.sum(1, keepdim=True)
-    special = set(pipe.tokenizer.all_special_ids)
+    tokenizer = family_of(pipe).tokenizer(pipe)
+    special = set(tokenizer.all_special_ids)
     w = torch.zeros(ids.shape, dtype=torch.float32)
     for row, (prompt, word) in enumerate(zip(prompts, words or prompts)):
         real = [int(t) for t, m in zip(ids[row], mask[row]) if m]
-        want = [t for t in pipe.tokenizer(word, add_special_tokens=False).input_ids if t not in special]
+        want = [t for t in tokenizer(word, add_special_tokens=False).input_ids if t not in special]
         if word is prompt or word == prompt:
             hits = [j for j, t in enumerate(real) if t not in special]
         else:
@@ -198,6 +192,23 @@ def _to_space(pipe, pooled: torch.Tensor, space: str) -> torch.Tensor:
     linear = parts(pipe)[space]
     # pooling is a mean, so projecting the pooled row equals pooling the projected rows W c
     return linear(pooled.to(linear.weight.device, linear.weight.dtype)).float().cpu()
+
+
+def _rows(pipe, prompts: list[str], space: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, real-token mask and the token rows of ``space`` (before any projection)."""
+    family = family_of(pipe)
+    encoders = text_encoders(pipe)
+    if space == "text" and len(encoders) > 1:  # the conditioning: every encoder's rows side by side
+        ids = {e: _tokenize(pipe, prompts, encoder=e) for e in encoders}
+        with torch.no_grad():
+            rows = family.conditioning(pipe, ids).tokens.float().cpu()
+        return *ids["text"], rows
+    encoder, _, layer = space.partition(".") if space.split(".")[0] in encoders else ("text", "", "")
+    layer = int(layer) if layer.isdigit() else n_text_layers(pipe, encoder) - 1
+    # pooled rows ignore padding, so pad only to the longest prompt when the encoder cannot see padding
+    padding = "longest" if family.padding_is_invisible(pipe, encoder) else "max_length"
+    ids, mask = _tokenize(pipe, prompts, padding, encoder)
+    return ids, mask, _states(pipe, ids, mask, layer, encoder=encoder)
 
 
 def _key(pipe, *rest) -> tuple:
@@ -225,14 +236,11 @@ def embed(pipe, words: str | Sequence[str], space: str = "text", pool: str = "me
         store.move_to_end(key)
         return store[key][1]
     prompts = [template.format(w) for w in words]
-    layer = int(space.split(".")[1]) if space.startswith("text.") else n_text_layers(pipe) - 1
-    # pooled rows ignore padding, so pad only to the longest prompt when the encoder cannot see padding
-    padding = "longest" if _padding_is_invisible(pipe.text_encoder) else "max_length"
     vectors = []
     for i in range(0, len(prompts), batch):
-        ids, mask = _tokenize(pipe, prompts[i:i + batch], padding)
+        ids, mask, rows = _rows(pipe, prompts[i:i + batch], space)
         w = _weights(pipe, ids, mask, prompts[i:i + batch], pool, words[i:i + batch] if template != "{}" else None)
-        vectors.append(torch.einsum("nt,ntd->nd", w, _states(pipe, ids, mask, layer)))
+        vectors.append(torch.einsum("nt,ntd->nd", w, rows))
     out = _to_space(pipe, torch.cat(vectors), space).numpy().astype(np.float32)
     out.flags.writeable = False
     store[key] = (applied(pipe), out)  # holding the edits keeps their ids unique while the entry lives
@@ -253,8 +261,8 @@ def embed_rows(pipe, rows: torch.Tensor, prompts: str | Sequence[str], space: st
     prompts = as_list(prompts)
     _check_space(pipe, space)
     _check_pool(pool)
-    last = f"text.{n_text_layers(pipe) - 1}"
-    if space.startswith("text.") and space != last:
+    last = f"text.{n_text_layers(pipe) - 1}" if len(text_encoders(pipe)) == 1 else "text"
+    if space.startswith("text") and space not in ("text", last):
         raise ValueError(f"rows in the text encoder's output space cannot be placed in {space!r}; use 'text', "
                          f"{last!r} or a UNet space such as {spaces(pipe)[-1]!r}")
     rows = rows.detach().float().cpu()
@@ -290,18 +298,18 @@ def lens(pipe, prompt: str, layers: Sequence[int] | None = None, seed: int = 0, 
     """
     if not isinstance(prompt, str):
         raise TypeError("lens takes one prompt (a string); call it once per prompt")
+    if len(text_encoders(pipe)) > 1:
+        raise ValueError("the text-encoder lens draws from one encoder's layer outputs, and this model conditions "
+                         f"on {len(text_encoders(pipe))} encoders' states side by side; use it on SD 1.x/2.x or the "
+                         "toy model, or trace the encoders' layers with workbench.tracing.trace")
+    family = family_of(pipe)
     n = n_text_layers(pipe)
     layers = list(range(n)) if layers is None else [_layer_index(pipe, i) for i in layers]
     states = hidden_states(pipe, [prompt, ""])[[i + 1 for i in layers]]  # [layers, 2, tokens, width]
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    size = pipe.unet.config.sample_size
-    shape = (1, pipe.unet.config.in_channels, size, size)
-    noise = randn_tensor(shape, generator=seeded(seed), device=device, dtype=dtype)
+    noise = family.noise(pipe, seeded(seed))
     images: list[Image.Image] = []
     for i in range(0, len(layers), batch):
-        chunk = states[i:i + batch].to(device, dtype)
-        images += pipe(prompt_embeds=chunk[:, 0], negative_prompt_embeds=chunk[:, 1],
-                       latents=noise.expand(len(chunk), -1, -1, -1).clone(), num_inference_steps=steps,
-                       guidance_scale=guidance, height=size * pipe.vae_scale_factor,
-                       width=size * pipe.vae_scale_factor).images
+        chunk = states[i:i + batch]
+        images += family.draw(pipe, Conditioning(chunk[:, 0]), Conditioning(chunk[:, 1]), steps, guidance,
+                              latents=noise.expand(len(chunk), -1, -1, -1).clone(), size=family.image_size(pipe))
     return images

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .families import Conditioning, family_of
+
 #: The sampler settings every measurement uses unless told otherwise.
 STEPS, GUIDANCE, BATCH = 20, 5.0, 32
 
@@ -35,11 +37,12 @@ def generate(pipe, prompts: Sequence[str], seed: int = 0, steps: int = STEPS, gu
 
 
 @torch.no_grad()
-def generate_from(pipe, embeds: torch.Tensor, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
+def generate_from(pipe, embeds: torch.Tensor | Conditioning, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
                   batch: int = BATCH) -> list[Image.Image]:
     """Images for prompt embeddings ``[n, tokens, width]`` (the text encoder's output, e.g. from
-    :func:`workbench.embed.encode`), seeded like :func:`generate`; the unconditional branch of guidance
-    is the pipeline's own embedding of the empty prompt.
+    :func:`workbench.embed.encode`) or a :class:`~workbench.families.Conditioning` (which a family with
+    pooled embeddings, SDXL, needs), seeded like :func:`generate`; the unconditional branch of guidance
+    is the pipeline's own (the empty prompt's embedding, or SDXL's zeros).
 
     >>> import workbench
     >>> from workbench.embed import encode
@@ -48,13 +51,12 @@ def generate_from(pipe, embeds: torch.Tensor, seed: int = 0, steps: int = STEPS,
     ...                                             generate(pipe, ["an apple"]))]
     [True]
     """
-    if embeds.ndim != 3:
-        raise ValueError(f"give prompt embeddings as [prompts, tokens, width], not a tensor of shape {tuple(embeds.shape)}")
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    empty, _ = pipe.encode_prompt([""], device, 1, do_classifier_free_guidance=False)
+    cond = embeds if isinstance(embeds, Conditioning) else Conditioning(embeds)
+    if cond.tokens.ndim != 3:
+        raise ValueError(f"give prompt embeddings as [prompts, tokens, width], not a tensor of shape {tuple(cond.shape)}")
+    family = family_of(pipe)
     images: list[Image.Image] = []
-    for i in range(0, len(embeds), batch):
-        chunk = embeds[i:i + batch].to(device, dtype)
-        images += pipe(prompt_embeds=chunk, negative_prompt_embeds=empty.expand(len(chunk), -1, -1),
-                       num_inference_steps=steps, guidance_scale=guidance, generator=seeded(seed + i)).images
+    for i in range(0, len(cond), batch):
+        chunk = cond[i:i + batch]
+        images += family.draw(pipe, chunk, family.empty(pipe, len(chunk)), steps, guidance, seeded(seed + i))
     return images

@@ -21,18 +21,18 @@ pipeline changes: every hook is removed on exit, weights are never touched.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .anatomy import as_list, text_layers
+from .anatomy import as_list, text_encoders, text_layers
 from .attnmaps import word_positions
 from .concepts import ConceptSet
+from .families import Conditioning, family_of
+from .hooks import hooked, on_states
 from .judges import Judge
 from .profile import profile_of
 from .sampling import BATCH, GUIDANCE, STEPS, seeded
@@ -43,76 +43,71 @@ NOISE = 3.0
 
 def unet_blocks(pipe) -> dict[str, torch.nn.Module]:
     """The UNet's blocks by name, in the order data flows: ``unet.down.{b}``, ``unet.mid``, ``unet.up.{b}``."""
-    unet = pipe.unet
-    return {**{f"unet.down.{b}": m for b, m in enumerate(unet.down_blocks)}, "unet.mid": unet.mid_block,
-            **{f"unet.up.{b}": m for b, m in enumerate(unet.up_blocks)}}
+    return family_of(pipe).blocks(pipe)
 
 
 def sites(pipe) -> list[str]:
-    """Every site a trace restores: the text-encoder layers, then the UNet blocks."""
-    return [f"text.{i}" for i in range(len(text_layers(pipe)))] + list(unet_blocks(pipe))
+    """Every site a trace restores: each text encoder's layers, then the UNet blocks."""
+    return [f"{e}.{i}" for e in text_encoders(pipe) for i in range(len(text_layers(pipe, e)))] + list(unet_blocks(pipe))
 
 
-@contextmanager
-def _hooked(hooks: Sequence[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
-    """Forward hooks (module, fn(module, inputs, output) -> output) for the duration of the block."""
-    with ExitStack() as stack:
-        for module, fn in hooks:
-            stack.callback(module.register_forward_hook(fn).remove)
-        yield
-
-
-def _replace(output, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """``output`` with ``fn`` applied to its hidden states (a tensor, or the first item of a tuple)."""
-    if isinstance(output, tuple):
-        return (fn(output[0]), *output[1:])
-    return fn(output)
+def _site(name: str) -> tuple[str, int]:
+    """``"text2.3"`` -> ``("text2", 3)``."""
+    encoder, layer = name.rsplit(".", 1)
+    return encoder, int(layer)
 
 
 class _Text:
-    """The text encoder's conditioning of one prompt, clean, corrupted, or corrupted with one layer's
-    clean state restored at some token positions; ``n`` rows, one noise draw each."""
+    """The text encoders' conditioning of one prompt, clean, corrupted, or corrupted with one layer's
+    clean state restored at some token positions; ``n`` rows, one noise draw each (per encoder, in
+    the order of the encoders, from one generator)."""
 
     def __init__(self, pipe, prompt: str, positions: list[int], n: int, noise: float, seed: int) -> None:
         self.pipe, self.prompt, self.n = pipe, prompt, n
-        self.layers = text_layers(pipe)
-        self.table = pipe.text_encoder.get_input_embeddings()
-        self.clean_states: list[torch.Tensor] = []
-        hooks = [(layer, self._keep) for layer in self.layers]
-        with _hooked(hooks):
+        self.family = family_of(pipe)
+        self.layers = {e: text_layers(pipe, e) for e in text_encoders(pipe)}
+        self.tables = {e: self.family.input_embeddings(pipe, e) for e in self.layers}
+        self.clean_states: dict[tuple[str, int], torch.Tensor] = {}
+        with hooked([(layer, self._keep(e, i)) for e, layers in self.layers.items() for i, layer in enumerate(layers)]):
             self.clean = self._encode([prompt])
-        std = float(self.table.weight.detach().float().std())
-        width = self.table.weight.shape[1]
         g = seeded(seed)
-        draw = torch.randn((n, len(positions), width), generator=g) * noise * std
-        self.noise = torch.zeros((n, self.clean.shape[1], width))
-        self.noise[:, positions] = draw
+        self.noise = {}
+        for e, table in self.tables.items():
+            std = float(table.weight.detach().float().std())
+            width = table.weight.shape[1]
+            draw = torch.randn((n, len(positions), width), generator=g) * noise * std
+            self.noise[e] = torch.zeros((n, self.clean.shape[1], width))
+            self.noise[e][:, positions] = draw
 
-    def _keep(self, module, inputs, output):
-        self.clean_states.append(output[0] if isinstance(output, tuple) else output)
+    def _keep(self, encoder: str, i: int) -> Callable:
+        def keep(module, inputs, output):
+            self.clean_states[(encoder, i)] = output[0] if isinstance(output, tuple) else output
+        return keep
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        device = self.pipe.text_encoder.device
-        return self.pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)[0]
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        return self.family.encode(self.pipe, prompts)
 
-    def _corrupt(self, module, inputs, output):
-        return output + self.noise.to(output.device, output.dtype)
+    def _corrupt(self, encoder: str) -> Callable:
+        def corrupt(module, inputs, output):
+            return output + self.noise[encoder].to(output.device, output.dtype)
+        return corrupt
 
-    def corrupted(self, layer: int | None = None, positions: Sequence[int] = ()) -> torch.Tensor:
-        """``[n, tokens, width]``: the corrupted conditioning, with ``layer``'s clean output restored at
-        ``positions`` when a layer is given."""
-        hooks = [(self.table, self._corrupt)]
-        if layer is not None:
-            clean, at = self.clean_states[layer], list(positions)
+    def corrupted(self, site: str | None = None, positions: Sequence[int] = ()) -> Conditioning:
+        """The corrupted conditioning (``n`` rows), with text-encoder layer ``site``'s (``"text.3"``)
+        clean output restored at ``positions`` when a site is given."""
+        pairs = [(table, self._corrupt(e)) for e, table in self.tables.items()]
+        if site is not None:
+            encoder, layer = _site(site)
+            clean, at = self.clean_states[(encoder, layer)], list(positions)
 
             def restore(module, inputs, output):
                 def put(h: torch.Tensor) -> torch.Tensor:
                     h = h.clone()
                     h[:, at] = clean[:, at].to(h.dtype)
                     return h
-                return _replace(output, put)
-            hooks.append((self.layers[layer], restore))
-        with _hooked(hooks):
+                return on_states(output, put)
+            pairs.append((self.layers[encoder][layer], restore))
+        with hooked(pairs):
             return self._encode([self.prompt] * self.n)
 
 
@@ -147,21 +142,20 @@ class _Sampler:
     size: int | None = None
 
     def __post_init__(self) -> None:
-        unet = self.pipe.unet
-        self.size = self.size or unet.config.sample_size * self.pipe.vae_scale_factor
-        side = self.size // self.pipe.vae_scale_factor
-        self.noise = torch.cat([randn_tensor((1, unet.config.in_channels, side, side), generator=seeded(self.seed + i),
-                                             device=unet.device, dtype=unet.dtype) for i in range(self.n)])
-        self.empty = self.pipe.encode_prompt([""], unet.device, 1, do_classifier_free_guidance=False)[0]
+        family = self.family = family_of(self.pipe)
+        native = family.image_size(self.pipe)
+        self.size = self.size or native
+        side = self.size * family.latent_shape(self.pipe)[1] // native
+        self.noise = torch.cat([family.noise(self.pipe, seeded(self.seed + i), side) for i in range(self.n)])
+        self.empty = family.empty(self.pipe)
 
     @torch.no_grad()
-    def draw(self, embeds: torch.Tensor, hooks: Sequence[tuple[torch.nn.Module, Callable]] = ()) -> list[Image.Image]:
+    def draw(self, embeds: Conditioning, hooks: Sequence[tuple[torch.nn.Module, Callable]] = ()) -> list[Image.Image]:
         rows = len(embeds)
         latents = self.noise[torch.arange(rows) % self.n]
-        with _hooked(hooks):
-            return self.pipe(prompt_embeds=embeds, negative_prompt_embeds=self.empty.expand(rows, -1, -1),
-                             latents=latents, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                             height=self.size, width=self.size).images
+        with hooked(hooks):
+            return self.family.draw(self.pipe, embeds, self.empty.expand(rows), self.steps, self.guidance,
+                                    latents=latents, size=self.size)
 
 
 @dataclass
@@ -226,11 +220,11 @@ def trace(pipe, concept: str, prompt: str | None = None, judge: Judge | None = N
     text = _Text(pipe, prompt, positions, n, noise, seed)
     sampler = _Sampler(pipe, n, seed, steps, guidance, size)
     names, real = _token_names(pipe, prompt)
-    layers = [int(s.split(".")[1]) for s in chosen if s.startswith("text.")]
-    plan = [("clean", "", "", -1, text.clean.expand(n, -1, -1)), ("corrupted", "", "", -1, text.corrupted())]
-    plan += [("text", f"text.{i}", "concept", -1, text.corrupted(i, positions)) for i in layers]
+    layers = [s for s in chosen if not s.startswith("unet.")]
+    plan = [("clean", "", "", -1, text.clean.expand(n)), ("corrupted", "", "", -1, text.corrupted())]
+    plan += [("text", site, "concept", -1, text.corrupted(site, positions)) for site in layers]
     if tokens:
-        plan += [("token", f"text.{i}", names[p], p, text.corrupted(i, [p])) for i in layers for p in real]
+        plan += [("token", site, names[p], p, text.corrupted(site, [p])) for site in layers for p in real]
     scores, images = _text_runs(sampler, plan, judge, labels, concept, batch)
     blocks = _unet_runs(pipe, sampler, text, [s for s in chosen if s.startswith("unet.")], judge, labels,
                         concept, batch)
@@ -259,7 +253,7 @@ def _check(pipe, chosen: Sequence[str] | None, n: int, noise: float) -> list[str
 
 def _token_names(pipe, prompt: str) -> tuple[list[str], list[int]]:
     """Every token of ``prompt`` as the pipeline pads it, and the positions of the real ones."""
-    tok = pipe.tokenizer
+    tok = family_of(pipe).tokenizer(pipe)
     enc = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True)
     return tok.convert_ids_to_tokens(enc.input_ids), [i for i, m in enumerate(enc.attention_mask) if m]
 
@@ -267,7 +261,7 @@ def _token_names(pipe, prompt: str) -> tuple[list[str], list[int]]:
 def _text_runs(sampler: _Sampler, plan: list, judge: Judge, labels, concept: str,
                batch: int) -> tuple[list[float], dict[str, list[Image.Image]]]:
     """The judge's score of each planned conditioning (``n`` images each), drawn ``batch`` rows at a time."""
-    embeds = torch.cat([p[4] for p in plan])
+    embeds = Conditioning.cat([p[4] for p in plan])
     step = max(sampler.n, batch // sampler.n * sampler.n)
     drawn: list[Image.Image] = []
     for i in range(0, len(embeds), step):
@@ -281,11 +275,11 @@ def _unet_runs(pipe, sampler: _Sampler, text: _Text, names: list[str], judge: Ju
     """Per UNet block: the corrupted run with the block's output taken from a clean run drawn beside it."""
     n, blocks = sampler.n, unet_blocks(pipe)
     per_call = max(1, batch // n - 1)
-    clean, corrupted = text.clean.expand(n, -1, -1), text.corrupted()
+    clean, corrupted = text.clean.expand(n), text.corrupted()
     out: dict[str, float] = {}
     for start in range(0, len(names), per_call):
         chunk = names[start:start + per_call]
-        embeds = torch.cat([clean] + [corrupted] * len(chunk))
+        embeds = Conditioning.cat([clean] + [corrupted] * len(chunk))
         half = len(embeds)
         hooks = [(blocks[name], _block_restorer(list(range(n * (k + 1), n * (k + 2))), list(range(n)), half))
                  for k, name in enumerate(chunk)]

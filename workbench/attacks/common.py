@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from diffusers import DDPMScheduler
 from PIL import Image
 
 from ..anatomy import parts
 from ..concepts import ConceptSet, a
 from ..edits import Edit, applied
+from ..families import Conditioning, family_of
+from ..hooks import hooked
 from ..methods.fewshot import image_latents, load_images
 from ..sampling import generate
 
@@ -31,10 +32,11 @@ TARGET_SEED = 31_337
 
 @dataclass
 class Crafted:
-    """What an attack made: prompt embeddings ``[m, tokens, width]`` (float32, CPU), one per attack prompt,
-    and what each stands for (``"a photo of <v>"``, or the readable prompt of a projected attack)."""
+    """What an attack made: prompt embeddings ``[m, tokens, width]`` (float32, CPU; a
+    :class:`~workbench.families.Conditioning` where the family has pooled embeddings), one per attack
+    prompt, and what each stands for (``"a photo of <v>"``, or the readable prompt of a projected attack)."""
 
-    embeds: torch.Tensor
+    embeds: torch.Tensor | Conditioning
     prompts: list[str]
     info: dict = field(default_factory=dict)
 
@@ -88,7 +90,7 @@ def target_images(pipe, concept_set: ConceptSet, concept: str, n: int = TARGET_I
     """The concept's images an attack optimises on: the concept set's image folder when it has one,
     otherwise ``n`` images the *unedited* model makes from the concept's erase prompts."""
     folder = concept_set.image_folder(concept)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = family_of(pipe).image_size(pipe)
     if folder is not None and folder.is_dir():
         return load_images(folder, size)
     prompts = (concept_set.prompts(concept) * n)[:n]
@@ -108,70 +110,80 @@ def unedited(pipe):
 
 def placeholder(pipe, templates: Sequence[str]) -> str:
     """A one-token word that appears in none of ``templates``: the slot soft tokens go into."""
+    tokenizers = family_of(pipe).tokenizers(pipe).values()
     for word in ("x", "z", "q", "xx"):
-        ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
-        if len(ids) == 1 and not any(word in t.split() for t in templates):
+        if (all(len(tok(word, add_special_tokens=False).input_ids) == 1 for tok in tokenizers)
+                and not any(word in t.split() for t in templates)):
             return word
     raise ValueError("no one-token placeholder word fits these templates")
+
+
+def input_tables(pipe) -> dict[str, torch.nn.Embedding]:
+    """Each text encoder's token-embedding table, by part-name prefix."""
+    family = family_of(pipe)
+    return {e: family.input_embeddings(pipe, e) for e in family.encoders(pipe)}
 
 
 class SoftTokens:
     """``k`` trainable input vectors (float32 masters) and the templates they are spliced into.
 
+    A vector is as wide as the text encoders' token embeddings side by side (SDXL: 768 + 1,280 on the
+    real model), so one soft token sits at the same position in every encoder's input.
     ``templates`` contain ``{}`` where the k tokens go (``"a photo of {}"``, ``"{} an apple"``).
-    :meth:`encode` runs the pipeline's text encoder on some of the templates with the vectors in place
-    and returns conditioning embeddings that carry gradients to the vectors only.
+    :meth:`encode` runs the pipeline's text encoders on some of the templates with the vectors in place
+    and returns the conditioning, which carries gradients to the vectors only.
     """
 
     def __init__(self, pipe, templates: Sequence[str], init: torch.Tensor) -> None:
         self.pipe, self.templates = pipe, list(templates)
+        self.family = family = family_of(pipe)
         word = placeholder(pipe, self.templates)
         k = init.shape[0]
         filled = [t.format(" ".join([word] * k)) for t in self.templates]
-        tok = pipe.tokenizer(filled, padding="max_length", truncation=True,
-                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-        self.ids, self.mask = tok.input_ids, tok.attention_mask
-        self.slots = self.ids == pipe.tokenizer(word, add_special_tokens=False).input_ids[0]
-        short = [t for t, s in zip(self.templates, self.slots.sum(1).tolist()) if s != k]
-        if short:
-            raise ValueError(f"the soft tokens do not fit in {short[0]!r} within {pipe.tokenizer.model_max_length} tokens")
+        self.tables = input_tables(pipe)
+        self.ids, self.slots = {}, {}
+        for e in self.tables:
+            tok = family.tokenizer(pipe, e)
+            self.ids[e] = family.tokenize(pipe, filled, encoder=e)
+            self.slots[e] = self.ids[e][0] == tok(word, add_special_tokens=False).input_ids[0]
+            short = [t for t, s in zip(self.templates, self.slots[e].sum(1).tolist()) if s != k]
+            if short:
+                raise ValueError(f"the soft tokens do not fit in {short[0]!r} within {tok.model_max_length} tokens")
         self.vectors = init.detach().float().clone().requires_grad_(True)
 
-    def encode(self, rows: Sequence[int] | None = None, vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """``[len(rows), tokens, width]`` conditioning embeddings of templates ``rows`` (default all),
-        with ``vectors`` (default the trained ones) in their slots."""
+    def encode(self, rows: Sequence[int] | None = None, vectors: torch.Tensor | None = None) -> Conditioning:
+        """The conditioning (``len(rows)`` rows) of templates ``rows`` (default all), with ``vectors``
+        (default the trained ones) in their slots."""
         rows = list(range(len(self.templates))) if rows is None else list(rows)
         vectors = self.vectors if vectors is None else vectors
-        encoder = self.pipe.text_encoder
-        table = encoder.get_input_embeddings()
-        slots = self.slots[rows].to(table.weight.device)
+        splices, start = [], 0
+        for e, table in self.tables.items():
+            width = table.weight.shape[1]
+            splices.append((table, self._splice(self.slots[e][rows].to(table.weight.device),
+                                                vectors[:, start:start + width], len(rows))))
+            start += width
+        with hooked(splices):
+            return self.family.conditioning(self.pipe, {e: (ids[rows], mask[rows]) for e, (ids, mask) in self.ids.items()})
 
+    @staticmethod
+    def _splice(slots: torch.Tensor, vectors: torch.Tensor, n: int):
         def splice(module, args, output):
             out = output.clone()
-            out[slots] = vectors.to(out.device, out.dtype).repeat(len(rows), 1)
+            out[slots] = vectors.to(out.device, out.dtype).repeat(n, 1)
             return out
-
-        masked = bool(getattr(encoder.config, "use_attention_mask", False))
-        handle = table.register_forward_hook(splice)
-        try:
-            ids = self.ids[rows].to(encoder.device)
-            return encoder(ids, attention_mask=self.mask[rows].to(encoder.device) if masked else None)[0]
-        finally:
-            handle.remove()
+        return splice
 
 
-def denoising_loss(pipe, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def denoising_loss(pipe, latents: torch.Tensor, cond: Conditioning, gen: torch.Generator) -> torch.Tensor:
     """The ordinary diffusion loss of ``latents`` under conditioning ``cond`` (one row each), at random
-    training timesteps and noise drawn from ``gen``; the target is the noise (or the velocity, for a
-    v-prediction model)."""
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    training timesteps and noise drawn from ``gen``; the target is the family's (the noise, or the
+    velocity for a v-prediction model)."""
+    family = family_of(pipe)
+    device = family.denoiser(pipe).device
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-    t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
-    clean = latents.to(device)
-    noisy = sched.add_noise(clean, noise, t)
-    pred = pipe.unet(noisy, t, cond.to(device, dtype)).sample
-    target = sched.get_velocity(clean, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+    t = torch.randint(0, family.train_timesteps(pipe), (len(latents),), generator=gen).to(device)
+    noisy, target = family.training_pair(pipe, latents.to(device), noise, t)
+    pred = family.denoise(pipe, noisy, t, cond)
     return (pred.float() - target.float()).pow(2).mean()
 
 
@@ -189,4 +201,4 @@ def batches(n_latents: int, n_templates: int, batch: int, gen: torch.Generator) 
 
 
 __all__ = ["Crafted", "NEUTRAL", "SoftTokens", "batches", "concept_latents", "denoising_loss", "eval_prompts",
-           "fill", "original_weights", "placeholder", "slot", "swap", "target_images", "unedited"]
+           "fill", "input_tables", "original_weights", "placeholder", "slot", "swap", "target_images", "unedited"]

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..concepts import ConceptSet
-from ..embed import encode
+from ..embed import conditioning
+from ..families import Conditioning
 from ..judges import Judge
 from ..sampling import generate_from
 from .common import NEUTRAL, Crafted, eval_prompts, fill, swap, unedited
@@ -22,12 +23,13 @@ from .common import NEUTRAL, Crafted, eval_prompts, fill, swap, unedited
 ETAS, BUDGET = (0.5, 3.0), 6
 
 
-def direction(pipe, concept: str, concept_set: ConceptSet) -> torch.Tensor:
-    """``[tokens, width]``: mean of E(concept in template) - E(neutral word in template) over the
-    concept's erase templates, with the edits now applied taken off."""
+def direction(pipe, concept: str, concept_set: ConceptSet) -> Conditioning:
+    """One row: mean of E(concept in template) - E(neutral word in template) over the concept's erase
+    templates (token rows, and the pooled vector where the family has one), with the edits now applied
+    taken off."""
     forms = concept_set.templates[concept_set.kind(concept)]
     with unedited(pipe):
-        e = encode(pipe, [fill(t, concept) for t in forms] + [fill(t, NEUTRAL) for t in forms])
+        e = conditioning(pipe, [fill(t, concept) for t in forms] + [fill(t, NEUTRAL) for t in forms])
     return (e[:len(forms)] - e[len(forms):]).mean(0)
 
 
@@ -43,15 +45,15 @@ def concept_vector(pipe, concept: str, concept_set: ConceptSet, judge: Judge | N
     v = direction(pipe, concept, concept_set)
     shown = eval_prompts(concept_set, concept)
     innocent = [swap(p, concept, NEUTRAL) for p in shown]
-    base = encode(pipe, innocent)
+    base = conditioning(pipe, innocent)
     tried = etas(BUDGET if budget is None else budget)
     choose = judge is not None and len(tried) > 1
     scores = [_score(pipe, judge, base + eta * v, concept, concept_set, seed) for eta in tried] if choose else []
     eta = tried[int(np.argmax(scores))] if scores else tried[-1]
-    return Crafted(base + eta * v, [f"{p} + {eta:.2g} v({concept})" for p in innocent],
+    return Crafted((base + eta * v).compact(), [f"{p} + {eta:.2g} v({concept})" for p in innocent],
                    {"eta": eta, "etas": tried, "selection_scores": scores})
 
 
-def _score(pipe, judge: Judge, embeds: torch.Tensor, concept: str, concept_set: ConceptSet, seed: int) -> float:
+def _score(pipe, judge: Judge, embeds: Conditioning, concept: str, concept_set: ConceptSet, seed: int) -> float:
     labels = judge.choose(generate_from(pipe, embeds, seed), concept_set.labels(concept_set.kind(concept)))
     return float(np.mean([label == concept for label in labels]))

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from ..anatomy import parts, select
 from ..concepts import ConceptSet
-from ..embed import encode
+from ..embed import conditioning
+from ..families import Conditioning
 from ..judges import Judge
 from ..methods.rece import derive_embedding
 from ..methods.uce import XATTN
@@ -38,5 +39,6 @@ def derived(pipe, concept: str, concept_set: ConceptSet, judge: Judge | None = N
     base = original_weights(pipe, names)
     current = {n: table[n].weight.detach() for n in names}
     prompts = eval_prompts(concept_set, concept)
-    rows = derive_embedding(base, current, encode(pipe, prompts), ridge)
-    return Crafted(rows, [f"derived from: {p}" for p in prompts], {"ridge": ridge})
+    cond = conditioning(pipe, prompts)
+    rows = derive_embedding(base, current, cond.tokens, ridge)
+    return Crafted(Conditioning(rows, cond.pooled).compact(), [f"derived from: {p}" for p in prompts], {"ridge": ridge})

@@ -14,20 +14,25 @@ import torch
 
 from ..concepts import ConceptSet
 from ..judges import Judge
-from ..methods.fewshot import Frozen
+from ..families import family_of
+from ..hooks import frozen
 from ..sampling import seeded
 from .common import (NEUTRAL, Crafted, SoftTokens, batches, concept_latents, denoising_loss, eval_prompts, fill,
-                     slot)
+                     input_tables, slot)
 
 #: Optimisation steps, learning rate, batch and soft-token count on any model unless told otherwise.
 STEPS, LR, BATCH, TOKENS = 100, 5e-3, 4, 1
 
 
 def word_vectors(pipe, word: str, k: int) -> torch.Tensor:
-    """``k`` copies of the mean input embedding of ``word``'s tokens: where soft tokens start."""
-    table = pipe.text_encoder.get_input_embeddings().weight
-    ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
-    return table[ids].detach().float().mean(0, keepdim=True).repeat(k, 1).cpu()
+    """``k`` copies of the mean input embedding of ``word``'s tokens (every text encoder's, side by side):
+    where soft tokens start."""
+    family = family_of(pipe)
+    rows = []
+    for e, table in input_tables(pipe).items():
+        ids = family.tokenizer(pipe, e)(word, add_special_tokens=False).input_ids
+        rows.append(table.weight[ids].detach().float().mean(0, keepdim=True).cpu())
+    return torch.cat(rows, dim=1).repeat(k, 1)
 
 
 def train(pipe, soft: SoftTokens, latents: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
@@ -41,10 +46,9 @@ def train(pipe, soft: SoftTokens, latents: torch.Tensor, steps: int, lr: float, 
     generator in order."""
     gen = seeded(seed)
     opt = torch.optim.Adam([soft.vectors], lr=lr)
-    frozen = Frozen(pipe.unet, pipe.vae, pipe.text_encoder)
     keep = set(checkpoints) | {steps}
     losses, kept, start = [], {}, time.perf_counter()
-    try:
+    with frozen(*family_of(pipe).components(pipe).values()):
         for step in range(1, steps + 1):
             idx, rows = batches(len(latents), len(soft.templates), batch, gen)
             vectors = soft.vectors if project is None else soft.vectors + (project(soft.vectors) - soft.vectors).detach()
@@ -55,8 +59,6 @@ def train(pipe, soft: SoftTokens, latents: torch.Tensor, steps: int, lr: float, 
             losses.append(loss.item())
             if step in keep:
                 kept[step] = (soft.vectors.detach().clone(), time.perf_counter() - start)
-    finally:
-        frozen.restore()
     return losses, kept
 
 
@@ -104,7 +106,7 @@ def inversion(pipe, concept: str, concept_set: ConceptSet, judge: Judge | None =
     def make(vectors: torch.Tensor, step: int, info: dict) -> Crafted:
         probe = SoftTokens(pipe, [slot(p, concept) for p in shown], vectors)
         with torch.no_grad():
-            embeds = probe.encode().float().cpu()
+            embeds = probe.encode().float().cpu().compact()
         return Crafted(embeds, [slot(p, concept).format("<v>") for p in shown], {"lr": lr, "tokens": tokens, **info})
 
     return at_checkpoints(kept, losses, steps, make)

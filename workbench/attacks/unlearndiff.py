@@ -13,9 +13,10 @@ from typing import Sequence
 import torch
 
 from ..concepts import ConceptSet
+from ..families import family_of
 from ..judges import Judge
 from ..sampling import seeded
-from .common import Crafted, SoftTokens, concept_latents, eval_prompts
+from .common import Crafted, SoftTokens, concept_latents, eval_prompts, input_tables
 from .inversion import at_checkpoints, steps_for, train
 
 #: Optimisation steps, prefix length, learning rate and batch unless told otherwise.
@@ -23,14 +24,17 @@ STEPS, TOKENS, LR, BATCH = 40, 5, 1e-2, 4
 
 
 class Vocabulary:
-    """The text encoder's real tokens (special tokens left out) and the nearest one to any vector."""
+    """The text encoder's real tokens (special tokens left out) and the nearest one to any vector; with
+    several encoders (SDXL), a token's rows in every encoder side by side, so the nearest token is the
+    nearest in all of them together."""
 
     def __init__(self, pipe) -> None:
-        self.pipe = pipe
-        table = pipe.text_encoder.get_input_embeddings().weight.detach().float().cpu()
-        special = set(pipe.tokenizer.all_special_ids)
-        self.ids = torch.tensor([i for i in range(len(table)) if i not in special])
-        self.rows = table[self.ids]
+        self.tokenizer = tokenizer = family_of(pipe).tokenizer(pipe)
+        tables = [t.weight.detach().float().cpu() for t in input_tables(pipe).values()]
+        size = min(len(t) for t in tables)
+        special = set(tokenizer.all_special_ids)
+        self.ids = torch.tensor([i for i in range(size) if i not in special])
+        self.rows = torch.cat([t[self.ids] for t in tables], dim=1)
 
     def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
         """The id of the nearest real token (Euclidean) to each of ``vectors``."""
@@ -41,7 +45,7 @@ class Vocabulary:
         return self.rows[torch.cdist(vectors.detach().float().cpu(), self.rows).argmin(1)].to(vectors.device)
 
     def text(self, ids: torch.Tensor) -> str:
-        return self.pipe.tokenizer.decode(ids.tolist())
+        return self.tokenizer.decode(ids.tolist())
 
 
 def unlearndiff(pipe, concept: str, concept_set: ConceptSet, judge: Judge | None = None, budget: int | None = None,
@@ -63,7 +67,7 @@ def unlearndiff(pipe, concept: str, concept_set: ConceptSet, judge: Judge | None
         vectors = vocab.project(trained) if project else trained
         probe = SoftTokens(pipe, ["{} " + p.replace("{", "{{").replace("}", "}}") for p in shown], vectors)
         with torch.no_grad():
-            embeds = probe.encode().float().cpu()
+            embeds = probe.encode().float().cpu().compact()
         prefix = vocab.text(vocab.nearest(vectors)) if project else "<p1..p%d>" % tokens
         return Crafted(embeds, [f"{prefix} {p}" for p in shown],
                        {"tokens": tokens, "lr": lr, "projected": project, "prefix": prefix, **info})

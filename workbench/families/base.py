@@ -77,6 +77,10 @@ class Conditioning:
         """One row repeated ``n`` times (a view)."""
         return self._map(lambda t: t.expand(n, *t.shape[1:]))
 
+    def compact(self) -> "torch.Tensor | Conditioning":
+        """The token rows alone when there is no pooled vector (SD 1.x/2.x), else this conditioning."""
+        return self.tokens if self.pooled is None else self
+
     @staticmethod
     def cat(items: Sequence["Conditioning"]) -> "Conditioning":
         items = list(items)

@@ -7,7 +7,7 @@ UNet modules) is shared with SDXL.
 >>> pipe = workbench.load("toy")
 >>> family = family_of(pipe)
 >>> family.encode(pipe, ["an apple"]).tokens.shape, family.latent_shape(pipe)
-(torch.Size([1, 20, 384]), (4, 8, 8))
+(torch.Size([1, 20, 384]), (4, 16, 16))
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import weakref
 from typing import Any, Sequence
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
@@ -144,7 +144,7 @@ class StableDiffusion(Family):
         return pipe.unet
 
     def components(self, pipe) -> dict[str, nn.Module]:
-        return {"unet": pipe.unet, **{e: getattr(pipe, e) for e, _ in self.ENCODERS.values()}}
+        return {"unet": pipe.unet, **{e: getattr(pipe, e) for e, _ in self.ENCODERS.values()}, "vae": pipe.vae}
 
     def parts(self, pipe) -> dict[str, nn.Module]:
         key = (*(id(e) for e in self.encoders(pipe).values()), id(pipe.unet))
@@ -229,9 +229,9 @@ class StableDiffusion(Family):
         return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def image_latents(self, pipe, pixels: torch.Tensor, sample: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents of ``pixels`` in [-1, 1], scaled as the denoiser sees them: posterior means, or one
-        draw from each posterior with the generator ``sample``."""
-        dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+        """VAE latents of ``pixels`` ``[n, 3, h, w]`` in 0..255, scaled as the denoiser sees them:
+        posterior means, or one draw from each posterior with the generator ``sample``."""
+        dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype) / 127.5 - 1).latent_dist
         z = dist.mean
         if sample is not None:  # mean + std * noise, the noise drawn on the generator's device
             z = z + dist.std * torch.randn(z.shape, generator=sample, dtype=torch.float32).to(z.device, z.dtype)
@@ -247,6 +247,12 @@ class StableDiffusion(Family):
         cond = cond.to(unet.device, unet.dtype)
         kwargs = {"encoder_hidden_states": cond.tokens, **self.added(pipe, cond)}
         return self._call(pipe, unet, params, (latents, t), kwargs).sample
+
+    def sampling_scheduler(self, pipe, kind: str = "ddim"):
+        """A fresh sampler of the pipeline's noise schedule (``"ddim"``: what ESD's partial sampling uses)."""
+        if kind != "ddim":
+            raise ValueError(f"unknown sampler {kind!r}; this family has 'ddim'")
+        return DDIMScheduler.from_config(pipe.scheduler.config)
 
     def scheduler(self, pipe) -> DDPMScheduler:
         """A training scheduler of the pipeline's noise schedule (``add_noise`` at any timestep)."""

@@ -36,17 +36,16 @@ the two on the toy model).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-from diffusers import DDIMScheduler
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..anatomy import Selector, as_list, component_of, parts as all_parts, select
-from ..edits import Edit, Timer
-from ..embed import check_prompt, encode
+from ..edits import Edit, Timer, parameter
+from ..embed import check_prompt, conditioning
+from ..families import Conditioning, family_of
+from ..hooks import frozen
 from ..sampling import seeded
 
 #: How t is chosen for the loss: the reference code's pairing, or the timestep partial sampling reached.
@@ -88,53 +87,35 @@ def _unet_parts(pipe, preset: str, parts: Selector | None) -> list[str]:
     return names
 
 
-def _masters(pipe, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Float32 trainable copies of the parts' parameters (keyed ``"<part>.<weight|bias>"``) and each
-    key's parameter path inside the UNet."""
+def _masters(pipe, names: list[str]) -> dict[str, torch.Tensor]:
+    """Float32 trainable copies of the parts' parameters, keyed ``"<part>.<weight|bias>"``."""
     table = all_parts(pipe)
-    inside = {id(m): n for n, m in pipe.unet.named_modules()}
-    masters, path = {}, {}
-    for name in names:
-        for attr, p in table[name].named_parameters(recurse=False):
-            masters[f"{name}.{attr}"] = p.detach().float().clone().requires_grad_(True)
-            path[f"{name}.{attr}"] = f"{inside[id(table[name])]}.{attr}"
-    return masters, path
-
-
-@contextmanager
-def _no_grads(module: torch.nn.Module) -> Iterator[None]:
-    """Turn ``module``'s gradients off (nothing is written into the pipeline); restore the flags."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    return {f"{name}.{attr}": p.detach().float().clone().requires_grad_(True)
+            for name in names for attr, p in table[name].named_parameters(recurse=False)}
 
 
 class _Trainer:
     """The frozen UNet, the trained masters, the conditions and the sampler of one ESD run."""
 
-    def __init__(self, pipe, prompts: list[str], masters: dict[str, torch.Tensor], path: dict[str, str],
-                 sample_steps: int, sample_guidance: float, gen: torch.Generator, timestep: str = "reference") -> None:
-        self.unet, self.masters, self.path, self.gen = pipe.unet, masters, path, gen
+    def __init__(self, pipe, prompts: list[str], masters: dict[str, torch.Tensor], sample_steps: int,
+                 sample_guidance: float, gen: torch.Generator, timestep: str = "reference") -> None:
+        self.pipe, self.masters, self.gen = pipe, masters, gen
+        self.family = family = family_of(pipe)
         self.timestep = timestep
-        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
-        emb = encode(pipe, ["", *prompts]).to(self.device, self.dtype)
+        denoiser = family.denoiser(pipe)
+        self.device, self.dtype = denoiser.device, denoiser.dtype
+        emb = conditioning(pipe, ["", *prompts]).to(self.device, self.dtype)
         self.empty, self.concept = emb[:1], emb[1:]
-        self.sched = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.sched = family.sampling_scheduler(pipe, "ddim")
         self.sched.set_timesteps(sample_steps, device=self.device)
         self.guidance = sample_guidance
-        size = pipe.unet.config.sample_size
-        self.shape = (pipe.unet.config.in_channels, size, size)
+        self.shape = family.latent_shape(pipe)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {self.path[k]: m.to(self.dtype) for k, m in self.masters.items()}
+        return {k: m.to(self.dtype) for k, m in self.masters.items()}
 
-    def trained(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, weights: dict) -> torch.Tensor:
-        return functional_call(self.unet, weights, (x, t), {"encoder_hidden_states": cond}).sample
+    def trained(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, weights: dict) -> torch.Tensor:
+        return self.family.denoise(self.pipe, x, t, cond, weights)
 
     @torch.no_grad()
     def partial_sample(self, cond: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +124,7 @@ class _Trainer:
         x = torch.randn((n, *self.shape), generator=self.gen).to(self.device, self.dtype)
         x = x * self.sched.init_noise_sigma
         weights = self.weights()
-        both = torch.cat([self.empty.expand(n, -1, -1), cond])
+        both = Conditioning.cat([self.empty.expand(n), cond])
         for t in self.sched.timesteps[:k]:
             eps = self.trained(torch.cat([x, x]), t, both, weights)
             uncond, guided = eps.chunk(2)
@@ -166,8 +147,8 @@ class _Trainer:
         if self.timestep == "reference":
             t = self.reference_timestep(k)
         with torch.no_grad():
-            frozen = self.unet(torch.cat([x, x]), t, torch.cat([self.empty.expand(batch, -1, -1), cond])).sample
-            plain, with_concept = frozen.float().chunk(2)
+            both = Conditioning.cat([self.empty.expand(batch), cond])
+            plain, with_concept = self.family.denoise(self.pipe, torch.cat([x, x]), t, both).float().chunk(2)
             target = plain - eta * (with_concept - plain)
         pred = self.trained(x, t, cond, self.weights())
         loss = (pred.float() - target).pow(2).mean()
@@ -212,14 +193,14 @@ def esd(pipe, concept: str, preset: str = "esd-x", parts: Selector | None = None
     if timestep not in TIMESTEPS:
         raise ValueError(f"timestep cannot be {timestep!r}; choose one of {', '.join(TIMESTEPS)}; nothing was changed")
     with Timer() as timer:
-        masters, path = _masters(pipe, names)
-        trainer = _Trainer(pipe, prompts, masters, path, sample_steps, sample_guidance, seeded(seed), timestep)
+        masters = _masters(pipe, names)
+        trainer = _Trainer(pipe, prompts, masters, sample_steps, sample_guidance, seeded(seed), timestep)
         opt = torch.optim.Adam(masters.values(), lr=lr)
-        with _no_grads(pipe.unet):
+        with frozen(family_of(pipe).denoiser(pipe)):
             losses = [trainer.step(opt, batch, eta)
                       for _ in tqdm(range(iterations), desc=f"ESD {concept}", disable=not progress)]
         table = all_parts(pipe)
-        base = {k: getattr(table[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).detach() for k in masters}
+        base = {k: parameter(table, k).detach() for k in masters}
     hyper = dict(preset=preset if parts is None else None, parts=names, prompts=prompts, eta=eta, lr=lr,
                  iterations=iterations, batch=batch, sample_steps=sample_steps, sample_guidance=sample_guidance,
                  timestep=timestep,

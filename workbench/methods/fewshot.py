@@ -27,14 +27,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 from PIL import Image, UnidentifiedImageError
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..anatomy import Selector, n_text_layers, parts as all_parts, select
-from ..edits import Edit, Timer
+from ..anatomy import Selector, n_text_layers, parts as all_parts, select, text_encoders
+from ..edits import Edit, Timer, parameter
 from ..embed import check_prompt
+from ..families import family_of
+from ..hooks import frozen
 from ..sampling import seeded
 
 
@@ -69,8 +69,9 @@ LATENTS = ("sample", "mean")
 
 
 def default_parts(pipe) -> list[str]:
-    """Every FFN of the text encoder plus the last layer's attention (the paper's default)."""
-    return select(pipe, ["text.*.ffn", f"text.{n_text_layers(pipe) - 1}.attn"])
+    """Every FFN of the text encoder plus the last layer's attention (the paper's default); on a model
+    with several text encoders (SDXL), the same in each."""
+    return select(pipe, [p for e in text_encoders(pipe) for p in (f"{e}.*.ffn", f"{e}.{n_text_layers(pipe, e) - 1}.attn")])
 
 
 def load_images(images: str | Path | Sequence[Image.Image | str | Path], size: int) -> list[Image.Image]:
@@ -108,12 +109,7 @@ def image_latents(pipe, images: Sequence[Image.Image], sample: torch.Generator |
     """The VAE's latents of ``images``, scaled as the UNet sees them, in the pipeline's dtype: the
     posterior means, or one draw from each posterior with the generator ``sample``."""
     pixels = torch.stack([torch.from_numpy(np.array(im)) for im in images]).permute(0, 3, 1, 2)
-    pixels = pixels.to(pipe.vae.device, pipe.vae.dtype) / 127.5 - 1
-    dist = pipe.vae.encode(pixels).latent_dist
-    z = dist.mean
-    if sample is not None:  # mean + std * noise, the noise drawn on the generator's device
-        z = z + dist.std * torch.randn(z.shape, generator=sample, dtype=torch.float32).to(z.device, z.dtype)
-    return z * pipe.vae.config.scaling_factor
+    return family_of(pipe).image_latents(pipe, pixels, sample)
 
 
 def flipped(images: Sequence[Image.Image], gen: torch.Generator) -> list[Image.Image]:
@@ -122,45 +118,33 @@ def flipped(images: Sequence[Image.Image], gen: torch.Generator) -> list[Image.I
     return [im.transpose(Image.FLIP_LEFT_RIGHT) if f else im for im, f in zip(images, flips)]
 
 
-def _masters(pipe, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Float32 copies of the named parts' parameters (keyed ``"<part>.<weight|bias>"``, trainable), and
-    each key's parameter name inside the text encoder."""
+def _masters(pipe, names: list[str]) -> dict[str, torch.Tensor]:
+    """Float32 trainable copies of the named parts' parameters, keyed ``"<part>.<weight|bias>"``."""
     table = all_parts(pipe)
-    inside = {id(m): n for n, m in pipe.text_encoder.named_modules()}
-    masters, path = {}, {}
-    for name in names:
-        for attr, p in table[name].named_parameters(recurse=False):
-            key = f"{name}.{attr}"
-            masters[key] = p.detach().float().clone().requires_grad_(True)
-            path[key] = f"{inside[id(table[name])]}.{attr}"
-    return masters, path
+    return {f"{name}.{attr}": p.detach().float().clone().requires_grad_(True)
+            for name in names for attr, p in table[name].named_parameters(recurse=False)}
 
 
 def _train(pipe, concept: str, prompts: list[str], latents: torch.Tensor, masters: dict[str, torch.Tensor],
-           path: dict[str, str], adam: dict, batch: int, steps: int, gen: torch.Generator, progress: bool) -> None:
+           adam: dict, batch: int, steps: int, gen: torch.Generator, progress: bool) -> None:
     """Gradient ascent on the denoising loss, updating ``masters`` in place; the pipeline is untouched.
     ``adam``: the optimiser's settings (lr, betas, eps, weight_decay)."""
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    encoder = pipe.text_encoder
+    family = family_of(pipe)
+    table = all_parts(pipe)
+    dtypes = {k: parameter(table, k).dtype for k in masters}
     opt = torch.optim.Adam(masters.values(), **adam)
-    tok = pipe.tokenizer(prompts, padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    use_mask = getattr(encoder.config, "use_attention_mask", False)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # add_noise at any training timestep
-    n_train = sched.config.num_train_timesteps
-    velocity = sched.config.prediction_type == "v_prediction"
+    tokens = {e: family.tokenize(pipe, prompts, encoder=e) for e in text_encoders(pipe)}
+    n_train = family.train_timesteps(pipe)
+    device = family.denoiser(pipe).device
     for _ in tqdm(range(steps), desc=f"few-shot {concept}", disable=not progress):
         idx = torch.randint(len(latents), (batch,), generator=gen)
         pidx = torch.randint(len(prompts), (batch,), generator=gen)
         noise = torch.randn(latents[idx].shape, generator=gen).to(device, latents.dtype)
         t = torch.randint(0, n_train, (batch,), generator=gen).to(device)
-        clean = latents[idx.to(latents.device)]
-        noisy = sched.add_noise(clean, noise, t)
-        weights = {path[k]: m.to(encoder.dtype) for k, m in masters.items()}
-        cond = functional_call(encoder, weights, (tok.input_ids[pidx].to(encoder.device),),
-                               {"attention_mask": tok.attention_mask[pidx].to(encoder.device) if use_mask else None})[0]
-        pred = pipe.unet(noisy, t, cond.to(device, dtype)).sample
-        target = sched.get_velocity(clean, noise, t) if velocity else noise
+        noisy, target = family.training_pair(pipe, latents[idx.to(latents.device)], noise, t)
+        weights = {k: m.to(dtypes[k]) for k, m in masters.items()}
+        cond = family.conditioning(pipe, {e: (ids[pidx], mask[pidx]) for e, (ids, mask) in tokens.items()}, weights)
+        pred = family.denoise(pipe, noisy, t, cond)
         loss = -(pred.float() - target.float()).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,43 +172,27 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
         raise ValueError(f"latent must be one of {', '.join(map(repr, LATENTS))}, not {latent!r}")
     prompts = list(prompts) if prompts is not None else [t.format(concept) for t in REFERENCE_TEMPLATES[kind]]
     names = default_parts(pipe) if parts is None else select(pipe, parts)
-    bad = [n for n in names if not n.startswith("text.")]
+    bad = [n for n in names if n.split(".")[0] not in text_encoders(pipe)]
     if bad:
         raise ValueError(f"few-shot unlearning updates the text encoder only; {', '.join(bad[:4])} are UNet "
                          "parts: use uce or rece for those")
     if images is None:
         raise ValueError(f"few-shot unlearning needs a few images of {concept!r}: pass images=<folder or list of "
                          "PIL images>; erase(pipe, concept, 'fewshot') takes them from the model's concept set")
-    imgs = load_images(images, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    imgs = load_images(images, family_of(pipe).image_size(pipe))
     total = steps if epochs is None else epochs * math.ceil(len(imgs) / batch)
 
     with Timer() as timer:
         torch.manual_seed(seed)
         gen = seeded(seed)  # every draw below comes from it: flips, latents, then the training batches
         latents = image_latents(pipe, flipped(imgs, gen) if flip else imgs, gen if latent == "sample" else None)
-        masters, path = _masters(pipe, names)
-        frozen = Frozen(pipe.unet, pipe.vae, pipe.text_encoder)
+        masters = _masters(pipe, names)
         adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        try:
-            _train(pipe, concept, prompts, latents, masters, path, adam, batch, total, gen, progress)
-        finally:
-            frozen.restore()
+        with frozen(*family_of(pipe).components(pipe).values()):
+            _train(pipe, concept, prompts, latents, masters, adam, batch, total, gen, progress)
         table = all_parts(pipe)
-        base = {k: getattr(table[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).detach() for k in masters}
+        base = {k: parameter(table, k).detach() for k in masters}
     hyper = dict(parts=names, kind=kind, prompts=prompts, n_images=len(imgs), lr=lr, betas=list(betas), eps=eps,
                  weight_decay=weight_decay, batch=batch, steps=total, latent=latent, flip=flip)
     return Edit.between(base, {k: m.detach() for k, m in masters.items()}, method="fewshot", concept=concept,
                         params=hyper, seed=seed, seconds=timer.seconds)
-
-
-class Frozen:
-    """Turn gradients off for modules (so no .grad is written into the pipeline); restore the flags."""
-
-    def __init__(self, *modules) -> None:
-        self.flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-
-    def restore(self) -> None:
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
