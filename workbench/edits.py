@@ -31,8 +31,13 @@ from .anatomy import component_of, layer_of, parts
 _STACK = "_workbench_applied"
 
 
-def _param(table: dict[str, torch.nn.Module], key: str) -> torch.nn.Parameter:
-    """The parameter ``key`` ("<part>.<weight|bias>") of a :func:`~workbench.anatomy.parts` table."""
+def parameter(table: dict[str, torch.nn.Module], key: str) -> torch.nn.Parameter:
+    """The parameter ``key`` ("<part>.<weight|bias>") of a :func:`~workbench.anatomy.parts` table.
+
+    >>> import workbench
+    >>> tuple(parameter(parts(workbench.load("toy")), "text.0.ffn.in.bias").shape)
+    (1536,)
+    """
     part, attr = key.rsplit(".", 1)
     if part not in table:
         raise KeyError(part)
@@ -96,7 +101,7 @@ class Edit:
         problems, table = [], parts(pipe)
         for key, delta in self.deltas.items():
             try:
-                p = _param(table, key)
+                p = parameter(table, key)
             except (KeyError, AttributeError):
                 problems.append(f"{key}: no such part")
                 continue
@@ -119,7 +124,7 @@ class Edit:
         saved, table = {}, parts(pipe)
         with torch.no_grad():
             for key, delta in self.deltas.items():
-                p = _param(table, key)
+                p = parameter(table, key)
                 saved[key] = p.detach().clone()
                 # one rounding to the weight's dtype: W + dW summed in float32, so a float16/bfloat16
                 # model gets the float32 edit's nearest weights
@@ -131,7 +136,7 @@ class Edit:
         finally:
             with torch.no_grad():
                 for key, value in saved.items():
-                    _param(table, key).copy_(value)
+                    parameter(table, key).copy_(value)
             setattr(pipe, _STACK, [e for e in getattr(pipe, _STACK) if e is not self])
 
     def summary(self, pipe=None):
@@ -143,7 +148,7 @@ class Edit:
             dw = float(torch.sqrt(sum(self.deltas[k].double().pow(2).sum() for k in keys)))
             row = {"part": part, "layer": layer_of(part), "component": component_of(part), "dW": dw}
             if pipe is not None:
-                w = float(torch.sqrt(sum(_param(table, k).detach().double().pow(2).sum() for k in keys)))
+                w = float(torch.sqrt(sum(parameter(table, k).detach().double().pow(2).sum() for k in keys)))
                 row.update(W=w, relative=dw / w if w else float("nan"))
             rows.append(row)
         return pd.DataFrame(rows)
