@@ -200,3 +200,56 @@ def test_erase_fills_in_the_toy_defaults_and_knobs_override_them(toy):
     assert {k: edit.params[k] for k in TOY_LAMBDA["rece"]} == TOY_LAMBDA["rece"] and edit.params["epochs"] == 1
     assert erase(toy, "apple", "uce", lam=0.3).params["lam"] == 0.3
     assert uce(toy, "apple").params["lam"] == 0.5  # the method itself keeps the paper's value
+
+
+@pytest.fixture
+def registered():
+    """A copy of UCE registered as "uce_v" (values only, its own knob control), removed afterwards."""
+    from workbench.methods import REGISTRY, Knob, register
+
+    def uce_v(pipe, erase, guide="", preserve=(), parts="unet.*.xattn.v", lam=0.5):
+        return uce(pipe, erase, guide, preserve, parts, lam)
+
+    try:
+        yield register("uce_v", uce_v, "unet.*.xattn.v", ["xattn.v"], [Knob("lam", "UCE-v lambda", "log", -2, 1,
+                                                                                 control="lam_v")])
+    finally:
+        REGISTRY.pop("uce_v", None)
+
+
+def test_a_method_registered_once_appears_in_the_sweep_scope_and_the_panel_knobs(toy, registered):
+    from workbench.methods import METHODS, erase, quick
+    from workbench.sweep import SCOPE, layer_sweep, layers
+    from workbench.widgets import ErasePanel
+
+    assert METHODS["uce_v"] is registered.fn and list(METHODS)[-1] == "uce_v" and "uce_v" in quick()
+    assert SCOPE["uce_v"] == ("unet.*.xattn.v", ("xattn.v",))
+    assert ErasePanel.KNOBS["lam_v"] == ("uce_v", "lam")
+    assert layers(toy, "uce_v") == layers(toy, "uce")
+    assert erase(toy, "apple", "uce_v", lam=0.3).params["lam"] == 0.3
+    table = layer_sweep(toy, "apple", method="uce_v", layers=[0], measure=False, progress=False)
+    assert table["part"].tolist() == [f"{layers(toy, 'uce')[0]}.xattn.v"]
+
+
+def test_a_knob_the_method_does_not_take_or_another_methods_control_is_refused_at_registration():
+    from workbench.methods import REGISTRY, Knob, register
+
+    with pytest.raises(ValueError, match="no knob 'alpha'"):
+        register("uce_bad", uce, "unet.*.xattn.[kv]", ["xattn.k"], [Knob("alpha", "alpha", "log", -2, 1)])
+    with pytest.raises(ValueError, match="control 'lam' is already uce's"):
+        register("uce_bad", uce, "unet.*.xattn.[kv]", ["xattn.k"], [Knob("lam", "lambda", "log", -2, 1)])
+    assert "uce_bad" not in REGISTRY
+
+
+def test_the_tables_derived_from_the_registry_are_the_ones_the_workbench_listed_by_hand():
+    from workbench.methods import METHODS, esd, quick
+    from workbench.sweep import SCOPE
+    from workbench.widgets import ErasePanel
+
+    assert dict(METHODS) == {"rece": rece, "uce": uce, "fewshot": fewshot, "esd": esd}
+    assert dict(SCOPE) == {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
+                           "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
+                           "fewshot": ("text.*", ("ffn", "attn")), "esd": ("unet.*.xattn.k", ("attn", "xattn", "ffn"))}
+    assert dict(ErasePanel.KNOBS) == {"epochs": ("rece", "epochs"), "ridge": ("rece", "ridge"), "lam": ("uce", "lam"),
+                                      "lr": ("fewshot", "lr"), "steps": ("fewshot", "steps")}
+    assert quick() == ("rece", "uce", "fewshot")

@@ -88,3 +88,22 @@ def test_a_table_with_intervals_prints_each_rate_once_with_its_interval():
     t = pd.DataFrame({"part": ["a", "b"], "efficacy": [1.0, float("nan")], "efficacy_lo": [0.51, float("nan")],
                       "efficacy_hi": [1.0, float("nan")], "drift": [0.1, 0.2]})
     assert with_intervals(t).values.tolist() == [["a", "100% [51, 100]", 0.1], ["b", "n/a", 0.2]]
+
+
+def test_images_are_grouped_into_concept_by_seed_cells_by_one_function_everywhere():
+    from workbench.attacks import _rate
+    from workbench.attacks.table import compare_methods
+    from workbench.stats import paired_cells, unit_cells
+
+    rng = np.random.default_rng(0)
+    t = pd.DataFrame([dict(method=m, attack="none", concept=c, seed=s, hit=bool(rng.random() < p))
+                      for m, p in (("uce", 0.6), ("rece", 0.2)) for c in "vwxyz" for s in (1, 0) for _ in range(4)])
+    cells = unit_cells(t[t["method"] == "uce"])
+    assert len(cells) == 10 and cells.index[0] == ("v", 0) and cells["count"].tolist() == [4] * 10
+    assert unit_cells(t, sort=False).index[0] == ("v", 1)  # table order, as rates() resamples them
+    assert _rate(t[t["method"] == "uce"]) == cluster_rate(cells["sum"], cells["count"])
+    both = paired_cells(cells, unit_cells(t[t["method"] == "rece"]).iloc[:3])
+    assert both.columns.tolist() == ["sum_a", "count_a", "sum_b", "count_b"] and len(both) == 3
+    d = difference(cells["sum"], cells["count"], *(unit_cells(t[t["method"] == "rece"])[c] for c in ("sum", "count")))
+    row = compare_methods(t).iloc[0]
+    assert (row["a"], row["b"], row["p"], row["lo"], row["hi"]) == ("uce", "rece", d.p_two, d.lo, d.hi)

@@ -178,3 +178,32 @@ def test_bad_input_is_explained(toy):
         layer_sweep(toy, "apple", layers=[6], measure=False, progress=False)
     with pytest.raises(ValueError, match="chooses `parts`"):
         layer_sweep(toy, "apple", parts="text.1.ffn", measure=False, progress=False)
+
+
+def test_every_measurement_default_is_read_from_one_object():
+    import inspect
+
+    from workbench.grid import MEASURE
+    from workbench.metrics import DEFAULTS, accuracy, predictions, preservation_sets
+    from workbench.sweep import unet_subsets
+
+    assert (DEFAULTS.per_prompt, DEFAULTS.per_other, DEFAULTS.seed, DEFAULTS.seeds) == (8, 4, 1234, (1234, 1235))
+    for fn, names in ((predictions, dict(per_prompt="per_prompt", seed="seed")),
+                      (accuracy, dict(per_prompt="per_prompt", seed="seed")),
+                      (evaluate, dict(per_prompt="per_prompt", per_other="per_other", seed="seed")),
+                      (preservation_sets, dict(per_concept="per_concept", seeds="seeds")),
+                      *((f, dict(per_prompt="per_prompt", per_other="per_other", eval_seed="seed"))
+                        for f in (layer_sweep, ffn_vs_attention, unet_subsets))):
+        params = inspect.signature(fn).parameters
+        assert {p: params[p].default for p in names} == {p: getattr(DEFAULTS, d) for p, d in names.items()}, fn
+    assert MEASURE == dict(per_prompt=8, per_other=4, others=None, eval_seed=1234)
+
+
+def test_the_sweep_pools_runs_into_concept_by_seed_cells_weighted_by_their_images():
+    from workbench.sweep import _cells, subset_rates
+
+    runs = pd.DataFrame({"subset": ["ffn"] * 3, "concept": ["b", "a", "b"], "seed": [0, 0, 0],
+                         "efficacy": [0.5, 1.0, 0.25], "n_images": [8, 4, 4], "preservation": [1.0] * 3})
+    cells = _cells(runs)
+    assert cells.to_dict("index") == {("a", 0): {"sum": 4, "count": 4}, ("b", 0): {"sum": 5, "count": 12}}
+    assert subset_rates(runs)[["k", "n", "units"]].values.tolist() == [[9, 16, 2]]

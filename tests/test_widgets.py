@@ -314,3 +314,31 @@ def test_erase_panel_on_the_tiny_sd_pipeline_shows_grid_and_edit_sizes(tiny_sd_d
     assert "before" not in shown and "after" not in shown  # no accuracy table
     assert "uce erased 'a red balloon'" in panel.status.value and "accuracy" not in panel.status.value
     assert unchanged(pipe, base)
+
+
+def test_the_erase_panel_shows_a_newly_registered_methods_knob_only_when_it_is_chosen(toy):
+    from workbench.methods import REGISTRY, Knob, register
+    from workbench.methods.uce import uce
+
+    register("uce_copy", uce, "unet.*.xattn.[kv]", ["xattn.k"], [Knob("lam", "copy lambda", "log", -3, 2, control="lam_c")])
+    try:
+        panel = ErasePanel(toy, None, run=False)
+        slider = panel.controls["lam_c"]
+        assert isinstance(slider, w.FloatLogSlider) and (slider.min, slider.max, slider.value) == (-3, 2, 0.5)
+        assert slider.layout.display == "none"
+        panel.set(method="uce_copy")
+        assert slider.layout.display == "" and panel.controls["lam"].layout.display == "none"
+    finally:
+        REGISTRY.pop("uce_copy")
+
+
+def test_the_sliders_of_a_methods_knobs_keep_their_ranges_and_start_at_the_models_defaults(toy, oracle):
+    erase_panel, subset_panel = ErasePanel(toy, oracle, run=False), SubsetPanel(toy, oracle, run=False)
+    shown = {n: (type(c).__name__, c.min, c.max, c.value, c.description, getattr(c, "readout_format", None))
+             for n, c in erase_panel.controls.items() if n in ("epochs", "ridge", "lam", "lr", "steps")}
+    assert shown == {"epochs": ("IntSlider", 1, 6, 3, "RECE epochs", "d"),
+                     "ridge": ("FloatLogSlider", -4, -1, 1e-3, "RECE ridge", ".0e"),
+                     "lam": ("FloatLogSlider", -2, 1, 2.0, "UCE lambda", ".2g"),
+                     "lr": ("FloatLogSlider", -6, -3, 5e-5, "few-shot lr", ".0e"),
+                     "steps": ("IntSlider", 1, 40, 8, "few-shot steps", "d")}
+    assert [(n, c.value) for n, c in subset_panel.controls.items() if n in ("lr", "steps")] == [("lr", 5e-5), ("steps", 8)]

@@ -26,6 +26,7 @@ one batched, seeded pass, against a baseline of the unedited model that is measu
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -38,12 +39,37 @@ from .sampling import generate
 from .stats import LEVEL, RESAMPLES, SEED, ratio, ratio_interval, wilson
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """What a measurement uses when not told otherwise, written once: ``per_prompt`` images of each probed
+    concept, ``per_other`` of each other concept (preservation), generated from ``seed``;
+    :func:`preservation_sets` takes ``per_concept`` prompts of each concept on :attr:`seeds`.
+
+    >>> DEFAULTS.per_prompt, DEFAULTS.per_other, DEFAULTS.seed, DEFAULTS.seeds
+    (8, 4, 1234, (1234, 1235))
+    """
+
+    per_prompt: int = 8
+    per_other: int = 4
+    seed: int = 1234
+    per_concept: int = 2
+
+    @property
+    def seeds(self) -> tuple[int, int]:
+        """Two seeds for paired measurements: :attr:`seed` and the next."""
+        return (self.seed, self.seed + 1)
+
+
+#: The measurement defaults every signature here and in :mod:`workbench.sweep` reads.
+DEFAULTS = Defaults()
+
+
 def _concept_set(pipe, concept_set: ConceptSet | None) -> ConceptSet:
     return concept_set if concept_set is not None else profile_of(pipe).concept_set()
 
 
-def predictions(pipe, judge: Judge, concepts: Sequence[str], per_prompt: int | Sequence[int] = 8,
-                seed: int = 1234, concept_set: ConceptSet | None = None) -> list[tuple[str, str]]:
+def predictions(pipe, judge: Judge, concepts: Sequence[str], per_prompt: int | Sequence[int] = DEFAULTS.per_prompt,
+                seed: int = DEFAULTS.seed, concept_set: ConceptSet | None = None) -> list[tuple[str, str]]:
     """Generate each concept's probe images (seeded batches, :func:`workbench.sampling.generate`) and let
     ``judge`` choose, for each, among the labels of the concept's kind.
 
@@ -76,8 +102,8 @@ def hits(preds: Sequence[tuple[str, str]]) -> dict[str, float]:
     return {c: float(np.mean(v)) for c, v in seen.items()}
 
 
-def accuracy(pipe, judge: Judge, concepts: Sequence[str], per_prompt: int = 8, seed: int = 1234,
-             concept_set: ConceptSet | None = None) -> dict[str, float]:
+def accuracy(pipe, judge: Judge, concepts: Sequence[str], per_prompt: int = DEFAULTS.per_prompt,
+             seed: int = DEFAULTS.seed, concept_set: ConceptSet | None = None) -> dict[str, float]:
     """The judge's accuracy on each concept's probe prompts, all images generated in batches."""
     return hits(predictions(pipe, judge, concepts, per_prompt, seed, concept_set))
 
@@ -104,8 +130,9 @@ def judge_prompts(pipe, judge: Judge, prompts: Sequence[str], concepts: Sequence
     return images, pd.DataFrame(rows, columns=["concept", "seed", "prompt", "label", "hit"])
 
 
-def preservation_sets(pipe, judge: Judge, edit, concept: str, held_out: Sequence[str], per_concept: int = 2,
-                      seeds: Sequence[int] = (1234, 1235), concept_set: ConceptSet | None = None) -> pd.DataFrame:
+def preservation_sets(pipe, judge: Judge, edit, concept: str, held_out: Sequence[str],
+                      per_concept: int = DEFAULTS.per_concept, seeds: Sequence[int] = DEFAULTS.seeds,
+                      concept_set: ConceptSet | None = None) -> pd.DataFrame:
     """Accuracy on other concepts before and after ``edit``, per kind of prompt: ``"in list"`` (concepts the
     erasure preserved, in the wordings it preserved them in), ``"held-out wording"`` (the same concepts in
     probe wordings it never saw) and ``"held-out concept"`` (``held_out``: concepts left out of its
@@ -218,8 +245,8 @@ def _drift_shares(w: np.ndarray, moved: np.ndarray, near: np.ndarray, own: np.nd
 
 
 def evaluate(pipe, judge: Judge, concept: str, edit=None, others: Sequence[str] | None = None,
-             per_prompt: int = 8, per_other: int = 4, seed: int = 1234, before: dict | None = None,
-             concept_set: ConceptSet | None = None) -> dict:
+             per_prompt: int = DEFAULTS.per_prompt, per_other: int = DEFAULTS.per_other, seed: int = DEFAULTS.seed,
+             before: dict | None = None, concept_set: ConceptSet | None = None) -> dict:
     """Efficacy, preservation and drift of ``edit`` (or of the pipeline as it is, for ``edit=None``).
 
     One batched, seeded generation pass: ``per_prompt`` images of the concept's probe prompts and

@@ -24,7 +24,7 @@ from .anatomy import Selector
 from .concepts import ConceptSet
 from .edits import Edit, applied
 from .judges import Judge
-from .methods import erase
+from .methods import erase, quick
 from .metrics import accuracy, preservation
 from .plots import accuracy_bars, image_grid
 from .profile import profile_of
@@ -154,15 +154,16 @@ def erase_and_measure(pipe, judge: Judge | None, concept: str, method: str = "re
     return Erasure(concept, edit, dict(base[key]), after, per_prompt, seed, cs)
 
 
-def compare(pipe, judge: Judge | None, concepts: Sequence[str], methods: Sequence[str] = ("rece", "uce", "fewshot"),
+def compare(pipe, judge: Judge | None, concepts: Sequence[str], methods: Sequence[str] | None = None,
             per_prompt: int = 4, seed: int = 0, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Erase each concept with each method; one row per (method, concept): images of the concept (``n``),
+    """Erase each concept with each method (default: all but the slow ones, :func:`workbench.methods.quick`);
+    one row per (method, concept): images of the concept (``n``),
     accuracy on it before and after, efficacy (1 - after) and preservation of its neighbourhood, each with
     its 95% interval (``_lo``, ``_hi``; see :class:`Erasure`), seconds, and the edit's total ``||dW||``.
     ``on_step(label)`` is called after each erasure (for progress bars)."""
     rows = []
     for concept in concepts:
-        for method in methods:
+        for method in quick() if methods is None else methods:
             r = erase_and_measure(pipe, judge, concept, method, per_prompt=per_prompt, seed=seed, progress=False)
             summary = r.edit.summary(pipe)
             lo, hi = r.preservation_interval

@@ -121,8 +121,41 @@ def cluster_rate(hits: Sequence[int], totals: Sequence[int], level: float = LEVE
     return Rate(k, n, float(lo), float(hi), f"bootstrap over {len(h)} units")
 
 
+#: The cells images are grouped in: images of one concept and one seed are not independent draws.
+UNITS = ("concept", "seed")
+
+
+def unit_cells(table: pd.DataFrame, hit: str = "hit", total: str | None = None, units: Sequence[str] = UNITS,
+               sort: bool = True) -> pd.DataFrame:
+    """Hits (``sum`` of ``hit``) of images (``count``: rows, or the sum of ``total``) per ``units`` cell,
+    indexed by the cell (sorted, or in table order for ``sort=False``).
+
+    >>> t = pd.DataFrame({"concept": ["b", "a", "a"], "seed": [0, 0, 0], "hit": [True, False, True]})
+    >>> unit_cells(t).values.tolist(), unit_cells(t, sort=False).index.tolist()
+    ([[1, 2], [1, 1]], [('b', 0), ('a', 0)])
+    >>> runs = pd.DataFrame({"concept": ["a", "a"], "seed": [0, 0], "erased": [3, 8], "n_images": [8, 8]})
+    >>> unit_cells(runs, "erased", "n_images").values.tolist()
+    [[11, 16]]
+    """
+    groups = table.groupby(list(units), sort=sort)
+    if total is None:
+        return groups[hit].agg(["sum", "count"])
+    return groups.agg(sum=(hit, "sum"), count=(total, "sum"))
+
+
+def paired_cells(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """The cells (:func:`unit_cells`) both ``a`` and ``b`` have, side by side: ``sum_a, count_a, sum_b,
+    count_b`` (the units a paired bootstrap resamples together, :func:`difference`).
+
+    >>> a = pd.DataFrame({"sum": [1, 2], "count": [4, 4]}, index=["x", "y"])
+    >>> paired_cells(a, a.iloc[1:]).values.tolist()
+    [[2, 4, 2, 4]]
+    """
+    return a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
+
+
 def rates(table: pd.DataFrame, by: str | Sequence[str], hit: str = "hit",
-          units: Sequence[str] = ("concept", "seed")) -> pd.DataFrame:
+          units: Sequence[str] = UNITS) -> pd.DataFrame:
     """One row per group of ``by``: the share of rows with ``hit`` true, its interval (bootstrap over the
     ``units`` cells of the group, see :func:`cluster_rate`), ``k``, ``n`` and ``units``.
 
@@ -137,7 +170,7 @@ def rates(table: pd.DataFrame, by: str | Sequence[str], hit: str = "hit",
         raise KeyError(f"the table has no column {', '.join(missing)}; it has {', '.join(table.columns)}")
     rows = []
     for key, group in table.groupby(by, sort=False, dropna=False):
-        cells = group.groupby(list(units), sort=False)[hit].agg(["sum", "count"])
+        cells = unit_cells(group, hit, units=units, sort=False)
         rate = cluster_rate(cells["sum"].to_numpy(), cells["count"].to_numpy())
         rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), **rate.row(), "units": len(cells)})
     return pd.DataFrame(rows)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -33,15 +33,16 @@ from .anatomy import as_list, component_of, layer_of, names as part_names, selec
 from .concepts import ConceptSet
 from .edits import Edit
 from .judges import Judge
-from .methods import erase
+from .methods import REGISTRY, View, erase
 from .methods.fewshot import default_parts
-from .metrics import drift_test, evaluate
+from .metrics import DEFAULTS, drift_test, evaluate
 from .profile import profile_of
-from .stats import cluster_rate, difference, enough
+from .stats import cluster_rate, difference, enough, paired_cells, unit_cells
 
-#: Where each method's edits can go, and the components a layer sweep runs by default.
-SCOPE = {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")), "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
-         "fewshot": ("text.*", ("ffn", "attn")), "esd": ("unet.*.xattn.k", ("attn", "xattn", "ffn"))}
+#: Where each method's edits can go, and the components a layer sweep runs by default (from the
+#: methods' registrations, :data:`workbench.methods.REGISTRY`).
+SCOPE: Mapping[str, tuple[str, tuple[str, ...]]] = View(lambda: {n: (m.scope, m.components)
+                                                                 for n, m in REGISTRY.items()})
 #: The few-shot parameter subsets the paper compares; ``None`` is its default (:func:`default_parts`).
 SUBSETS: dict[str, str | None] = {"ffn": "text.*.ffn", "attn": "text.*.attn", "ffn + last attn": None,
                                   "all": "text.*"}
@@ -67,19 +68,21 @@ class Planned:
 def layers(pipe, method: str = "fewshot") -> list[str]:
     """The layers ``method`` can edit, in network order: ``["text.0", ...]`` or ``["unet.down.1.0", ...]``."""
     check_method(method)
-    return list(dict.fromkeys(layer_of(n) for n in select(pipe, SCOPE[method][0])))
+    return list(dict.fromkeys(layer_of(n) for n in select(pipe, REGISTRY[method].scope)))
 
 
 def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequence[str] | None = None,
                 cumulative: bool = False, seeds: Sequence[int] = (0,), judge: Judge | None = None, *,
                 layers: Sequence[int] | None = None, measure: bool = True, others: Sequence[str] | None = None,
-                per_prompt: int = 8, per_other: int = 4, eval_seed: int = 1234, progress: bool = True,
+                per_prompt: int = DEFAULTS.per_prompt, per_other: int = DEFAULTS.per_other,
+                eval_seed: int = DEFAULTS.seed, progress: bool = True,
                 on_run: Callable[[str], None] | None = None, concept_set: ConceptSet | None = None,
                 **method_kwargs) -> pd.DataFrame:
     """Erase ``concept`` with ``method`` scoped to one layer's component at a time (or layers 0..i).
 
-    ``components`` default to ``("ffn", "attn")`` for few-shot and ``("xattn.k", "xattn.v")`` for UCE and
-    RECE (finer ones such as ``"attn.v"`` work too); ``layers`` picks layer indices (default all).
+    ``components`` default to the method's registered ones (:data:`SCOPE`: ``("ffn", "attn")`` for few-shot,
+    ``("xattn.k", "xattn.v")`` for UCE and RECE; finer ones such as ``"attn.v"`` work too); ``layers`` picks
+    layer indices (default all).
     ``judge`` and ``concept_set`` default to the model profile's; ``measure=False`` skips measuring (only
     ``||dW||`` and time: works on any pipeline). Other keyword arguments go to the method, after the
     defaults of :func:`workbench.methods.erase`.
@@ -99,7 +102,8 @@ def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequenc
 
 def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1, 2), judge: Judge | None = None,
                      *, per_layer: bool = False, measure: bool = True, others: Sequence[str] | None = None,
-                     per_prompt: int = 8, per_other: int = 4, eval_seed: int = 1234, progress: bool = True,
+                     per_prompt: int = DEFAULTS.per_prompt, per_other: int = DEFAULTS.per_other,
+                     eval_seed: int = DEFAULTS.seed, progress: bool = True,
                      on_run: Callable[[str], None] | None = None, concept_set: ConceptSet | None = None,
                      **fewshot_kwargs) -> pd.DataFrame:
     """Few-shot unlearning of each concept through each parameter subset of :data:`SUBSETS`, per seed.
@@ -121,8 +125,9 @@ def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1
 
 
 def unet_subsets(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1, 2), judge: Judge | None = None,
-                 *, measure: bool = True, others: Sequence[str] | None = None, per_prompt: int = 8,
-                 per_other: int = 4, eval_seed: int = 1234, progress: bool = True,
+                 *, measure: bool = True, others: Sequence[str] | None = None,
+                 per_prompt: int = DEFAULTS.per_prompt, per_other: int = DEFAULTS.per_other,
+                 eval_seed: int = DEFAULTS.seed, progress: bool = True,
                  on_run: Callable[[str], None] | None = None, concept_set: ConceptSet | None = None,
                  **esd_kwargs) -> pd.DataFrame:
     """FFN versus attention in the UNet: ESD of each concept through each subset of :data:`UNET_SUBSETS`
@@ -343,13 +348,13 @@ def _cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Erased images (``sum``) of all images (``count``) per concept x seed cell; ``attrs["rate"]``: the
     pooled efficacy with its interval."""
     erased = (runs["efficacy"] * runs["n_images"]).round().astype(int)
-    cells = runs.assign(erased=erased).groupby(["concept", "seed"]).agg(sum=("erased", "sum"), count=("n_images", "sum"))
-    cells.attrs["rate"] = cluster_rate(cells["sum"].to_numpy(), cells["count"].to_numpy())
-    return cells
+    out = unit_cells(runs.assign(erased=erased), "erased", "n_images")
+    out.attrs["rate"] = cluster_rate(out["sum"].to_numpy(), out["count"].to_numpy())
+    return out
 
 
 def _paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple:
-    both = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
+    both = paired_cells(a, b)
     return both["sum_a"], both["count_a"], both["sum_b"], both["count_b"]
 
 
@@ -385,11 +390,6 @@ def _finding_drift(table: pd.DataFrame, alpha: float, concept_set: ConceptSet | 
             f"over concept x seed x run units.")
 
 
-def _binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p)."""
-    return float(min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))))
-
-
 def check_method(method: str) -> None:
     """Raise for a method the layer sweep does not run, naming those it does.
 
@@ -397,8 +397,8 @@ def check_method(method: str) -> None:
     Traceback (most recent call last):
     ValueError: unknown method 'ablate'; the sweep runs rece, uce, fewshot, esd
     """
-    if method not in SCOPE:
-        raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(SCOPE)}")
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(REGISTRY)}")
 
 
 def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | None, cumulative: bool,
@@ -406,10 +406,10 @@ def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | Non
     all_layers = layers(pipe, method)
     if isinstance(components, str):
         components = [components]
-    components = list(SCOPE[method][1] if components is None else components)
+    components = list(REGISTRY[method].components if components is None else components)
     if not components:
         raise ValueError("give at least one component, e.g. 'ffn' or 'attn'")
-    scope = select(pipe, SCOPE[method][0])
+    scope = select(pipe, REGISTRY[method].scope)
     available = ", ".join(sorted({component_of(n) for n in scope}))
     if method == "fewshot":
         available += " (or one matrix: " + ", ".join(dict.fromkeys(n.split(".", 2)[2] for n in scope)) + ")"

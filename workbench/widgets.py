@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import ipywidgets as w
 import pandas as pd
@@ -35,7 +35,7 @@ from .attacks.table import summary as attack_summary
 from .embed import POOLS, spaces
 from .grid import connect, run_grid, sweep_grid
 from .judges import Judge
-from .methods import METHODS, defaults, erase
+from .methods import METHODS, REGISTRY, Knob, View, defaults, erase, quick
 from .methods.esd import PRESETS as ESD_PRESETS
 from .plots import image_grid, method_comparison, subset_bars, sweep_heatmap
 from .plots import attention_grid, trace_sites, trace_tokens
@@ -169,6 +169,20 @@ class Panel:
         display(self.widget)
 
 
+def _knob_control(knob: Knob, value: Any) -> w.ValueWidget:
+    """The slider of a registered method's knob (:class:`workbench.methods.Knob`), at ``value``."""
+    if knob.kind == "int":
+        return w.IntSlider(value=value, min=knob.low, max=knob.high, description=knob.label)
+    return w.FloatLogSlider(value=value, base=10, min=knob.low, max=knob.high, description=knob.label,
+                            readout_format=knob.readout)
+
+
+def _knob_controls(pipe, method: str) -> dict[str, w.ValueWidget]:
+    """The sliders of ``method``'s registered knobs, at the model's defaults, by control name."""
+    start = defaults(pipe, method)
+    return {k.control: _knob_control(k, start[k.name]) for k in REGISTRY[method].knobs}
+
+
 def _concept_control(pipe, value: str = "apple") -> w.ValueWidget:
     """A dropdown of the model's concepts, or a text field for a model without a concept set."""
     concepts = profile_of(pipe).concepts
@@ -186,25 +200,17 @@ class ErasePanel(Panel):
     """
 
     title = "Erase a concept"
-    #: The method each knob control belongs to, and the knob's name there.
-    KNOBS = {"epochs": ("rece", "epochs"), "ridge": ("rece", "ridge"), "lam": ("uce", "lam"),
-             "lr": ("fewshot", "lr"), "steps": ("fewshot", "steps")}
+    #: The method each knob control belongs to, and the knob's name there (from the methods' registrations).
+    KNOBS: Mapping[str, tuple[str, str]] = View(lambda: {k.control: (m.name, k.name) for m in REGISTRY.values()
+                                                         for k in m.knobs})
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
-        start = {name: defaults(self.pipe, method)[knob] for name, (method, knob) in self.KNOBS.items()}
         controls = {
             "concept": _concept_control(self.pipe),
             "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
             "parts": w.Text(value="", placeholder="method default, e.g. unet.*.xattn.v",
                             description="parts", continuous_update=False),
-            "epochs": w.IntSlider(value=start["epochs"], min=1, max=6, description="RECE epochs"),
-            "ridge": w.FloatLogSlider(value=start["ridge"], base=10, min=-4, max=-1, description="RECE ridge",
-                                      readout_format=".0e"),
-            "lam": w.FloatLogSlider(value=start["lam"], base=10, min=-2, max=1, description="UCE lambda",
-                                    readout_format=".2g"),
-            "lr": w.FloatLogSlider(value=start["lr"], base=10, min=-6, max=-3, description="few-shot lr",
-                                   readout_format=".0e"),
-            "steps": w.IntSlider(value=start["steps"], min=1, max=40, description="few-shot steps"),
+            **{name: c for method in REGISTRY for name, c in _knob_controls(self.pipe, method).items()},
             "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
         }
@@ -265,9 +271,7 @@ class ComparePanel(Panel):
     def make_controls(self) -> dict[str, w.ValueWidget]:
         return {
             "concepts": _concepts_control(self.pipe, ("apple", "car", "van gogh")),
-            # ESD trains for tens of seconds per erasure: it is compared when chosen, not by default
-            "methods": w.SelectMultiple(options=list(METHODS), value=tuple(m for m in METHODS if m != "esd"),
-                                        description="methods", rows=4),
+            "methods": w.SelectMultiple(options=list(METHODS), value=quick(), description="methods", rows=4),
             "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
         }
@@ -387,7 +391,7 @@ class LandingPanel(Panel):
         return controls
 
     def _space_for(self, method: str) -> str:
-        if method == "fewshot":
+        if REGISTRY[method].scope.startswith("text"):
             return "text"
         keys = select(self.pipe, "unet.*.xattn.k")
         return keys[len(keys) // 2]
@@ -420,26 +424,24 @@ class SubsetPanel(Panel):
     title = "FFN versus attention"
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
-        start = defaults(self.pipe, "fewshot")
         return {
             "concepts": _concepts_control(self.pipe, ("apple", "car", "cat")),
             "seeds": w.IntSlider(value=3, min=1, max=5, description="seeds"),
-            "lr": w.FloatLogSlider(value=start["lr"], base=10, min=-6, max=-3, description="few-shot lr",
-                                   readout_format=".0e"),
-            "steps": w.IntSlider(value=start["steps"], min=1, max=40, description="few-shot steps"),
+            **_knob_controls(self.pipe, "fewshot"),
             "per_prompt": w.IntSlider(value=8, min=1, max=16, description="images/run"),
         }
 
     def stages(self, values: dict[str, Any]) -> int:
         return len(values["concepts"]) * values["seeds"] * len(SUBSETS)
 
-    def compute(self, step: Callable[[str], None], concepts: tuple[str, ...], seeds: int, lr: float, steps: int,
-                per_prompt: int) -> Any:
+    def compute(self, step: Callable[[str], None], concepts: tuple[str, ...], seeds: int, per_prompt: int,
+                **knobs: Any) -> Any:
         if not concepts:
             raise ValueError("select at least one concept (ctrl/cmd-click to select several)")
-        table = ffn_vs_attention(self.pipe, concepts, seeds=range(seeds), judge=self.judge, lr=lr,
-                                 steps=steps, per_prompt=per_prompt, per_other=max(1, per_prompt // 2),
-                                 progress=False, on_run=step)
+        names = {k.control: k.name for k in REGISTRY["fewshot"].knobs}
+        table = ffn_vs_attention(self.pipe, concepts, seeds=range(seeds), judge=self.judge,
+                                 **{names[c]: v for c, v in knobs.items()}, per_prompt=per_prompt,
+                                 per_other=max(1, per_prompt // 2), progress=False, on_run=step)
         return {"table": table, "summary": aggregate(table),
                 "finding": finding(table, profile_of(self.pipe).concept_set())}
 
@@ -497,8 +499,9 @@ class AttackPanel(Panel):
         return [grid, rates, Markdown("Attack prompts: " + "; ".join(f"`{p}`" for p in r.crafted.prompts))]
 
 
-#: The erasures a localisation panel compares against the unedited model ("none": only the unedited one).
-_ERASURES = ("none", *METHODS)
+def _erasures() -> list[str]:
+    """The erasures a localisation panel compares against the unedited model ("none": only the unedited one)."""
+    return ["none", *REGISTRY]
 
 
 class EsdPanel(Panel):
@@ -563,7 +566,7 @@ class TracePanel(Panel):
             "concept": _concept_control(self.pipe),
             "prompt": w.Text(value="", placeholder="the concept set's probe, e.g. 'an apple'", description="prompt",
                              continuous_update=False),
-            "method": w.Dropdown(options=list(_ERASURES), value="rece", description="erasure"),
+            "method": w.Dropdown(options=_erasures(), value="rece", description="erasure"),
             "sites": w.SelectMultiple(options=trace_site_names(self.pipe), value=(), description="sites (all)",
                                       rows=5),
             "n": w.IntSlider(value=4, min=1, max=8, description="images/run"),
@@ -615,7 +618,7 @@ class AttentionPanel(Panel):
             "prompt": w.Text(value="", placeholder="the concept set's probe, e.g. 'an apple'", description="prompt",
                              continuous_update=False),
             "word": w.Text(value="", placeholder="the concept", description="word", continuous_update=False),
-            "method": w.Dropdown(options=list(_ERASURES), value="rece", description="erasure"),
+            "method": w.Dropdown(options=_erasures(), value="rece", description="erasure"),
             "layer": w.Dropdown(options=["all", *cross_attention_layers(self.pipe)], value="all", description="layer"),
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
         }

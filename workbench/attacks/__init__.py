@@ -43,7 +43,7 @@ from ..judges import Judge
 from ..metrics import judge_prompts
 from ..profile import profile_of
 from ..sampling import generate_from
-from ..stats import Rate, cluster_rate
+from ..stats import Rate, cluster_rate, unit_cells
 from .common import Crafted, eval_prompts
 from . import concept_vector as _cv, inversion as _inv, unlearndiff as _ud
 from .concept_vector import concept_vector
@@ -117,7 +117,7 @@ def judged(pipe, judge: Judge, embeds: torch.Tensor | None, prompts: Sequence[st
 
 
 def _rate(table: pd.DataFrame) -> Rate:
-    cells = table.groupby(["concept", "seed"])["hit"].agg(["sum", "count"])
+    cells = unit_cells(table)
     return cluster_rate(cells["sum"].to_numpy(), cells["count"].to_numpy())
 
 

@@ -29,7 +29,7 @@ from ..judges import Judge
 from ..methods import erase
 from ..methods.uce import XATTN
 from ..profile import profile_of
-from ..stats import MIN_UNITS, difference, interval_text, paired_difference, rates
+from ..stats import MIN_UNITS, difference, interval_text, paired_cells, paired_difference, rates, unit_cells
 from . import EVAL_SEEDS, attack, budget_curve, unattacked
 
 #: The rows a summary lists first: the ceiling and the floor an attack is read against.
@@ -168,7 +168,7 @@ def attack_layers(pipe, judge: Judge, concept: str, method: str, attack_name: st
 
 def _cells(table: pd.DataFrame, method: str, attack: str) -> pd.DataFrame:
     rows = table[(table["method"] == method) & (table["attack"] == attack)]
-    return rows.groupby(["concept", "seed"])["hit"].agg(["sum", "count"])
+    return unit_cells(rows)
 
 
 def compare_methods(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
@@ -180,7 +180,7 @@ def compare_methods(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     for name in [a for a in dict.fromkeys(table["attack"]) if a != "unedited"]:  # unedited: the same model
         for i, a in enumerate(methods):
             for b in methods[i + 1:]:
-                both = _cells(table, a, name).add_suffix("_a").join(_cells(table, b, name).add_suffix("_b"), how="inner")
+                both = paired_cells(_cells(table, a, name), _cells(table, b, name))
                 if both.empty:
                     continue
                 d = difference(both["sum_a"], both["count_a"], both["sum_b"], both["count_b"])

@@ -15,11 +15,21 @@ knob explicitly, with the papers' defaults.
 ['a photo of a banana', 'a picture of a banana']
 >>> defaults(pipe, "uce")["lam"], defaults(object(), "uce")["lam"]    # the toy's lambda, the paper's
 (2.0, 0.5)
+
+A method is registered once (:func:`register`): its function, the parts a layer sweep walks, the
+components it varies there, and the knobs its panel shows. The tables the rest of the workbench reads
+(:data:`METHODS`, :data:`workbench.sweep.SCOPE`, the erase panel's knobs) are views of :data:`REGISTRY`.
+
+>>> REGISTRY["uce"].components, [k.name for k in REGISTRY["rece"].knobs]
+(('xattn.k', 'xattn.v'), ['epochs', 'ridge'])
+>>> list(METHODS)
+['rece', 'uce', 'fewshot', 'esd']
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Mapping, TypeVar
 
 from ..anatomy import Selector
 from ..edits import Edit
@@ -29,16 +39,121 @@ from .fewshot import fewshot
 from .rece import rece
 from .uce import uce
 
-#: Every method by name, in the order the panels list them.
-METHODS: dict[str, Callable[..., Edit]] = {"rece": rece, "uce": uce, "fewshot": fewshot, "esd": esd}
 #: Knobs ``erase()`` passes on only to methods that take them.
 _OPTIONAL = ("seed", "progress")
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A knob a panel shows as a slider: the method's parameter ``name``, the slider's ``label``, its
+    ``kind`` (``"int"``: whole numbers from ``low`` to ``high``; ``"log"``: powers of ten from
+    ``10**low`` to ``10**high``, shown with ``readout``) and the ``control`` it is (default: ``name``)."""
+
+    name: str
+    label: str
+    kind: Literal["int", "log"]
+    low: int
+    high: int
+    readout: str = ".0e"
+    control: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.control:
+            object.__setattr__(self, "control", self.name)
+
+
+@dataclass(frozen=True)
+class Method:
+    """An erasure method, registered once: its function, the parts a layer sweep walks (``scope``: the
+    layers of these parts), the ``components`` a sweep varies by default, the ``knobs`` its panel shows,
+    and whether it is ``slow`` (trains for long: compared only when chosen)."""
+
+    name: str
+    fn: Callable[..., Edit]
+    scope: str
+    components: tuple[str, ...]
+    knobs: tuple[Knob, ...] = ()
+    slow: bool = False
+
+
+#: Every method by name, in the order the panels list them.
+REGISTRY: dict[str, Method] = {}
+
+
+class View(Mapping[str, _V]):
+    """A read-only table computed from :data:`REGISTRY` on every read, so a later registration shows in it.
+
+    >>> View(lambda: {n: m.slow for n, m in REGISTRY.items()})["esd"]
+    True
+    """
+
+    def __init__(self, make: Callable[[], dict[str, _V]]) -> None:
+        self._make = make
+
+    def __getitem__(self, key: str) -> _V:
+        return self._make()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._make())
+
+    def __len__(self) -> int:
+        return len(self._make())
+
+    def __repr__(self) -> str:
+        return repr(self._make())
+
+
+def register(name: str, fn: Callable[..., Edit], scope: str, components: tuple[str, ...] | list[str],
+             knobs: tuple[Knob, ...] | list[Knob] = (), slow: bool = False) -> Method:
+    """Register the method ``name`` (again: replace it); every table of methods follows.
+
+    A knob must be a parameter of ``fn`` and its control must not be another method's.
+
+    >>> from workbench.methods.uce import uce
+    >>> m = register("uce2", uce, "unet.*.xattn.[kv]", ["xattn.v"],
+    ...              [Knob("lam", "UCE2 lambda", "log", -2, 1, control="lam2")])
+    >>> "uce2" in METHODS, REGISTRY.pop("uce2").components
+    (True, ('xattn.v',))
+    """
+    method = Method(name, fn, scope, tuple(components), tuple(knobs), slow)
+    params = list(inspect.signature(fn).parameters)[2:]
+    taken = {k.control: m.name for m in REGISTRY.values() if m.name != name for k in m.knobs}
+    for knob in method.knobs:
+        if knob.name not in params:
+            raise ValueError(f"{name} has no knob {knob.name!r}; its knobs: {', '.join(params)}")
+        if knob.control in taken:
+            raise ValueError(f"the control {knob.control!r} is already {taken[knob.control]}'s; give the knob "
+                             "another control name")
+    REGISTRY[name] = method
+    return method
+
+
+register("rece", rece, "unet.*.xattn.[kv]", ("xattn.k", "xattn.v"),
+         (Knob("epochs", "RECE epochs", "int", 1, 6), Knob("ridge", "RECE ridge", "log", -4, -1)))
+register("uce", uce, "unet.*.xattn.[kv]", ("xattn.k", "xattn.v"), (Knob("lam", "UCE lambda", "log", -2, 1, ".2g"),))
+register("fewshot", fewshot, "text.*", ("ffn", "attn"),
+         (Knob("lr", "few-shot lr", "log", -6, -3), Knob("steps", "few-shot steps", "int", 1, 40)))
+# ESD trains for tens of seconds per erasure: it is compared when chosen, not by default
+register("esd", esd, "unet.*.xattn.k", ("attn", "xattn", "ffn"), slow=True)
+
+#: Every method's function by name, in the order the panels list them.
+METHODS: Mapping[str, Callable[..., Edit]] = View(lambda: {n: m.fn for n, m in REGISTRY.items()})
+
+
+def quick() -> tuple[str, ...]:
+    """The methods compared by default: all but the slow ones.
+
+    >>> quick()
+    ('rece', 'uce', 'fewshot')
+    """
+    return tuple(n for n, m in REGISTRY.items() if not m.slow)
 
 
 def _method(method: str) -> Callable[..., Edit]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method]
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[method].fn
 
 
 def defaults(pipe, method: str) -> dict[str, Any]:
@@ -50,7 +165,8 @@ def defaults(pipe, method: str) -> dict[str, Any]:
 
 
 def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = None, **knobs: Any) -> Edit:
-    """Erase ``concept`` with ``method`` (``"rece"``, ``"uce"``, ``"fewshot"`` or ``"esd"``) scoped to ``parts``.
+    """Erase ``concept`` with ``method`` (``"rece"``, ``"uce"``, ``"fewshot"``, ``"esd"`` or any other
+    registered one) scoped to ``parts``.
 
     The model profile's defaults for the method and concept come first (:meth:`Profile.knobs
     <workbench.profile.Profile.knobs>`), then ``knobs``; ``seed`` and ``progress`` reach only methods
@@ -71,4 +187,5 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
     return edit
 
 
-__all__ = ["erase", "defaults", "uce", "rece", "fewshot", "esd", "METHODS"]
+__all__ = ["erase", "defaults", "register", "quick", "Method", "Knob", "REGISTRY", "METHODS", "uce", "rece",
+           "fewshot", "esd"]

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 
-from ..models import load
 from ..sampling import GUIDANCE, STEPS, generate, seeded
+from .model import load_toy
 from .oracle import Oracle
 from .paths import TOY_DIR
 from .render import render
@@ -37,10 +38,11 @@ def oracle_accuracy(oracle: Oracle, n: int = 1000, seed: int = FRESH_SEED) -> di
             for h in ("object", "colour", "style")}
 
 
-def measure(per_prompt: int = 12, seed: int = 10_000, guidance: float = GUIDANCE) -> dict:
-    """Every number of the benchmark, as a dict."""
+def measure(per_prompt: int = 12, seed: int = 10_000, guidance: float = GUIDANCE,
+            pipe: StableDiffusionPipeline | None = None) -> dict:
+    """Every number of the benchmark, as a dict, for ``pipe`` (default: the bundled toy model)."""
     torch.manual_seed(seed)
-    pipe, oracle = load("toy"), Oracle.load()
+    pipe, oracle = pipe if pipe is not None else load_toy(), Oracle.load()
     result: dict = {"oracle_on_renders": oracle_accuracy(oracle)}
 
     prompts = [a(o) for o in OBJECTS for _ in range(per_prompt)]
