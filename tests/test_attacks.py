@@ -30,7 +30,7 @@ def test_soft_tokens_holding_a_real_token_encode_exactly_like_the_prompt(toy):
     apple = toy.tokenizer("apple", add_special_tokens=False).input_ids
     soft = SoftTokens(toy, ["a photo of an {}", "{} by seurat"], table[apple].detach())
     with torch.no_grad():
-        got = soft.encode().float()
+        got = soft.encode().tokens.float()
     want = encode(toy, ["a photo of an apple", "apple by seurat"])
     assert torch.allclose(got, want, atol=1e-5)
 

@@ -69,9 +69,10 @@ def test_bad_attention_input_lists_what_is_valid_and_restores_the_processors(toy
 def test_restoring_the_last_text_layer_at_every_token_gives_the_clean_conditioning(toy):
     text = _Text(toy, "an icon of an apple", [5], n=2, noise=3.0, seed=0)
     every = list(range(text.clean.shape[1]))  # padding too: with BERT's mask it still sees the noise
-    assert torch.equal(text.corrupted(5, every), text.clean.expand(2, -1, -1))
-    assert not torch.equal(text.corrupted(5, list(range(7))), text.clean.expand(2, -1, -1))
-    assert not torch.equal(text.corrupted(), text.clean.expand(2, -1, -1))
+    clean = text.clean.expand(2).tokens
+    assert torch.equal(text.corrupted("text.5", every).tokens, clean)
+    assert not torch.equal(text.corrupted("text.5", list(range(7))).tokens, clean)
+    assert not torch.equal(text.corrupted().tokens, clean)
 
 
 def test_a_trace_restores_the_clean_run_exactly_at_the_last_unet_block_and_changes_nothing(toy, oracle):

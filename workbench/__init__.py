@@ -19,7 +19,7 @@ class _QuietTorchvisionFallback(logging.Filter):
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_QuietTorchvisionFallback())
 
-from .models import build_tiny_sd, load  # noqa: E402
+from .models import build_tiny_sd, build_tiny_sdxl, load  # noqa: E402
 from .sampling import generate, seeded  # noqa: E402
 
-__all__ = ["load", "seeded", "generate", "build_tiny_sd"]
+__all__ = ["load", "seeded", "generate", "build_tiny_sd", "build_tiny_sdxl"]

@@ -167,16 +167,6 @@ def attention_maps(pipe, prompt: str, word: str, seed: int = 0, steps: int = STE
     return AttentionMaps(prompt, word, positions, image, {name: maps[name] for name in order}, seed)
 
 
-def before_after(pipe, edit, prompt: str, word: str, seed: int = 0, **options) -> tuple[AttentionMaps, AttentionMaps]:
-    """The maps of ``prompt`` for ``word`` on the model as it is, then with ``edit`` applied (same seed)."""
-    before = attention_maps(pipe, prompt, word, seed, **options)
-    with edit.apply(pipe):
-        after = attention_maps(pipe, prompt, word, seed, **options)
-    return before, after
-
-
-
-
 def compare_table(maps: dict[str, AttentionMaps]) -> pd.DataFrame:
     """:meth:`AttentionMaps.table` of several maps (e.g. ``{"before": ..., "after rece": ...}``) in one table."""
     return pd.concat([m.table().assign(model=name) for name, m in maps.items()],

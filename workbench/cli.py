@@ -8,6 +8,8 @@
     workbench demo --concept apple        # before/after grid, JSON report and figure in out/demo/
     workbench sweep data/grids/toy.yaml --out results/ [--cluster local:2 | tcp://host:8786] [--gpu]
     workbench sweep-status results/       # runs done, failed and left
+    workbench encoders --model stabilityai/stable-diffusion-xl-base-1.0 --concept "van gogh" --style \
+        --against "claude monet" --against picasso    # which text encoder carries the concept
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from .concepts import a
+import torch
+
+from .concepts import ConceptSet, a
 from .edits import Edit
 from .grid import run_grid
+from .judges import CLIP_L14, ClipJudge
 from .methods import METHODS, erase
 from .models import load
 from .plots import image_grid, save
@@ -28,6 +33,7 @@ from .report import before_after, erase_and_measure, showcase
 from .sampling import GUIDANCE, STEPS, generate
 from .store import load_results, status
 from .toy import TOY_CONCEPTS
+from .tracing import encoder_effects
 from .toy.world import OBJECTS
 
 #: Columns of the sample grid: how each object row is prompted.
@@ -107,6 +113,18 @@ def _sweep_status(args: argparse.Namespace) -> None:
     _print_failures(load_results(args.out))
 
 
+def _encoders(args: argparse.Namespace) -> None:
+    gpu = torch.cuda.is_available()
+    pipe = load(args.model, dtype=torch.float16 if gpu else None, device="cuda" if gpu else None)
+    names = [args.concept, *args.against]
+    concepts = ConceptSet.of(styles=names) if args.style else ConceptSet.of(objects=names)
+    judge = ClipJudge.load(args.judge, device="cuda" if gpu else None)
+    table = encoder_effects(pipe, args.concept, args.prompt, judge, concept_set=concepts, n=args.n, seed=args.seed)
+    print(f"P({args.concept}) judged by CLIP among {', '.join(names)}, {args.n} images per row; drop = clean - "
+          "corrupted: the encoder whose corruption alone takes the concept away carries it")
+    print(table.to_string(index=False, float_format="%.3f"))
+
+
 def _print_failures(table, shown: int = 5) -> None:
     failed = table[table["error"].notna()]
     for row in failed.head(shown).itertuples():
@@ -155,6 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     st = sub.add_parser("sweep-status", help="how many runs of a results folder are done, failed and left")
     st.add_argument("out", type=Path, help="the results folder")
     st.set_defaults(run=_sweep_status)
+    en = sub.add_parser("encoders", help="which text encoder carries a concept (corrupt its tokens in each alone)")
+    en.add_argument("--model", required=True, help="a diffusers folder or hub id (SDXL has two text encoders)")
+    en.add_argument("--concept", required=True)
+    en.add_argument("--prompt", help="the prompt to corrupt (default: 'a painting by <concept>' / 'a photo of a ...')")
+    en.add_argument("--against", action="append", default=[], help="another label for the judge (repeatable)")
+    en.add_argument("--style", action="store_true", help="the concept is a style (default: an object)")
+    en.add_argument("--judge", default=CLIP_L14, help="a CLIP folder or cached hub id")
+    en.add_argument("--n", type=int, default=8, help="images per row")
+    en.add_argument("--seed", type=int, default=0)
+    en.set_defaults(run=_encoders)
     args = parser.parse_args(argv)
     args.run(args)
 

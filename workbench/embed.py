@@ -198,7 +198,7 @@ def _rows(pipe, prompts: list[str], space: str) -> tuple[torch.Tensor, torch.Ten
     """Token ids, real-token mask and the token rows of ``space`` (before any projection)."""
     family = family_of(pipe)
     encoders = text_encoders(pipe)
-    if space == "text" and len(encoders) > 1:  # the conditioning: every encoder's rows side by side
+    if len(encoders) > 1 and (space == "text" or space.startswith("unet.")):  # every encoder's rows side by side
         ids = {e: _tokenize(pipe, prompts, encoder=e) for e in encoders}
         with torch.no_grad():
             rows = family.conditioning(pipe, ids).tokens.float().cpu()

@@ -77,7 +77,8 @@ def _from_pretrained(name: str, dtype: torch.dtype | None) -> DiffusionPipeline:
     try:
         index = DiffusionPipeline.load_config(source)
     except (OSError, ValueError) as e:
-        raise ValueError(f"could not find {name!r} ({str(e).splitlines()[0]}). {_ACCEPTED}") from e
+        raise ValueError(f"could not load {name!r}: not a pipeline folder, and not in your local Hugging Face cache "
+                         f"({str(e).splitlines()[0]}). {_ACCEPTED}") from e
     found = index.get("_class_name", "diffusers")
     if found not in PIPELINES:
         raise ValueError(f"{name!r} holds a {found}; the workbench loads {', '.join(PIPELINES)} "
@@ -183,16 +184,23 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
     return folder
 
 
+#: The tiny stand-in of each family.
+TINY = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+
+
 def stable_diffusion_or_tiny(source: str | os.PathLike = "CompVis/stable-diffusion-v1-4",
-                             folder: str | os.PathLike | None = None) -> tuple[StableDiffusionPipeline, str]:
+                             folder: str | os.PathLike | None = None,
+                             family: str = "sd") -> tuple[DiffusionPipeline, str]:
     """Stable Diffusion from ``source`` (a local folder or cached hub id) on a GPU, if both are there;
-    otherwise the tiny SD-shaped pipeline (written to ``folder`` or a temporary one). Returns the
-    pipeline and a sentence saying plainly which one it is.
+    otherwise the tiny pipeline of ``family`` (``"sd"`` or ``"sdxl"``; written to ``folder`` or a
+    temporary one). Returns the pipeline and a sentence saying plainly which one it is.
 
     >>> pipe, which = stable_diffusion_or_tiny("/no/such/folder")
-    >>> which.startswith("tiny")
+    >>> which.startswith("tiny SD-shaped")
     True
     """
+    if family not in TINY:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(TINY)}")
     why = "no GPU is available"
     if torch.cuda.is_available():
         try:
@@ -200,6 +208,7 @@ def stable_diffusion_or_tiny(source: str | os.PathLike = "CompVis/stable-diffusi
                     f"Stable Diffusion from {source} on {torch.cuda.get_device_name()}")
         except ValueError as e:
             why = f"{source} could not be loaded ({str(e).split('. ')[0]})"
-    pipe = load(build_tiny_sd(folder or tempfile.mkdtemp(prefix="tiny-sd-")))
-    return pipe, (f"tiny SD-shaped pipeline with random weights, because {why}: it draws noise, so the "
+    pipe = load(TINY[family](folder or tempfile.mkdtemp(prefix=f"tiny-{family}-")))
+    shape = {"sd": "SD", "sdxl": "SDXL"}[family]
+    return pipe, (f"tiny {shape}-shaped pipeline with random weights, because {why}: it draws noise, so the "
                   "images and numbers below show how the analyses run, not what Stable Diffusion does")

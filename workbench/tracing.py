@@ -92,10 +92,12 @@ class _Text:
             return output + self.noise[encoder].to(output.device, output.dtype)
         return corrupt
 
-    def corrupted(self, site: str | None = None, positions: Sequence[int] = ()) -> Conditioning:
+    def corrupted(self, site: str | None = None, positions: Sequence[int] = (),
+                  encoders: Sequence[str] | None = None) -> Conditioning:
         """The corrupted conditioning (``n`` rows), with text-encoder layer ``site``'s (``"text.3"``)
-        clean output restored at ``positions`` when a site is given."""
-        pairs = [(table, self._corrupt(e)) for e, table in self.tables.items()]
+        clean output restored at ``positions`` when a site is given; only ``encoders``' inputs are
+        corrupted when named (default every encoder's)."""
+        pairs = [(table, self._corrupt(e)) for e, table in self.tables.items() if encoders is None or e in encoders]
         if site is not None:
             encoder, layer = _site(site)
             clean, at = self.clean_states[(encoder, layer)], list(positions)
@@ -289,12 +291,31 @@ def _unet_runs(pipe, sampler: _Sampler, text: _Text, names: list[str], judge: Ju
     return out
 
 
-def before_after(pipe, edit, concept: str, **options) -> tuple[Trace, Trace]:
-    """:func:`trace` on the model as it is, then with ``edit`` applied (same prompt, seeds and noise)."""
-    before = trace(pipe, concept, **options)
-    with edit.apply(pipe):
-        after = trace(pipe, concept, **options)
-    return before, after
+def encoder_effects(pipe, concept: str, prompt: str | None = None, judge: Judge | None = None, *,
+                    concept_set: ConceptSet | None = None, n: int = 4, seed: int = 0, noise: float = NOISE,
+                    steps: int = STEPS, guidance: float = GUIDANCE, batch: int = BATCH) -> pd.DataFrame:
+    """Which text encoder carries ``concept``: the judge's probability of the concept when the concept's
+    tokens are corrupted (as in :func:`trace`) in no encoder, in every encoder, and in each encoder alone
+    (SDXL: ``text``, CLIP ViT-L; ``text2``, OpenCLIP bigG). ``drop`` is the clean probability minus the
+    corrupted one: an encoder whose corruption alone takes the concept away carries it.
+
+    >>> import workbench
+    >>> pipe = workbench.load("toy")
+    >>> encoder_effects(pipe, "apple", n=1, steps=4)["corrupted"].tolist()
+    ['none', 'all']
+    """
+    prompt, judge, labels = _concept_setup(pipe, concept, prompt, judge, concept_set)
+    positions = word_positions(pipe, prompt, concept)
+    _check(pipe, None, n, noise)
+    text = _Text(pipe, prompt, positions, n, noise, seed)
+    encoders = list(text.tables)
+    plan = [("none", text.clean.expand(n)), ("all", text.corrupted())]
+    if len(encoders) > 1:
+        plan += [(e, text.corrupted(encoders=[e])) for e in encoders]
+    sampler = _Sampler(pipe, n, seed, steps, guidance)
+    scores, _ = _text_runs(sampler, [("", "", "", -1, cond) for _, cond in plan], judge, labels, concept, batch)
+    table = pd.DataFrame({"corrupted": [name for name, _ in plan], "probability": scores})
+    return table.assign(drop=scores[0] - table["probability"], n=n, prompt=prompt)
 
 
 def compare_table(traces: dict[str, Trace]) -> pd.DataFrame:

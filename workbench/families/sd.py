@@ -128,8 +128,7 @@ class StableDiffusion(Family):
     @classmethod
     def matches(cls, pipe) -> bool:
         unet = getattr(pipe, "unet", None)
-        return (all(getattr(pipe, e, None) is not None and getattr(pipe, t, None) is not None
-                    for e, t in cls.ENCODERS.values())
+        return (all(getattr(pipe, e, None) is not None for e, _ in cls.ENCODERS.values())
                 and getattr(pipe, "text_encoder_3", None) is None
                 and (getattr(pipe, "text_encoder_2", None) is None) == ("text2" not in cls.ENCODERS)
                 and unet is not None and hasattr(unet, "config") and has_cross_attention(unet))
