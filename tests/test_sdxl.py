@@ -175,8 +175,8 @@ def test_an_sdxl_edit_written_in_each_external_format_comes_back_reverts_exactly
     state = state_of(sdxl)
     native = fewshot(sdxl, "apple", images=images(), steps=2, parts="text2.*.ffn", progress=False) \
         if form == "diffusers-folder" else uce(sdxl, "apple")
-    path = save_erased(sdxl, native, tmp_path / ("erased" if form == "diffusers-folder" else f"erased.{form[:3]}"
-                                                   if form == "ldm-checkpoint" else "erased.safetensors"), form)
+    name = {"diffusers-folder": "erased", "ldm-checkpoint": "erased.ckpt", "safetensors": "erased.safetensors"}[form]
+    path = save_erased(sdxl, native, tmp_path / name, form)
     imported = load_edit(sdxl, path, concept="apple")
     assert sorted(imported.deltas) == sorted(native.deltas)
     for key, delta in native.deltas.items():

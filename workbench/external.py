@@ -367,6 +367,11 @@ def _sort_keys(tensors: dict[str, torch.Tensor], path: Path, comps: dict[str, nn
         if component is None:
             names = {c: set(m.state_dict()) for c, m in comps.items()}
             hits = [c for c in comps if any(_own_name(comps[c], k, names[c]) in names[c] for k in bare)]
+            if len(hits) > 1:  # same names (SDXL's two CLIP towers): the one whose shapes fit every key
+                states = {c: comps[c].state_dict() for c in hits}
+                hits = [c for c in hits if all(_own_name(comps[c], k, names[c]) in names[c] and
+                                               states[c][_own_name(comps[c], k, names[c])].shape == t.shape
+                                               for k, t in bare.items())] or hits
             if len(hits) != 1:
                 why = f"name parameters of {' and '.join(hits)}" if hits else "name no parameter of this pipeline"
                 raise ValueError(
