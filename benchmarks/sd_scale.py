@@ -1,10 +1,11 @@
-"""Time and memory of the workbench's operations at Stable Diffusion 1.4's size (random weights).
+"""Time and memory of the workbench's operations at Stable Diffusion 1.4's (or SDXL's) size (random weights).
 
     python benchmarks/sd_scale.py --quick          # 10 and 100 prompts only
     python benchmarks/sd_scale.py                  # also 1,000 prompts
     python benchmarks/sd_scale.py --device cuda --dtype float16
     python benchmarks/sd_scale.py --device cuda --dtype float16 --rows encode --quick --profile  # UCE/RECE by operator
     python benchmarks/sd_scale.py --quick --rows encode,uce,rece,fewshot,umap   # no lens
+    python benchmarks/sd_scale.py --family sdxl --quick --dtype bfloat16 --size 512   # SDXL; few-shot, ESD at 512 px
 
 On 2 shared CPU cores ``--quick`` took 37 minutes, 27 of them the lens (12 layers at 512 px with
 guidance: 48 UNet passes and 12 VAE decodes) and 5 few-shot; without the lens, 10 minutes.
@@ -20,6 +21,15 @@ peak less the resident set when it started, *max RSS* the process's maximum so f
 (``getrusage``; it never goes down). On CUDA, peak and growth are ``torch.cuda.max_memory_allocated``.
 Targets: UCE within 1.2x and RECE within 1.6x of the encode of the same prompts; on a GPU RECE <= 1 s
 and few-shot (8 steps) <= 5 s; few-shot's CPU peak <= 12 GiB.
+
+``--family sdxl`` runs :func:`workbench.sdxl_shaped.sdxl_pipeline` instead (SDXL base 1.0's shapes: both
+text encoders, the 2.57 B parameter UNet; built once in bfloat16, about a minute; the default dtype is
+bfloat16 there). Its rows: the encode (one batched encode of N prompts through both text encoders, token
+rows and pooled embeddings), UCE and RECE as above (70 cross-attention layers, 2,048-wide keys),
+few-shot (2 steps; 8 on a GPU) and ESD (``esd-x``, 2 iterations of 2 sampling steps). ``--size`` draws
+and trains few-shot and ESD at a smaller side than the model's own (1,024 px for SDXL is heavy for a
+CPU); those rows then carry the size in their names (``fewshot@512px``). The ratio targets apply to both
+families, the GPU-seconds and CPU-peak targets are SD 1.4's.
 """
 from __future__ import annotations
 
@@ -30,21 +40,23 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from workbench import sd14
-from workbench.embed import encode, lens
-from workbench.methods import fewshot, rece, uce
+from workbench import sd14, sdxl_shaped
+from workbench.embed import conditioning, encode, lens
+from workbench.families import family_of
+from workbench.methods import esd, fewshot, rece, uce
 from workbench.project import LandingMap
 
 GB = 1024 ** 3  # GiB
 PAGE = os.sysconf("SC_PAGE_SIZE")
-ROWS = ("encode", "uce", "rece", "fewshot", "fewshot-8", "umap", "lens")
+ROWS = ("encode", "uce", "rece", "fewshot", "fewshot-8", "umap", "lens")  # SD 1.4's rows
 TEMPLATES = ("a photo of a {}", "a painting of a {}", "a {} in the city", "a close-up of a {}", "{}")
 
 
@@ -59,6 +71,29 @@ def prompts(n: int) -> list[str]:
     """``n`` distinct prompts, templates x words."""
     ws = words(n // len(TEMPLATES) + 1)
     return [t.format(w) for w in ws for t in TEMPLATES][:n]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model the benchmark runs at full size with random weights: how to get it, its parameter
+    counts, the rows it has, and its encode row (N prompts encoded as UCE and RECE encode them, kept on
+    the text encoder's device)."""
+
+    title: str
+    pipeline: Callable[..., object]  # (dtype=, device=) -> pipeline
+    counts: Callable[[], dict[str, int]]
+    rows: tuple[str, ...]
+    encode: Callable[[object, list[str]], object]
+    dtype: str  # the default --dtype
+
+
+MODELS = {
+    "sd14": Model("SD 1.4-shaped", sd14.sd14_pipeline, sd14.parameter_counts, ROWS,
+                  lambda pipe, texts: encode(pipe, texts, device=None), "float32"),
+    "sdxl": Model("SDXL-shaped", sdxl_shaped.sdxl_pipeline, sdxl_shaped.parameter_counts,
+                  ("encode", "uce", "rece", "fewshot", "fewshot-8", "esd"),
+                  lambda pipe, texts: conditioning(pipe, texts, device=None), "bfloat16"),
+}
 
 
 def rss() -> int:
@@ -163,8 +198,29 @@ def church_images(n: int = 4, size: int = 512, seed: int = 0) -> list[Image.Imag
     return out
 
 
-def targets(rows: list[Row], device: str) -> None:
-    """Fill in each row's target and whether it is met."""
+@contextmanager
+def drawn_at(pipe, size: int | None) -> Iterator[str]:
+    """Inside, ``pipe`` draws and trains at ``size`` pixels a side (its UNet's ``sample_size`` changed,
+    put back on leaving; ``None``: the model's own); yields the suffix of the rows' names, ``"@512px"``,
+    or ``""`` at the model's own size."""
+    own = pipe.unet.config.sample_size
+    if size is None or size == own * pipe.vae_scale_factor:
+        yield ""
+        return
+    pipe.unet.register_to_config(sample_size=size // pipe.vae_scale_factor)
+    try:
+        yield f"@{size}px"
+    finally:
+        pipe.unet.register_to_config(sample_size=own)
+
+
+def size_step(pipe) -> int:
+    """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def targets(rows: list[Row], device: str, model: str = "sd14") -> None:
+    """Fill in each row's target and whether it is met (the seconds and peak targets are SD 1.4's)."""
     by_name = {r.name: r for r in rows}
     ok = lambda met: "yes" if met else "**no**"  # noqa: E731
     for r in rows:
@@ -174,11 +230,11 @@ def targets(rows: list[Row], device: str) -> None:
             limit = 1.2 if kind == "uce" else 1.6
             ratio = r.seconds / by_name[f"encode-{n}"].seconds
             notes.append(f"<= {limit}x encode-{n}: {ratio:.2f}x {ok(ratio <= limit)}")
-        if kind == "rece" and device == "cuda":
+        if model == "sd14" and kind == "rece" and device == "cuda":
             notes.append(f"<= 1 s: {ok(r.seconds <= 1)}")
-        if r.name == "fewshot-8" and device == "cuda":
+        if model == "sd14" and r.name == "fewshot-8" and device == "cuda":
             notes.append(f"<= 5 s: {ok(r.seconds <= 5)}")
-        if kind == "fewshot" and device == "cpu":
+        if model == "sd14" and kind == "fewshot" and device == "cpu":
             notes.append(f"peak <= 12 GiB: {ok(r.peak <= 12 * GB)}")
         r.target = "; ".join(notes)
 
@@ -195,9 +251,16 @@ def table(rows: list[Row], device: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--family", choices=tuple(MODELS), default="sd14",
+                        help="the model whose shapes are timed: SD 1.4 (default) or SDXL base 1.0")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="default: float32 for sd14, bfloat16 for sdxl")
     parser.add_argument("--rows", default=None,
-                        help=f"comma-separated, from {', '.join(ROWS)} (default: all; fewshot-8 only on cuda)")
+                        help=f"comma-separated, from {', '.join(ROWS)} (sd14) or {', '.join(MODELS['sdxl'].rows)} "
+                             "(sdxl) (default: all; fewshot-8 only on cuda)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels for the few-shot and ESD rows (default: the model's own, 512 for "
+                             "sd14, 1024 for sdxl); the rows' names then say it")
     parser.add_argument("--quick", action="store_true", help="10 and 100 prompts only, not 1,000")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's operators (host and device time) for UCE and RECE at the "
@@ -207,34 +270,42 @@ def main(argv: list[str] | None = None) -> None:
                              "cuda, 1 on cpu: one run, no warm-up); umap always runs once")
     args = parser.parse_args(argv)
     repeats = args.repeats or (9 if args.device == "cuda" else 1)
-    wanted = args.rows.split(",") if args.rows else [r for r in ROWS if r != "fewshot-8" or args.device == "cuda"]
-    unknown = sorted(set(wanted) - set(ROWS))
+    model = MODELS[args.family]
+    wanted = (args.rows.split(",") if args.rows
+              else [r for r in model.rows if r != "fewshot-8" or args.device == "cuda"])
+    unknown = sorted(set(wanted) - set(model.rows))
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        parser.error(f"unknown rows {unknown} for --family {args.family}; choose from {', '.join(model.rows)}")
     sizes = (10, 100) if args.quick else (10, 100, 1000)
-    dtype = getattr(torch, args.dtype)
+    dtype_name = args.dtype or model.dtype
+    dtype = getattr(torch, dtype_name)
 
     t0 = time.perf_counter()
-    pipe = sd14.sd14_pipeline(dtype=dtype, device=args.device)
-    counts = sd14.parameter_counts()
-    print(f"SD 1.4-shaped pipeline ({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in counts.items())}) ready in "
-          f"{time.perf_counter() - t0:.1f} s on {args.device}, {args.dtype}, {torch.get_num_threads()} torch "
+    pipe = model.pipeline(dtype=dtype, device=args.device)
+    if args.size is not None and (args.size <= 0 or args.size % size_step(pipe)):
+        parser.error(f"--size must be a positive multiple of {size_step(pipe)} for --family {args.family}")
+    counts = model.counts()
+    print(f"{model.title} pipeline ({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in counts.items())}) ready in "
+          f"{time.perf_counter() - t0:.1f} s on {args.device}, {dtype_name}, {torch.get_num_threads()} torch "
           f"threads", flush=True)
-    encode(pipe, ["a warm-up prompt"])  # first-call costs (kernel selection, allocator) stay out of the rows
+    model.encode(pipe, ["a warm-up prompt"])  # first-call costs (kernel selection, allocator) stay out of the rows
     rows: list[Row] = []
     run = lambda name, fn, times=repeats: measure(name, fn, args.device, rows, times)  # noqa: E731
     for n in sizes:
         preserve = prompts(n)
         if "encode" in wanted:  # kept on the text encoder's device, as UCE and RECE keep it
-            run(f"encode-{n}", lambda: encode(pipe, preserve, device=None))
+            run(f"encode-{n}", lambda: model.encode(pipe, preserve))
         if "uce" in wanted:
             run(f"uce-{n}", lambda: edits(pipe, preserve)["uce"]())
         if "rece" in wanted:
             run(f"rece-{n}", lambda: edits(pipe, preserve)["rece"]())
-    images = church_images(size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    for name, steps in (("fewshot", 2), ("fewshot-8", 8)):
-        if name in wanted:
-            run(name, lambda: fewshot(pipe, "church", images=images, steps=steps, progress=False))
+    with drawn_at(pipe, args.size) as at:
+        images = church_images(size=family_of(pipe).image_size(pipe))
+        for name, steps in (("fewshot", 2), ("fewshot-8", 8)):
+            if name in wanted:
+                run(name + at, lambda: fewshot(pipe, "church", images=images, steps=steps, progress=False))
+        if "esd" in wanted:
+            run("esd" + at, lambda: esd(pipe, "church", iterations=2, sample_steps=2, progress=False))
     if "umap" in wanted:
         vocabulary = words(2000)
         run("umap", lambda: LandingMap.fit(pipe, vocabulary=vocabulary, space="text"), 1)
@@ -242,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         run("lens", lambda: lens(pipe, "a painting by van gogh", steps=2))
     if args.profile:
         profile(pipe, prompts(sizes[0]), args.device)
-    targets(rows, args.device)
+    targets(rows, args.device, args.family)
     print()
     print(table(rows, args.device))
 

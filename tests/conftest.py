@@ -42,3 +42,10 @@ def same_state(pipe, state: dict[str, torch.Tensor]) -> bool:
     """Whether ``pipe``'s tensors equal ``state`` exactly."""
     now = state_of(pipe)
     return all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebooks (nbval) and the browser test are ``slow``; so is every test marked by hand."""
+    for item in items:
+        if item.path.suffix == ".ipynb" or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
