@@ -85,14 +85,19 @@ class Model:
     rows: tuple[str, ...]
     encode: Callable[[object, list[str]], object]
     dtype: str  # the default --dtype
+    unet: dict  # the UNet's config
+
+    def size_step(self) -> int:
+        """Image sides must be multiples of this: the VAE's 8x times the UNet's downsampling."""
+        return 8 * 2 ** (len(self.unet["block_out_channels"]) - 1)
 
 
 MODELS = {
     "sd14": Model("SD 1.4-shaped", sd14.sd14_pipeline, sd14.parameter_counts, ROWS,
-                  lambda pipe, texts: encode(pipe, texts, device=None), "float32"),
+                  lambda pipe, texts: encode(pipe, texts, device=None), "float32", sd14.SD14_UNET),
     "sdxl": Model("SDXL-shaped", sdxl_shaped.sdxl_pipeline, sdxl_shaped.parameter_counts,
                   ("encode", "uce", "rece", "fewshot", "fewshot-8", "esd"),
-                  lambda pipe, texts: conditioning(pipe, texts, device=None), "bfloat16"),
+                  lambda pipe, texts: conditioning(pipe, texts, device=None), "bfloat16", sdxl_shaped.SDXL_UNET),
 }
 
 
@@ -214,11 +219,6 @@ def drawn_at(pipe, size: int | None) -> Iterator[str]:
         pipe.unet.register_to_config(sample_size=own)
 
 
-def size_step(pipe) -> int:
-    """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
-    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-
-
 def targets(rows: list[Row], device: str, model: str = "sd14") -> None:
     """Fill in each row's target and whether it is met (the seconds and peak targets are SD 1.4's)."""
     by_name = {r.name: r for r in rows}
@@ -276,14 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(wanted) - set(model.rows))
     if unknown:
         parser.error(f"unknown rows {unknown} for --family {args.family}; choose from {', '.join(model.rows)}")
+    if args.size is not None and (args.size <= 0 or args.size % model.size_step()):
+        parser.error(f"--size must be a positive multiple of {model.size_step()} for --family {args.family}")
     sizes = (10, 100) if args.quick else (10, 100, 1000)
     dtype_name = args.dtype or model.dtype
     dtype = getattr(torch, dtype_name)
 
     t0 = time.perf_counter()
     pipe = model.pipeline(dtype=dtype, device=args.device)
-    if args.size is not None and (args.size <= 0 or args.size % size_step(pipe)):
-        parser.error(f"--size must be a positive multiple of {size_step(pipe)} for --family {args.family}")
     counts = model.counts()
     print(f"{model.title} pipeline ({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in counts.items())}) ready in "
           f"{time.perf_counter() - t0:.1f} s on {args.device}, {dtype_name}, {torch.get_num_threads()} torch "

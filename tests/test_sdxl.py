@@ -208,3 +208,31 @@ def test_the_encoders_command_says_which_text_encoder_carries_a_concept(tiny_sdx
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines()[2:]]
     assert rows == ["none", "all", "text", "text2"] and "drop" in out
+
+
+@pytest.mark.slow
+def test_the_erase_and_sweep_panels_run_on_sdxl_and_keep_no_edit(sdxl):
+    from workbench.sweep import layers
+    from workbench.widgets import ErasePanel, SweepPanel
+
+    state = state_of(sdxl)
+    erase_panel = ErasePanel(sdxl, run=False, concept="a red balloon", method="uce", per_prompt=1, steps=2)
+    erase_panel.button.click()
+    assert erase_panel.error is None, repr(erase_panel.error)
+    assert len(erase_panel.result["edit"].parts) == 34
+    sweep = SweepPanel(sdxl, None, run=False, concept="a red balloon", method="uce", value="efficacy")
+    sweep.button.click()
+    assert sweep.error is None, repr(sweep.error)
+    table = sweep.result["table"]
+    assert len(table) == 2 * len(layers(sdxl, "uce")) == 2 * 17 and (table["dW_relative"] > 0).all()
+    assert unchanged(sdxl, state)
+
+
+def test_a_grid_runs_on_an_sdxl_folder(tiny_sdxl_dir, tmp_path):
+    from workbench.grid import run_grid
+
+    grid = {"model": str(tiny_sdxl_dir), "concepts": ["a red balloon"], "methods": ["uce"],
+            "parts": ["unet.mid.0.t1.xattn.k", "unet.down.1.0.xattn.v"], "measure": False}
+    rows = run_grid(grid, tmp_path / "results", progress=False, log=lambda _: None)
+    assert rows["error"].isna().all() and len(rows) == 2
+    assert rows.set_index("part").loc["unet.mid.0.t1.xattn.k", "parts_edited"] == ("unet.mid.0.t1.xattn.k",)

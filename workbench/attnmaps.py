@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .anatomy import as_list
+from .embed import word_positions
 from .families import family_of
 from .hooks import processors
 from .sampling import GUIDANCE, STEPS, generate
@@ -35,24 +36,6 @@ from .sampling import GUIDANCE, STEPS, generate
 def cross_attention_layers(pipe) -> dict[str, torch.nn.Module]:
     """Every cross-attention layer of the UNet by its anatomy name (``"unet.mid.0"``), in network order."""
     return family_of(pipe).cross_attention(pipe)
-
-
-def word_positions(pipe, prompt: str, word: str) -> list[int]:
-    """Token positions of ``word`` (all its pieces; its last occurrence) in ``prompt`` as the pipeline
-    tokenizes it; an error listing the prompt's words when it is not there.
-
-    >>> import workbench
-    >>> word_positions(workbench.load("toy"), "a painting by mondrian", "mondrian")
-    [4, 5, 6]
-    """
-    tok = family_of(pipe).tokenizer(pipe)
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-    want = [t for t in tok(word, add_special_tokens=False).input_ids if t not in tok.all_special_ids]
-    starts = [i for i in range(len(ids) - len(want) + 1) if want and ids[i:i + len(want)] == want]
-    if not starts:
-        raise ValueError(f"the word {word!r} is not in the prompt {prompt!r} (or was cut off at the tokenizer's "
-                         f"{tok.model_max_length} tokens); words of the prompt: {', '.join(prompt.split())}")
-    return list(range(starts[-1], starts[-1] + len(want)))
 
 
 class _Recorder:

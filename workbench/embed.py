@@ -133,6 +133,39 @@ def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
     return [f if text.split() else 0 for f, text in zip(first.tolist(), prompts)]
 
 
+def occurrence(tokens: Sequence[int], word: Sequence[int]) -> list[int]:
+    """The positions of the last occurrence of the token run ``word`` in ``tokens`` (empty if none).
+
+    >>> occurrence([1, 5, 6, 2, 5, 6], [5, 6])
+    [4, 5]
+    """
+    starts = [i for i in range(len(tokens) - len(word) + 1) if word and list(tokens[i:i + len(word)]) == list(word)]
+    return list(range(starts[-1], starts[-1] + len(word))) if starts else []
+
+
+def word_tokens(pipe, word: str) -> list[int]:
+    """``word``'s own tokens (no special tokens) under the pipeline's tokenizer."""
+    tok = family_of(pipe).tokenizer(pipe)
+    return [t for t in tok(word, add_special_tokens=False).input_ids if t not in tok.all_special_ids]
+
+
+def word_positions(pipe, prompt: str, word: str) -> list[int]:
+    """Token positions of ``word`` (all its pieces; its last occurrence) in ``prompt`` as the pipeline
+    tokenizes it; an error listing the prompt's words when it is not there.
+
+    >>> import workbench
+    >>> word_positions(workbench.load("toy"), "a painting by mondrian", "mondrian")
+    [4, 5, 6]
+    """
+    ids, _ = _tokenize(pipe, [prompt])
+    positions = occurrence(ids[0].tolist(), word_tokens(pipe, word))
+    if not positions:
+        limit = family_of(pipe).tokenizer(pipe).model_max_length
+        raise ValueError(f"the word {word!r} is not in the prompt {prompt!r} (or was cut off at the tokenizer's "
+                         f"{limit} tokens); words of the prompt: {', '.join(prompt.split())}")
+    return positions
+
+
 def check_prompt(pipe, text: str) -> None:
     """Raise ``ValueError`` if ``text`` tokenizes to nothing (only special tokens)."""
     ids = family_of(pipe).tokenizer(pipe)(text, add_special_tokens=False).input_ids
@@ -167,17 +200,14 @@ def _weights(pipe, ids: torch.Tensor, mask: torch.Tensor, prompts: list[str], po
     if pool == "mean":
         w = mask.float()
         return w / w.sum(1, keepdim=True)
-    tokenizer = family_of(pipe).tokenizer(pipe)
-    special = set(tokenizer.all_special_ids)
+    special = set(family_of(pipe).tokenizer(pipe).all_special_ids)
     w = torch.zeros(ids.shape, dtype=torch.float32)
     for row, (prompt, word) in enumerate(zip(prompts, words or prompts)):
         real = [int(t) for t, m in zip(ids[row], mask[row]) if m]
-        want = [t for t in tokenizer(word, add_special_tokens=False).input_ids if t not in special]
         if word is prompt or word == prompt:
             hits = [j for j, t in enumerate(real) if t not in special]
         else:
-            starts = [j for j in range(len(real) - len(want) + 1) if want and real[j:j + len(want)] == want]
-            hits = list(range(starts[-1], starts[-1] + len(want))) if starts else []
+            hits = occurrence(real, word_tokens(pipe, word))
         if not hits:
             raise ValueError(f"the word {word!r} has no tokens of its own in the prompt {prompt!r} (empty, or cut "
                              "off by the tokenizer's length limit); use pool='mean' or a shorter prompt")

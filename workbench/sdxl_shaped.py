@@ -90,7 +90,8 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def sdxl_modules(components: Sequence[str] = COMPONENTS, dtype: torch.dtype | None = None) -> dict[str, torch.nn.Module]:
+def sdxl_modules(components: Sequence[str] = COMPONENTS,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.nn.Module]:
     """Randomly initialised ``text``, ``text2``, ``unet`` and ``vae`` modules on torch's current device,
     made in ``dtype`` (default: torch's default dtype, float32) so that no float32 copy of the model
     is ever held: SDXL-sized for ``components`` (``"text"`` is both text encoders), small stand-ins

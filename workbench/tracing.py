@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from .anatomy import as_list, text_encoders, text_layers
-from .attnmaps import word_positions
 from .concepts import ConceptSet
+from .embed import word_positions
 from .families import Conditioning, family_of
 from .hooks import hooked, on_states
 from .judges import Judge
