@@ -44,8 +44,14 @@ def same_state(pipe, state: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(now[k], v) for k, v in state.items())
 
 
+#: Doctests of these modules run the toy model through whole measurements.
+SLOW_DOCTESTS = {"workbench.metrics", "workbench.sweep", "workbench.attacks.table", "workbench.report",
+                 "workbench.edits"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Notebooks (nbval) and the browser test are ``slow``; so is every test marked by hand."""
+    """Notebooks (nbval), the browser test and the slowest doctests are ``slow``; so is every test marked
+    by hand (over about two seconds on a quiet 2-core CPU)."""
     for item in items:
-        if item.path.suffix == ".ipynb" or item.get_closest_marker("browser"):
+        if item.path.suffix == ".ipynb" or item.get_closest_marker("browser") or item.name in SLOW_DOCTESTS:
             item.add_marker(pytest.mark.slow)

@@ -60,6 +60,7 @@ def test_the_derived_attack_is_the_closed_form_against_the_final_weights(toy, ed
     assert crafted.prompts == ["derived from: an apple", "derived from: a blue apple", "derived from: an apple by seurat"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["uce", "fewshot"])
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_every_attack_runs_on_every_kind_of_edit_and_leaves_the_pipeline_exact(toy, oracle, edits, method, name):
@@ -85,6 +86,7 @@ def test_unlearndiff_projects_its_prefix_onto_real_tokens(toy, edits):
     assert torch.equal(vocab.project(v), table[ids]) and not set(ids.tolist()) & set(toy.tokenizer.all_special_ids)
 
 
+@pytest.mark.slow
 def test_unattacked_rows_measure_the_edit_and_the_unedited_model_on_the_same_prompts(toy, oracle, edits):
     rows, images = unattacked(toy, edits["uce"], "apple", oracle, eval_seeds=[7000])
     assert [len(images[k]) for k in ("unedited", "none")] == [3, 3]
@@ -112,6 +114,7 @@ def test_bad_input_is_refused_with_what_is_valid_and_changes_nothing(toy, oracle
     assert same_state(toy, state)
 
 
+@pytest.mark.slow
 def test_the_attack_panel_shows_what_came_back_with_its_rates(toy, oracle):
     from workbench.widgets import AttackPanel
     panel = AttackPanel(toy, oracle, concept="apple", method="uce", attack="derived", seeds=1)
@@ -123,6 +126,7 @@ def test_the_attack_panel_shows_what_came_back_with_its_rates(toy, oracle):
         panel.set(attack="jailbreak")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["inversion", "unlearndiff"])
 def test_a_budget_curve_judges_each_budget_exactly_as_a_run_to_that_budget(toy, oracle, edits, name):
     state = state_of(toy)
@@ -142,6 +146,7 @@ def test_checkpoints_outside_the_budget_are_refused(toy, edits):
         ATTACKS["inversion"](toy, "apple", TOY_CONCEPTS, budget=2, checkpoints=[5])
 
 
+@pytest.mark.slow
 def test_an_attack_table_row_says_the_budget_each_attack_ran_at(toy, oracle, edits):
     rows, crafted = attack_edit(toy, edits["uce"], oracle, "apple", ["derived", "concept_vector", "inversion"],
                                 {"inversion": [1, 2], "concept_vector": 2}, eval_seeds=[7000])

@@ -24,6 +24,7 @@ def test_every_method_runs_in_bfloat16_and_reverts_exactly(toy_bf16, method):
     assert same_state(toy_bf16, state)
 
 
+@pytest.mark.slow
 def test_bfloat16_fewshot_keeps_updates_below_the_weights_last_bit(toy, toy_bf16):
     """Few-shot trains float32 master copies: in bfloat16 its ||dW|| stays within 10% of the float32 run's
     (training the bfloat16 weights themselves gave 0.57x)."""
@@ -41,6 +42,7 @@ def test_a_bfloat16_edit_lands_on_the_nearest_bfloat16_weights(toy_bf16):
     assert torch.equal(got, (W.float() + edit.deltas[f"{name}.weight"]).to(torch.bfloat16))
 
 
+@pytest.mark.slow
 def test_metrics_measure_a_bfloat16_pipeline(toy_bf16, oracle):
     scores = evaluate(toy_bf16, oracle, "apple", edit=erase(toy_bf16, "apple", "uce"), per_prompt=2, per_other=1,
                       others=["banana", "car"])

@@ -62,6 +62,7 @@ def test_the_reference_timestep_is_drawn_from_the_schedules_slice_of_the_samplin
     assert all(980 <= int(trainer.reference_timestep(49)) < 1000 for _ in range(20))
 
 
+@pytest.mark.slow
 def test_esd_erases_apple_from_the_toy_model_and_keeps_a_car(toy, oracle):
     edit = erase(toy, "apple", "esd", preset="esd-x", iterations=30, lr=3e-4, sample_steps=4, progress=False)
     assert edit.params["prompts"] == ["a photo of an apple", "a picture of an apple", "an icon of an apple", "apple"]
@@ -94,6 +95,7 @@ def test_unet_subsets_run_esd_through_ffn_self_and_cross_attention(toy):
         assert set(row.parts_edited) == set(select(toy, UNET_SUBSETS[row.subset]))
 
 
+@pytest.mark.slow
 def test_an_attack_runs_on_an_esd_edit(toy, oracle):
     from workbench.attacks import attack
 

@@ -1,5 +1,6 @@
 """The methods' defaults follow their reference code (RECE, UCE, few-shot unlearning); the toy profile
 keeps its own measured choices."""
+import pytest
 import torch
 
 from workbench.anatomy import parts, select
@@ -114,6 +115,7 @@ def test_fewshot_draws_prompts_from_the_reference_pools_of_27_and_19_templates(t
         eps=1e-6, weight_decay=1e-8, latent="sample", flip=True)
 
 
+@pytest.mark.slow
 def test_fewshot_with_sampled_latents_and_flips_is_deterministic_per_seed(toy):
     def run(seed, **knobs):
         return fewshot(toy, "cat", TOY_CONCEPTS.image_folder("cat"), steps=2, lr=1e-4, seed=seed, progress=False,

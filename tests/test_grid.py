@@ -79,6 +79,7 @@ def both(toy, cluster, tmp_path_factory):
     return here, there, in_process, on_cluster
 
 
+@pytest.mark.slow
 def test_a_twelve_run_grid_gives_the_same_rows_on_a_cluster_as_in_process(both, cluster):
     _, _, here, there = both
     assert len(here) == len(there) == 12 and here.attrs["ran"] == there.attrs["ran"] == 12
@@ -96,6 +97,7 @@ def test_a_twelve_run_grid_gives_the_same_rows_on_a_cluster_as_in_process(both, 
         assert x.keys() == y.keys() and all(math.isclose(x[k], y[k], rel_tol=1e-6) for k in x)
 
 
+@pytest.mark.slow
 def test_a_grid_row_has_the_columns_and_numbers_of_a_layer_sweep_row(both, toy):
     _, _, here, _ = both
     threads = torch.get_num_threads()
@@ -131,6 +133,7 @@ def test_running_a_grid_again_does_no_work(both, toy, cluster):
     assert status(there_dir) == {"runs": 12, "done": 12, "failed": 0, "left": 0}
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_sweep_loses_no_run(cluster, tmp_path):
     grid = {"model": "toy", "concepts": ["apple", "car"], "methods": ["rece", "uce"],
             "parts": ["default", "unet.mid.0.xattn.v"], "measure": False}
@@ -174,6 +177,7 @@ def test_a_grid_with_an_unknown_method_concept_or_selector_is_refused_before_any
         Grid.of({"concept": ["apple"], "methods": ["uce"]})
 
 
+@pytest.mark.slow
 def test_a_run_that_raises_is_a_row_with_its_error_and_is_tried_again_next_time(toy, tmp_path):
     grid = {"model": "toy", "concepts": ["apple"], "methods": ["uce"], "parts": ["unet.mid.0.xattn.v"],
             "vary": {"uce": {"erase_scale": [1.0, float("nan")]}}, "measure": False}
@@ -214,6 +218,7 @@ def test_the_store_counts_done_failed_and_left_and_a_success_replaces_a_failure(
         store.write({"dW": 1.0})
 
 
+@pytest.mark.slow
 def test_the_cli_runs_a_grid_file_and_reports_its_status(tmp_path, capsys):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"concepts": ["apple"], "methods": ["uce"], "measure": False,
@@ -240,6 +245,7 @@ def test_the_example_grids_plan_on_their_models(toy, tiny_sd_dir):
     assert len(runs) == 10 * 2 * (1 + 2 * n_xattn) * 3 and n_xattn > 1
 
 
+@pytest.mark.slow
 def test_the_sweep_panel_runs_its_sweep_on_a_cluster_and_links_the_dashboard(toy, cluster, tmp_path):
     address = cluster.scheduler.address
     panel = SweepPanel(toy, None, run=False, concept="apple", method="uce", cluster=address, results=str(tmp_path))
@@ -258,6 +264,7 @@ ATTACK_GRID = {"model": "toy", "concepts": ["apple"], "methods": ["uce"], "threa
                "attacks": {"names": ["derived", "inversion"], "budgets": {"inversion": [1, 2]}, "eval_seeds": [7000]}}
 
 
+@pytest.mark.slow
 def test_an_attack_grid_stores_every_judged_image_and_gives_the_same_table_on_a_cluster(toy, cluster, tmp_path):
     state = state_of(toy)
     here = run_grid(ATTACK_GRID, tmp_path / "here", pipe=toy, progress=False)

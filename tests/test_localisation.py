@@ -75,6 +75,7 @@ def test_restoring_the_last_text_layer_at_every_token_gives_the_clean_conditioni
     assert not torch.equal(text.corrupted().tokens, clean)
 
 
+@pytest.mark.slow
 def test_a_trace_restores_the_clean_run_exactly_at_the_last_unet_block_and_changes_nothing(toy, oracle):
     before, hooked = state_of(toy), hooks(toy)
     t = trace(toy, "apple", "an icon of an apple", oracle, sites=["text.0", "unet.mid", "unet.up.2"], n=2,
@@ -117,6 +118,7 @@ def test_tracing_and_attention_maps_run_on_an_sd_shaped_pipeline_with_a_clip_jud
     assert same_state(pipe, before) and hooks(pipe) == hooked
 
 
+@pytest.mark.slow
 def test_the_three_localisation_panels_run_on_click_and_keep_no_edit(toy, oracle):
     from workbench.widgets import AttentionPanel, EsdPanel, TracePanel
 

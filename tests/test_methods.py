@@ -193,6 +193,7 @@ def test_uce_refuses_text_parts(toy):
         uce(toy, "apple", parts="text.1.ffn")
 
 
+@pytest.mark.slow
 def test_erase_fills_in_the_toy_defaults_and_knobs_override_them(toy):
     from workbench.methods import erase
 

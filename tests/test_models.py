@@ -20,6 +20,7 @@ def test_toy_is_a_stable_diffusion_pipeline(toy):
     assert not any(p.requires_grad for p in toy.text_encoder.parameters())
 
 
+@pytest.mark.slow
 def test_toy_generates_deterministically(toy):
     prompts = ["a red apple", "a car by van gogh", "a cat", "a blue star"]
     first = toy(prompts, num_inference_steps=10, generator=workbench.seeded(3)).images
@@ -30,6 +31,7 @@ def test_toy_generates_deterministically(toy):
     assert not np.array_equal(_pixels(first), _pixels(other))
 
 
+@pytest.mark.slow
 def test_toy_draws_what_it_is_asked(toy, oracle):
     prompts = [a(o) for o in OBJECTS for _ in range(2)]
     images = toy(prompts, num_inference_steps=20, guidance_scale=5.0, generator=workbench.seeded(11)).images
@@ -59,6 +61,7 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
         workbench.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_hub_id_not_cached_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not load 'nobody/no-such-model'"):

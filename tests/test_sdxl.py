@@ -124,6 +124,7 @@ def test_landing_spaces_cover_each_encoder_the_conditioning_and_every_key_value_
     assert embed(sdxl, ["apple", "car"], space="text.0", pool="concept").shape == (2, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_every_attack_runs_on_an_sdxl_edit_and_leaves_the_model_as_it_was(sdxl, judge, name):
     cs = ConceptSet.of(objects=["apple", "car"])

@@ -19,6 +19,7 @@ def _selected(pipe, part: str) -> set[str]:
     return set(select(pipe, part.split(" + ")))
 
 
+@pytest.mark.slow
 def test_uce_sweep_edits_one_cross_attention_matrix_per_run(toy):
     state = state_of(toy)
     table = layer_sweep(toy, "apple", method="uce", measure=False, progress=False)
@@ -56,6 +57,7 @@ def test_ffn_vs_attention_subsets_edit_what_they_say(toy):
     assert table["layer"].isna().all()
 
 
+@pytest.mark.slow
 def test_measured_rows(toy, oracle):
     table = layer_sweep(toy, "apple", method="uce", components=["xattn.v"], layers=[2], seeds=(0, 7),
                         judge=oracle, others=["banana", "car"], per_prompt=2, per_other=1, progress=False)

@@ -1,12 +1,14 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from workbench import cli
 from workbench.toy import train
 
 
+@pytest.mark.slow
 def test_quick_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeypatch):
     out, work = tmp_path / "data" / "toy", tmp_path / "work"
     train.main(["--quick", "--out", str(out), "--work", str(work)])
@@ -54,6 +56,7 @@ def test_cli_erase_then_generate_with_the_edit(tmp_path, capsys):
     assert not np.array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(after)))
 
 
+@pytest.mark.slow
 def test_cli_demo_writes_grid_report_and_figure(tmp_path, capsys):
     out = tmp_path / "demo"
     cli.main(["demo", "--concept", "cat", "--per-prompt", "2", "--out", str(out)])

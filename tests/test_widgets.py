@@ -29,6 +29,7 @@ def sweep_sliders(panel) -> None:
         panel.set(**{name: old})
 
 
+@pytest.mark.slow
 def test_erase_panel_runs_on_click_and_shows_grid_table_and_bars(toy, oracle):
     base = {n: p.weight.clone() for n, p in parts(toy).items()}
     panel = ErasePanel(toy, oracle, run=False, concept="car", method="uce", per_prompt=1)
@@ -62,6 +63,7 @@ def test_erase_panel_sliders_cover_their_range(toy, oracle):
     sweep_sliders(ErasePanel(toy, oracle, run=False))
 
 
+@pytest.mark.slow
 def test_erase_panel_reports_bad_input_in_the_panel(toy, oracle):
     panel = ErasePanel(toy, oracle, run=False)
     with pytest.raises(ValueError, match="choose from"):
@@ -114,6 +116,7 @@ def click(panel) -> list[int]:
     return seen
 
 
+@pytest.mark.slow
 def test_sweep_panel_table_has_one_row_per_layer_and_component(toy, oracle):
     base = weights(toy)
     panel = SweepPanel(toy, oracle, run=False, concept="apple", method="uce", seeds=1, per_prompt=1)
@@ -136,6 +139,7 @@ def test_sweep_panel_table_has_one_row_per_layer_and_component(toy, oracle):
     assert unchanged(toy, base)
 
 
+@pytest.mark.slow
 def test_sweep_panel_cumulative_without_oracle_on_the_toy(toy):
     base = weights(toy)
     names = layers(toy, "uce")
@@ -158,6 +162,7 @@ def test_sweep_panel_cumulative_without_oracle_on_the_toy(toy):
     assert unchanged(toy, base)
 
 
+@pytest.mark.slow
 def test_sweep_panel_without_oracle_shows_edit_sizes(tiny_sd_dir):
     import workbench
 
@@ -178,6 +183,7 @@ def test_sweep_panel_sliders_cover_their_range(toy, oracle):
     sweep_sliders(SweepPanel(toy, oracle, run=False))
 
 
+@pytest.mark.slow
 def test_landing_panel_shows_map_and_neighbours(toy, oracle):
     base = weights(toy)
     threads = torch.get_num_threads()
@@ -215,6 +221,7 @@ def test_landing_panel_offers_every_space_and_sliders_cover_their_range(toy, ora
     sweep_sliders(panel)
 
 
+@pytest.mark.slow
 def test_subset_panel_compares_the_four_subsets_and_states_the_finding(toy, oracle):
     base = weights(toy)
     panel = SubsetPanel(toy, oracle, run=False, concepts=["apple"], seeds=1, steps=2, per_prompt=1)
@@ -238,6 +245,7 @@ def test_subset_panel_sliders_cover_their_range(toy, oracle):
     sweep_sliders(SubsetPanel(toy, oracle, run=False))
 
 
+@pytest.mark.slow
 def test_compare_panel_has_one_row_per_method_and_concept(toy, oracle):
     base = weights(toy)
     panel = ComparePanel(toy, oracle, run=False, concepts=["apple"], methods=["uce", "rece"], per_prompt=1)
@@ -296,6 +304,7 @@ def test_compare_panel_sliders_cover_their_range(toy, oracle):
     sweep_sliders(ComparePanel(toy, oracle, run=False))
 
 
+@pytest.mark.slow
 def test_erase_panel_on_the_tiny_sd_pipeline_shows_grid_and_edit_sizes(tiny_sd_dir):
     import workbench
 

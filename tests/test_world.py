@@ -38,6 +38,7 @@ def test_object_colour_is_drawn():
         assert close.mean() > 0.1, colour
 
 
+@pytest.mark.slow
 def test_captions_name_their_labels():
     rng = random.Random(0)
     for _ in range(500):

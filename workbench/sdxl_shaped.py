@@ -44,6 +44,8 @@ PAD_2 = "!"
 #: quick_gelu); SDXL conditions on its penultimate layer.
 SDXL_TEXT: dict[str, Any] = dict(SD14_TEXT)
 #: ``text_encoder_2``: OpenCLIP ViT-bigG/14's text tower with its projection (``CLIPTextModelWithProjection``).
+#: Token ids are the tokenizer's, as in :data:`workbench.sd14.SD14_TEXT` (the published configs keep
+#: transformers' placeholders 0, 2, 1, which pool at the same end token: it is the largest id).
 SDXL_TEXT_2: dict[str, Any] = dict(
     vocab_size=CLIP_VOCAB_SIZE, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
     num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
@@ -144,9 +146,10 @@ def build_sdxl(folder: str | os.PathLike | None = None, seed: int = 0,
 
     ``components`` are built at SDXL's size, the others as small stand-ins, so ``components=("text",)``
     gives both real text towers with a fast UNet (still 2,048-wide keys and ``text_time`` conditioning)
-    and VAE. The modules are made directly in ``dtype`` (bfloat16 by default: 7.0 GB on disk and in
-    memory for the full model instead of 14 GB), so float32 never has to fit; load with
-    ``workbench.load(folder, dtype=...)`` to compute in another dtype. ``folder`` defaults to
+    and VAE. The modules are made directly in ``dtype`` (bfloat16 by default: 6.9 GB on disk for the
+    full model instead of 14 GB; about a minute and 7 GB of memory to build), so float32 never has to
+    fit. Load with ``workbench.load(folder, dtype=...)``: without a dtype the text encoders stay in
+    ``dtype`` while diffusers makes the UNet and VAE float32, and sampling fails. ``folder`` defaults to
     ``$WORKBENCH_CACHE/sdxl-shaped/``; a folder already built with the same arguments is reused (a
     marker file, written last, says it is complete).
     """
