@@ -237,3 +237,17 @@ def test_a_grid_runs_on_an_sdxl_folder(tiny_sdxl_dir, tmp_path):
     rows = run_grid(grid, tmp_path / "results", progress=False, log=lambda _: None)
     assert rows["error"].isna().all() and len(rows) == 2
     assert rows.set_index("part").loc["unet.mid.0.t1.xattn.k", "parts_edited"] == ("unet.mid.0.t1.xattn.k",)
+
+
+def test_landing_tables_work_in_a_key_space_the_conditioning_and_the_second_encoders_layers(sdxl):
+    from workbench.project import landing
+
+    words = ["apple", "pear", "car", "cat", "dog", "sun", "moon", "tree"]
+    state = state_of(sdxl)
+    edit = rece(sdxl, "apple")
+    keys = landing(sdxl, edit, "apple", k=3, space="unet.mid.0.t1.xattn.k", vocabulary=words)
+    assert len(keys) == 3 and (keys["distance"] != keys["distance_before"]).any()
+    for space in ("text", "text2.1"):
+        table = landing(sdxl, edit, "apple", k=3, space=space, vocabulary=words)
+        assert (table["distance"] == table["distance_before"]).all()  # RECE leaves the text encoders alone
+    assert unchanged(sdxl, state)
