@@ -180,15 +180,28 @@ def parameter_counts(components: Sequence[str] = COMPONENTS) -> dict[str, int]:
     return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
 
 
-def _default_folder(components: tuple[str, ...], seed: int, dtype: torch.dtype) -> Path:
-    name = "sd14-shaped"
-    if components != COMPONENTS:
+def shaped_folder(stem: str, components: tuple[str, ...], every: tuple[str, ...], seed: int, dtype: torch.dtype,
+                  usual: torch.dtype) -> Path:
+    """Where a shaped pipeline is cached: ``$WORKBENCH_CACHE/<stem>``, with the components built at full
+    size (when not ``every`` one), the seed and the dtype (when not ``usual``) in the name."""
+    name = stem
+    if components != every:
         name += "-" + ("-".join(components) or "small")
     if seed:
         name += f"-seed{seed}"
-    if dtype != torch.float16:
+    if dtype != usual:
         name += "-" + str(dtype).removeprefix("torch.")
     return cache_dir() / name
+
+
+def already_built(folder: Path, marker: str, recipe: dict) -> bool:
+    """Whether ``folder`` holds a pipeline built from ``recipe`` (its marker file, written last, says so);
+    otherwise the stale marker is removed."""
+    path = folder / marker
+    if path.is_file() and json.loads(path.read_text()) == recipe:
+        return True
+    path.unlink(missing_ok=True)
+    return False
 
 
 def build_sd14(folder: str | os.PathLike | None = None, seed: int = 0,
@@ -204,12 +217,11 @@ def build_sd14(folder: str | os.PathLike | None = None, seed: int = 0,
     with the same arguments is reused (a marker file, written last, says it is complete).
     """
     full = _check_components(components)
-    folder = Path(folder).expanduser() if folder is not None else _default_folder(full, seed, dtype)
+    folder = (Path(folder).expanduser() if folder is not None else
+              shaped_folder("sd14-shaped", full, COMPONENTS, seed, dtype, torch.float16))
     recipe = {"components": list(full), "seed": seed, "dtype": str(dtype)}
-    marker = folder / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+    if already_built(folder, _MARKER, recipe):
         return folder
-    marker.unlink(missing_ok=True)
     tokenizer = clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,7 +233,7 @@ def build_sd14(folder: str | os.PathLike | None = None, seed: int = 0,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(folder)
-    marker.write_text(json.dumps(recipe))
+    (folder / _MARKER).write_text(json.dumps(recipe))
     return folder
 
 

@@ -30,8 +30,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .models import load
 from .sd14 import (
-    CLIP_VOCAB_SIZE, COMPONENTS, SD14_TEXT, SD14_VAE, SMALL_TEXT, SMALL_VAE, _check_components, _quiet, cache_dir,
-    clip_tokenizer,
+    CLIP_VOCAB_SIZE, COMPONENTS, SD14_TEXT, SD14_VAE, SMALL_TEXT, SMALL_VAE, _check_components, _quiet,
+    already_built, clip_tokenizer, shaped_folder,
 )
 
 __all__ = ["sdxl_modules", "parameter_counts", "build_sdxl", "sdxl_pipeline", "COMPONENTS"]
@@ -128,17 +128,6 @@ def tokenizers(cache: str | os.PathLike | None = None) -> tuple[Any, Any]:
     return clip_tokenizer(cache), second
 
 
-def _default_folder(components: tuple[str, ...], seed: int, dtype: torch.dtype) -> Path:
-    name = "sdxl-shaped"
-    if components != COMPONENTS:
-        name += "-" + ("-".join(components) or "small")
-    if seed:
-        name += f"-seed{seed}"
-    if dtype != torch.bfloat16:
-        name += "-" + str(dtype).removeprefix("torch.")
-    return cache_dir() / name
-
-
 def build_sdxl(folder: str | os.PathLike | None = None, seed: int = 0,
                components: Sequence[str] = COMPONENTS, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a random-weight SDXL-shaped ``StableDiffusionXLPipeline`` with ``save_pretrained`` and
@@ -154,12 +143,11 @@ def build_sdxl(folder: str | os.PathLike | None = None, seed: int = 0,
     marker file, written last, says it is complete).
     """
     full = _check_components(components)
-    folder = Path(folder).expanduser() if folder is not None else _default_folder(full, seed, dtype)
+    folder = (Path(folder).expanduser() if folder is not None else
+              shaped_folder("sdxl-shaped", full, COMPONENTS, seed, dtype, torch.bfloat16))
     recipe = {"components": list(full), "seed": seed, "dtype": str(dtype)}
-    marker = folder / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+    if already_built(folder, _MARKER, recipe):
         return folder
-    marker.unlink(missing_ok=True)
     tokenizer, tokenizer_2 = tokenizers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -172,7 +160,7 @@ def build_sdxl(folder: str | os.PathLike | None = None, seed: int = 0,
         )
         pipe.save_pretrained(folder)
     del pipe, modules
-    marker.write_text(json.dumps(recipe))
+    (folder / _MARKER).write_text(json.dumps(recipe))
     return folder
 
 
