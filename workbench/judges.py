@@ -26,7 +26,7 @@ import torch
 import transformers
 from huggingface_hub import snapshot_download
 from PIL import Image
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer, T5Tokenizer
 from transformers.utils import logging as transformers_logging
 
 
@@ -309,6 +309,20 @@ def ascii_clip_tokenizer(max_length: int) -> CLIPTokenizer:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
         return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=max_length)
+
+
+def ascii_t5_tokenizer(max_length: int) -> T5Tokenizer:
+    """A T5 (unigram) tokenizer over printable ASCII, for the tiny fixtures: each word is a first piece
+    with T5's word-start mark and one piece per further character, then ``</s>``; no start token.
+
+    >>> tok = ascii_t5_tokenizer(8)
+    >>> tok.convert_ids_to_tokens(tok("ab").input_ids)
+    ['▁a', 'b', '</s>']
+    """
+    chars = [chr(i) for i in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
 def tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:

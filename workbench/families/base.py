@@ -167,9 +167,14 @@ class Family:
         raise NotImplementedError
 
     def denoise(self, pipe, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The denoiser's prediction; ``params`` as in :meth:`conditioning`."""
+                params: dict[str, torch.Tensor] | None = None, guidance: float | None = None) -> torch.Tensor:
+        """The denoiser's prediction; ``params`` as in :meth:`conditioning`; ``guidance`` is the
+        distilled guidance of a model that takes one as input (ignored by the others)."""
         raise NotImplementedError
+
+    def distilled(self, pipe) -> bool:
+        """Whether the model takes its guidance as an input (FLUX.1-dev) instead of from two branches."""
+        return False
 
     def training_pair(self, pipe, clean: torch.Tensor, noise: torch.Tensor,
                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +197,20 @@ class Family:
 
     def blocks(self, pipe) -> dict[str, nn.Module]:
         """The denoiser's blocks a causal trace restores, by name, in the order data flows."""
+        raise NotImplementedError
+
+    def text_entries(self, pipe) -> dict[str, str]:
+        """Every matrix the closed-form methods may edit, by part name -> the space of its inputs:
+        ``"tokens"`` (the conditioning's token rows, what every cross-attention k/v reads), ``"pooled"``
+        (the pooled vector) or a block's own text stream (``"dit.{i}.text"``, captured in a forward pass)."""
+        raise NotImplementedError
+
+    def default_entries(self, pipe) -> list[str]:
+        """The matrices UCE and RECE edit when no parts are given."""
+        raise NotImplementedError
+
+    def row_segments(self, pipe) -> tuple[tuple[str, int], ...]:
+        """The token rows' runs: ``(encoder whose tokenizer made them, first row)``, in order."""
         raise NotImplementedError
 
 

@@ -34,6 +34,17 @@ _TEXT_LAYERS: tuple[dict[str, str], ...] = (
         "attn.v": "attention.self.value", "attn.out": "attention.output.dense",
         "ffn.in": "intermediate.dense", "ffn.out": "output.dense",
     },
+    {  # T5 v1.1 (gated feed-forward: FLUX's and SD 3's T5-XXL)
+        "attn.q": "layer.0.SelfAttention.q", "attn.k": "layer.0.SelfAttention.k",
+        "attn.v": "layer.0.SelfAttention.v", "attn.out": "layer.0.SelfAttention.o",
+        "ffn.in": "layer.1.DenseReluDense.wi_0", "ffn.gate": "layer.1.DenseReluDense.wi_1",
+        "ffn.out": "layer.1.DenseReluDense.wo",
+    },
+    {  # T5
+        "attn.q": "layer.0.SelfAttention.q", "attn.k": "layer.0.SelfAttention.k",
+        "attn.v": "layer.0.SelfAttention.v", "attn.out": "layer.0.SelfAttention.o",
+        "ffn.in": "layer.1.DenseReluDense.wi", "ffn.out": "layer.1.DenseReluDense.wo",
+    },
 )
 _XATTN = re.compile(r"^(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$"
                     r"|^mid_block\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
@@ -71,7 +82,7 @@ def _text_layers(encoder: nn.Module) -> tuple[nn.ModuleList, dict[str, str]]:
                 except (AttributeError, IndexError):
                     continue
                 return module, inner
-    raise TypeError(f"unsupported text encoder {type(encoder).__name__}: the workbench knows CLIP and BERT")
+    raise TypeError(f"unsupported text encoder {type(encoder).__name__}: the workbench knows CLIP, BERT and T5")
 
 
 
@@ -241,7 +252,7 @@ class StableDiffusion(Family):
         return {}
 
     def denoise(self, pipe, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                params: dict[str, torch.Tensor] | None = None, guidance: float | None = None) -> torch.Tensor:
         unet = pipe.unet
         cond = cond.to(unet.device, unet.dtype)
         kwargs = {"encoder_hidden_states": cond.tokens, **self.added(pipe, cond)}
@@ -288,6 +299,15 @@ class StableDiffusion(Family):
         owner = {id(getattr(m, "to_k", None)): m for m in pipe.unet.modules() if hasattr(m, "processor")}
         return {name[:-len(".xattn.k")]: owner[id(module)] for name, module in self.parts(pipe).items()
                 if name.endswith(".xattn.k")}
+
+    def text_entries(self, pipe) -> dict[str, str]:
+        return {name: "tokens" for name in self.parts(pipe) if name.endswith((".xattn.k", ".xattn.v"))}
+
+    def default_entries(self, pipe) -> list[str]:
+        return list(self.text_entries(pipe))
+
+    def row_segments(self, pipe) -> tuple[tuple[str, int], ...]:
+        return (("text", 0),)
 
     def blocks(self, pipe) -> dict[str, nn.Module]:
         unet = pipe.unet
