@@ -17,6 +17,8 @@ The same names on the toy model (BERT text encoder), the tiny SD-shaped pipeline
 ``unet.in.conv``, ``unet.out.conv``    the UNet's first and last convolutions
 ``unet.time.mlp.{in,out}``             the timestep embedding's two linear layers
 ``unet.time.added.{in,out}``           SDXL's added (pooled text and time ids) embedding
+``text3.{i}...``                       SD 3's T5 (``text2`` is FLUX's T5), ``ffn.gate`` its gate
+``dit.*``                              a transformer's parts (FLUX, SD 3): :mod:`workbench.families.mmdit`
 =====================================  ==============================================================
 
 ``{block}`` is ``down.{b}.{i}``, ``mid.{i}`` or ``up.{b}.{i}``: UNet block b's i-th layer, which is its
@@ -136,7 +138,11 @@ def census(pipe, selector: Selector = "*") -> pd.DataFrame:
 
 def layer_of(name: str) -> str:
     """The layer a part belongs to: ``"text.3.ffn.in" -> "text.3"``, ``"unet.up.1.0.xattn.k" -> "unet.up.1.0"``,
-    ``"unet.down.0.sample.conv" -> "unet.down.0.sample"``, ``"unet.in.conv" -> "unet.in"``."""
+    ``"unet.down.0.sample.conv" -> "unet.down.0.sample"``, ``"unet.in.conv" -> "unet.in"``,
+    ``"dit.3.text.k" -> "dit.3"``, ``"dit.single.0.q" -> "dit.single.0"``, ``"dit.context.proj" -> "dit.context"``."""
+    if name.startswith("dit."):
+        bits = name.split(".")
+        return ".".join(bits[:3] if bits[1] == "single" else bits[:2])
     if name.startswith("unet."):
         m = _UNET_NAME.match(name)
         return "unet." + m.group(1) if m else name.rsplit(".", 1)[0]
@@ -146,7 +152,21 @@ def layer_of(name: str) -> str:
 def component_of(name: str) -> str:
     """What a part is within its layer: ``"attn"`` or ``"ffn"`` (text encoder and UNet alike),
     ``"xattn.q"``, ``"xattn.k"``, ``"xattn.v"`` or ``"xattn.out"`` (each cross-attention matrix on its
-    own, as UCE and RECE edit them), ``"res"``, ``"proj"``, ``"conv"`` or ``"mlp"``."""
+    own, as UCE and RECE edit them), ``"res"``, ``"proj"``, ``"conv"`` or ``"mlp"``; in a transformer the
+    stream and matrix of a double block (``"text.k"``, ``"img.q"``, ``"img.ffn"``, ``"text.mod"``,
+    ``"img.attn2"``), ``"single.q"`` ... ``"single.ffn"`` in a single block, else the top-level part
+    (``"context"``, ``"pooled"``, ``"time"``, ``"in"``, ``"out"``).
+
+    >>> [component_of(n) for n in ("dit.3.text.k", "dit.0.img.ffn.in", "dit.single.2.ffn.in", "dit.context.proj")]
+    ['text.k', 'img.ffn', 'single.ffn', 'context']
+    """
+    if name.startswith("dit."):
+        bits = name.split(".")
+        if bits[1] == "single":
+            return "single." + bits[3]
+        if bits[1].isdigit():
+            return ".".join(bits[2:4])
+        return bits[1]
     if name.startswith("unet."):
         m = _UNET_NAME.match(name)
         rest = m.group(2) if m else name.rsplit(".", 1)[1]

@@ -117,20 +117,49 @@ def conditioning(pipe, prompts: str | Sequence[str], batch: int = 256,
     return made.to(made.tokens.device if device is None else torch.device(device), torch.float32)
 
 
-def last_word(pipe, prompts: str | Sequence[str]) -> list[int]:
-    """Position of the first token of each prompt's last word (after the start token); 0, the start
-    token itself, for an empty prompt. A word the tokenizer splits keeps all its pieces.
+def _row_encoder(pipe, encoder: str | None) -> str:
+    """``encoder``, or the encoder whose tokenizer made the conditioning's first token rows (T5 on FLUX)."""
+    return family_of(pipe).row_segments(pipe)[0][0] if encoder is None else encoder
+
+
+def last_word(pipe, prompts: str | Sequence[str], encoder: str | None = None) -> list[int]:
+    """Position of the first token of each prompt's last word (after the start token, if the tokenizer
+    has one); the first position for an empty prompt. A word the tokenizer splits keeps all its pieces.
+    ``encoder``: whose tokenizer (default: the one that made the conditioning's first rows).
 
     >>> import workbench
     >>> last_word(workbench.load("toy"), ["", "apple", "a photo of an apple", "a painting by mondrian"])
     [0, 1, 5, 4]
     """
     prompts = as_list(prompts)
-    _, masks = _tokenize(pipe, prompts + [" ".join(text.split()[:-1]) for text in prompts])
+    _, masks = _tokenize(pipe, prompts + [" ".join(text.split()[:-1]) for text in prompts],
+                         encoder=_row_encoder(pipe, encoder))
     mask, prefix_mask = masks[:len(prompts)], masks[len(prompts):]
-    last = (mask.sum(1) - 2).clamp(min=0)  # the last token before the end token
-    first = (prefix_mask.sum(1) - 1).clamp(min=0).minimum(last)  # one past the prefix's last token
+    # with a start token (CLIP, BERT) the prefix's tokens sit at 1..P; without one (T5) at 0..P-1; either
+    # way the mask counts one special token more than the position after the prefix
+    last = (mask.sum(1) - 2).clamp(min=0)
+    first = (prefix_mask.sum(1) - 1).clamp(min=0).minimum(last)
     return [f if text.split() else 0 for f, text in zip(first.tolist(), prompts)]
+
+
+def concept_spans(pipe, prompts: str | Sequence[str]) -> list[list[tuple[int, int]]]:
+    """For each prompt, the runs of token rows ``(start, stop)`` that carry its concept: from its last
+    word to the end of each run of rows one tokenizer made (one run on SD, SDXL and FLUX; CLIP's and
+    T5's on SD 3).
+
+    >>> import workbench
+    >>> concept_spans(workbench.load("toy"), ["a photo of an apple"])
+    [[(5, 20)]]
+    """
+    prompts = as_list(prompts)
+    family = family_of(pipe)
+    segments = family.row_segments(pipe)
+    per = []
+    for i, (encoder, offset) in enumerate(segments):
+        width = _tokenize(pipe, [""], encoder=encoder)[0].shape[1]
+        stop = segments[i + 1][1] if i + 1 < len(segments) else offset + width
+        per.append([(offset + a, stop) for a in last_word(pipe, prompts, encoder)])
+    return [list(spans) for spans in zip(*per)]
 
 
 def occurrence(tokens: Sequence[int], word: Sequence[int]) -> list[int]:
@@ -143,26 +172,31 @@ def occurrence(tokens: Sequence[int], word: Sequence[int]) -> list[int]:
     return list(range(starts[-1], starts[-1] + len(word))) if starts else []
 
 
-def word_tokens(pipe, word: str) -> list[int]:
-    """``word``'s own tokens (no special tokens) under the pipeline's tokenizer."""
-    tok = family_of(pipe).tokenizer(pipe)
+def word_tokens(pipe, word: str, encoder: str | None = None) -> list[int]:
+    """``word``'s own tokens (no special tokens) under the tokenizer of ``encoder`` (default: the one that
+    made the conditioning's first rows)."""
+    tok = family_of(pipe).tokenizer(pipe, _row_encoder(pipe, encoder))
     return [t for t in tok(word, add_special_tokens=False).input_ids if t not in tok.all_special_ids]
 
 
 def word_positions(pipe, prompt: str, word: str) -> list[int]:
-    """Token positions of ``word`` (all its pieces; its last occurrence) in ``prompt`` as the pipeline
-    tokenizes it; an error listing the prompt's words when it is not there.
+    """The conditioning rows of ``word`` (all its pieces; its last occurrence) in ``prompt`` as the
+    pipeline tokenizes it, in every run of rows (CLIP's and T5's on SD 3); an error listing the prompt's
+    words when it is not there.
 
     >>> import workbench
     >>> word_positions(workbench.load("toy"), "a painting by mondrian", "mondrian")
     [4, 5, 6]
     """
-    ids, _ = _tokenize(pipe, [prompt])
-    positions = occurrence(ids[0].tolist(), word_tokens(pipe, word))
-    if not positions:
-        limit = family_of(pipe).tokenizer(pipe).model_max_length
-        raise ValueError(f"the word {word!r} is not in the prompt {prompt!r} (or was cut off at the tokenizer's "
-                         f"{limit} tokens); words of the prompt: {', '.join(prompt.split())}")
+    positions = []
+    for encoder, offset in family_of(pipe).row_segments(pipe):
+        ids, _ = _tokenize(pipe, [prompt], encoder=encoder)
+        found = occurrence(ids[0].tolist(), word_tokens(pipe, word, encoder))
+        if not found:
+            limit = family_of(pipe).tokenizer(pipe, encoder).model_max_length
+            raise ValueError(f"the word {word!r} is not in the prompt {prompt!r} (or was cut off at the tokenizer's "
+                             f"{limit} tokens); words of the prompt: {', '.join(prompt.split())}")
+        positions += [offset + p for p in found]
     return positions
 
 
