@@ -4,7 +4,7 @@
 ``hooked(pairs)``           forward hooks ``(module, fn(module, inputs, output) -> output)``
 ``frozen(*modules)``        gradients off for the modules' parameters; the flags come back
 ``processors(layers, make)`` attention processors swapped, the very same objects put back
-``cache(pipe, names)``      every output of the named parts or blocks, captured per call
+``cache(pipe, names)``      every output (or input) of the named parts or blocks, captured per call
 ==========================  ================================================================
 
 >>> import torch, workbench
@@ -84,14 +84,17 @@ def modules(pipe, names: Sequence[str]) -> dict[str, nn.Module]:
 
 
 @contextmanager
-def cache(pipe, names: Sequence[str], detach: bool = True) -> Iterator[dict[str, list[torch.Tensor]]]:
+def cache(pipe, names: Sequence[str], detach: bool = True,
+          inputs: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Capture the output (hidden states) of each named module at every call while the block runs:
-    ``{name: [output of call 1, call 2, ...]}``."""
+    ``{name: [output of call 1, call 2, ...]}``; with ``inputs``, its first input instead (the keys a
+    k/v projection reads)."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    take_input = inputs
 
     def keep(name: str) -> Hook:
         def hook(module, inputs, output):
-            states = output[0] if isinstance(output, tuple) else output
+            states = inputs[0] if take_input else output[0] if isinstance(output, tuple) else output
             seen[name].append(states.detach() if detach else states)
         return hook
 

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..anatomy import Selector, as_list, parts as all_parts, select
+from ..anatomy import Selector, as_list, parts as all_parts
 from ..edits import Edit, Timer
-from ..embed import check_prompt, encode, last_word
+from ..embed import check_prompt
+from ..families import family_of
+from ..keys import rows as entry_rows, samples
 from .solver import Gram, System, groups, stack, unstack
-from .uce import XATTN, aligned_rows, cross_attention_parts, edit_weights, weights_device
+from .uce import Spans, aligned_rows, by_space, cross_attention_parts, edit_weights, spans_in, weights_device
 
 #: Where RECE's epochs hold the preserved prompts: at the current weights' outputs (the reference) or the original's.
 PRESERVE_AT = ("current", "original")
@@ -77,25 +79,35 @@ class _Group:
 
 @dataclass
 class _Run:
-    """What RECE carries from epoch to epoch: every cross-attention k/v in groups (the derived embeddings
-    sum over all of them), the concepts' rows, and the growing erase set."""
+    """What RECE carries from epoch to epoch in one space of rows (:mod:`workbench.keys`): every matrix
+    reading that space in groups (the derived embeddings sum over all of them), the concepts' rows, and
+    the growing erase set."""
 
+    space: str
     weights: dict[str, torch.Tensor]  # the edited matrices' original weights, as the model holds them
     groups: list[_Group]
-    full: torch.Tensor  # [k, tokens, width]: the concepts' embeddings
-    at: list[int]  # the first row of each concept's last word
-    guide: torch.Tensor  # [k, tokens, width]: the guide's embedding, once per concept
-    guide_at: int  # the first row of the guide's last word (0 for the empty prompt)
+    full: torch.Tensor  # [k * samples, tokens, width]: the concepts' rows
+    at: list[Spans]  # the rows that carry each concept
+    guide: torch.Tensor  # [k * samples, tokens, width]: the guide's rows, once per concept
+    guide_at: list[Spans]  # the guide's rows from its last word (its first row for the empty prompt)
     keep: Gram | None
     erase_keys: list[torch.Tensor]
 
-    def edit(self, method: str) -> Edit:
-        new = {}
+    def new(self) -> dict[str, torch.Tensor]:
+        out = {}
         for g in self.groups:
             if g.edited is not None:
-                new |= unstack(g.current[g.edited], {f"{n}.weight": self.weights[f"{n}.weight"]
+                out |= unstack(g.current[g.edited], {f"{n}.weight": self.weights[f"{n}.weight"]
                                                      for n in g.names if f"{n}.weight" in self.weights})
-        return Edit.between(self.weights, new, method=method, concept="")
+        return out
+
+
+def _edit(runs: list[_Run], method: str) -> Edit:
+    weights, new = {}, {}
+    for run in runs:
+        weights |= run.weights
+        new |= run.new()
+    return Edit.between(weights, new, method=method, concept="")
 
 
 def _rows_of(names: list[str], group: list[str], sizes: list[int]) -> slice | torch.Tensor | None:
@@ -127,31 +139,37 @@ def _group(table: dict, group: list[str], names: list[str], first: dict[str, tor
 
 
 def _start(pipe, concepts: list[str], guide: str, preserve: Sequence[str], names: list[str], uce_lam: float,
-           uce_preserve_scale: float, preserve_empty: bool) -> _Run:
-    """UCE: map the concepts' rows onto the guide's; the erase set starts with them. The preserve set is
-    ``preserve``, with the empty prompt first when ``preserve_empty``."""
+           uce_preserve_scale: float, preserve_empty: bool) -> list[_Run]:
+    """UCE: map the concepts' rows onto the guide's, one system per space; each erase set starts with
+    them. The preserve set is ``preserve``, with the empty prompt first when ``preserve_empty``."""
     k = len(concepts)
-    emb = encode(pipe, concepts + [guide, ""] + list(preserve), device=weights_device(pipe, names))
-    full = emb[:k]
-    at = last_word(pipe, concepts + [guide])
-    guide_emb = emb[k].expand(k, -1, -1)
-    keys, guide_rows = aligned_rows(full, at[:k], guide_emb, [at[k]] * k)
-    kept = emb[k + 1:] if preserve_empty else emb[k + 2:]  # ["", *preserve] or preserve
-    keep = Gram.of(kept) if len(kept) else None
-    weights, first = edit_weights(pipe, names, keys, guide_rows, keep, uce_lam, 1.0, uce_preserve_scale)
+    grouped = by_space(pipe, names)
+    found = entry_rows(pipe, concepts + [guide, ""] + list(preserve), list(grouped), device=weights_device(pipe, names))
     table = all_parts(pipe)
-    everything = {n: table[n].weight for n in select(pipe, XATTN)}  # (A) sums over every k/v, edited or not
-    run_groups = [_group(table, group, names, first, guide_rows) for group in groups(everything)]
-    return _Run(weights, run_groups, full, at[:k], guide_emb, at[k], keep, [keys.double()])
+    entries = family_of(pipe).text_entries(pipe)
+    runs = []
+    for space, edited in grouped.items():
+        emb, s = found[space], samples(pipe, space)
+        spans = spans_in(pipe, concepts + [guide], space)
+        full, at = emb[:k * s], spans[:k * s]
+        guide_emb, guide_at = emb[k * s:(k + 1) * s].repeat(k, 1, 1), spans[k * s:] * k
+        keys, guide_rows = aligned_rows(full, at, guide_emb, guide_at)
+        kept = emb[(k + 1) * s:] if preserve_empty else emb[(k + 2) * s:]  # ["", *preserve] or preserve
+        keep = Gram.of(kept) if len(kept) else None
+        weights, first = edit_weights(pipe, edited, keys, guide_rows, keep, uce_lam, 1.0, uce_preserve_scale)
+        # (A) sums over every matrix reading this space, edited or not (every cross-attention k/v of a UNet)
+        everything = {n: table[n].weight for n, where in entries.items() if where == space}
+        run_groups = [_group(table, group, edited, first, guide_rows) for group in groups(everything)]
+        runs.append(_Run(space, weights, run_groups, full, at, guide_emb, guide_at, keep, [keys.double()]))
+    return runs
 
 
 def _epoch(run: _Run, ridge: float, lam: float, preserve_scale: float, preserve_at: str) -> torch.Tensor:
     """(A) derive the embeddings that still regenerate the concepts; (B) add them to the erase set, each
     row mapped to what the current weights make of the guide, and re-solve, the preserved prompts held at
     the current (or original) weights' outputs. Returns (A)'s rows."""
-    k = len(run.at)
     derived = derive_embedding([g.base for g in run.groups], [g.current for g in run.groups], run.full, ridge)
-    rows, guide_rows = aligned_rows(derived, run.at, run.guide, [run.guide_at] * k)
+    rows, guide_rows = aligned_rows(derived, run.at, run.guide, run.guide_at)
     run.erase_keys.append(rows.double())
     K = torch.cat(run.erase_keys)
     system = System.build(Gram.of(K), K, run.keep, lam, 1.0, preserve_scale, run.groups[0].base.device)
@@ -167,7 +185,7 @@ def _epoch(run: _Run, ridge: float, lam: float, preserve_scale: float, preserve_
             now.copy_(g.rounded.copy_(now))
         if not isinstance(g.edited, slice):
             g.current[g.edited] = now
-    return derived[0] if k == 1 else derived
+    return derived[0] if len(derived) == 1 else derived
 
 
 def _choose(candidates: list[Edit], validate: Callable[[Edit], float] | None) -> tuple[int, list[float]]:
@@ -179,7 +197,7 @@ def _choose(candidates: list[Edit], validate: Callable[[Edit], float] | None) ->
 
 
 def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence[str] = (),
-         parts: Selector = XATTN, epochs: int = 3, ridge: float = 1e-3, lam: float = 0.1,
+         parts: Selector | None = None, epochs: int = 3, ridge: float = 1e-3, lam: float = 0.1,
          preserve_scale: float = 0.1, uce_lam: float = 0.5, uce_preserve_scale: float = 1.0,
          preserve_at: str = "current", preserve_empty: bool = True,
          validate: Callable[[Edit], float] | None = None) -> Edit:
@@ -193,7 +211,8 @@ def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence
     k/v of the UNet, whatever ``parts`` edits.
 
     ``validate(edit) -> score`` (higher is better) is called after each epoch and the best epoch is kept.
-    The derived embeddings are returned as ``edit.extras["derived.{epoch}"]``.
+    The derived embeddings are returned as ``edit.extras["derived.{epoch}"]`` (token rows), and those
+    of other spaces as ``"derived.{space}.{epoch}"`` (a transformer's pooled vector or a block's keys).
     """
     concepts = as_list(concept)
     for text in concepts:
@@ -203,12 +222,14 @@ def rece(pipe, concept: str | Sequence[str], guide: str = "", preserve: Sequence
     names = cross_attention_parts(pipe, parts, "RECE")
     every = validate is not None  # without a validator only the last epoch's edit is made
     with Timer() as timer:
-        run = _start(pipe, concepts, guide, preserve, names, uce_lam, uce_preserve_scale, preserve_empty)
-        candidates, derived = [run.edit("uce")] if every or not epochs else [], {}
+        runs = _start(pipe, concepts, guide, preserve, names, uce_lam, uce_preserve_scale, preserve_empty)
+        candidates, derived = [_edit(runs, "uce")] if every or not epochs else [], {}
         for epoch in range(epochs):
-            derived[f"derived.{epoch}"] = _epoch(run, ridge, lam, preserve_scale, preserve_at)
+            for run in runs:
+                key = "derived" if run.space == "tokens" else f"derived.{run.space}"
+                derived[f"{key}.{epoch}"] = _epoch(run, ridge, lam, preserve_scale, preserve_at)
             if every or epoch == epochs - 1:
-                candidates.append(run.edit("rece"))
+                candidates.append(_edit(runs, "rece"))
     best, scores = _choose(candidates, validate)
     chosen, best = candidates[best], best if every else epochs
     chosen.method, chosen.concept, chosen.seconds = "rece", ", ".join(concepts), timer.seconds
