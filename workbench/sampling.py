@@ -27,12 +27,17 @@ def seeded(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
 
 def generate(pipe, prompts: Sequence[str], seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
              batch: int = BATCH) -> list[Image.Image]:
-    """Images for ``prompts``, ``batch`` at a time; the batch starting at prompt ``i`` is seeded ``seed + i``."""
+    """Images for ``prompts``, ``batch`` at a time; the batch starting at prompt ``i`` is seeded ``seed + i``.
+    The same images as ``pipe(prompts, ...)`` at the model's own size, with the prompts encoded as the
+    workbench encodes them (on FLUX and SD 3: T5's rows up to its tokenizer's length, at most the
+    pipeline's default)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    family = family_of(pipe)
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
-        images += pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=seeded(seed + i)).images
+        chunk = prompts[i:i + batch]
+        images += family.draw(pipe, family.encode(pipe, chunk), family.empty(pipe, len(chunk)), steps, guidance,
+                              seeded(seed + i))
     return images
 
 

@@ -26,8 +26,7 @@ from ..anatomy import component_of, layer_of, select
 from ..concepts import ConceptSet
 from ..edits import Edit
 from ..judges import Judge
-from ..methods import erase
-from ..methods.uce import XATTN
+from ..methods import REGISTRY, erase
 from ..profile import profile_of
 from ..stats import MIN_UNITS, difference, interval_text, paired_cells, paired_difference, rates, unit_cells
 from . import EVAL_SEEDS, attack, budget_curve, unattacked
@@ -142,14 +141,17 @@ def rates_wide(table: pd.DataFrame, rows: str = "attack", columns: str = "method
 
 
 def attack_layers(pipe, judge: Judge, concept: str, method: str, attack_name: str, budget: int | None = None,
-                  components: Sequence[str] = ("xattn.k", "xattn.v"), eval_seeds: Sequence[int] = EVAL_SEEDS,
+                  components: Sequence[str] | None = None, eval_seeds: Sequence[int] = EVAL_SEEDS,
                   seed: int = 0, concept_set: ConceptSet | None = None, progress: bool = True) -> pd.DataFrame:
-    """Attack each single-part edit of a UNet layer sweep (``method`` scoped to one cross-attention
-    layer's component at a time): one row per part with ``efficacy`` (share of the un-attacked
+    """Attack each single-part edit of a layer sweep (``method`` scoped to one layer's component at a
+    time; ``components`` default to the method's: a UNet's cross-attention k and v, a transformer's
+    double blocks' text k and v): one row per part with ``efficacy`` (share of the un-attacked
     held-out images that lost the concept) and ``attack_success``, shaped for
     :func:`workbench.plots.sweep_heatmap` (``value="attack_success"``)."""
     cs = concept_set if concept_set is not None else profile_of(pipe).concept_set()
-    names = [n for n in select(pipe, XATTN) if component_of(n) in components]
+    scope, default = REGISTRY[method].scope_on(pipe)
+    components = default if components is None else components
+    names = [n for n in select(pipe, scope) if component_of(n) in components]
     layer_order = list(dict.fromkeys(layer_of(n) for n in names))
     rows = []
     for name in tqdm(names, desc=f"{attack_name} per part", disable=not progress):

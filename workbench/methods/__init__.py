@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, TypeVar
 
 from ..anatomy import Selector
 from ..edits import Edit
+from ..families import family_of
 from ..profile import profile_of
 from .esd import esd
 from .fewshot import fewshot
@@ -67,7 +68,13 @@ class Knob:
 class Method:
     """An erasure method, registered once: its function, the parts a layer sweep walks (``scope``: the
     layers of these parts), the ``components`` a sweep varies by default, the ``knobs`` its panel shows,
-    and whether it is ``slow`` (trains for long: compared only when chosen)."""
+    and whether it is ``slow`` (trains for long: compared only when chosen). ``dit_scope`` and
+    ``dit_components`` are the same on a transformer (FLUX, SD 3); :meth:`scope_on` picks by model.
+
+    >>> import workbench
+    >>> REGISTRY["uce"].scope_on(workbench.load("toy"))
+    ('unet.*.xattn.[kv]', ('xattn.k', 'xattn.v'))
+    """
 
     name: str
     fn: Callable[..., Edit]
@@ -75,6 +82,17 @@ class Method:
     components: tuple[str, ...]
     knobs: tuple[Knob, ...] = ()
     slow: bool = False
+    dit_scope: str = ""
+    dit_components: tuple[str, ...] = ()
+
+    def scope_on(self, pipe) -> tuple[str, tuple[str, ...]]:
+        """``(scope, components)`` on ``pipe``'s kind of denoiser."""
+        if "transformer" in family_of(pipe).components(pipe):
+            if not self.dit_scope:
+                raise ValueError(f"{self.name} has no layer sweep on a transformer model; methods that have one: "
+                                 + ", ".join(m.name for m in REGISTRY.values() if m.dit_scope))
+            return self.dit_scope, self.dit_components
+        return self.scope, self.components
 
 
 #: Every method by name, in the order the panels list them.
@@ -105,7 +123,8 @@ class View(Mapping[str, _V]):
 
 
 def register(name: str, fn: Callable[..., Edit], scope: str, components: tuple[str, ...] | list[str],
-             knobs: tuple[Knob, ...] | list[Knob] = (), slow: bool = False) -> Method:
+             knobs: tuple[Knob, ...] | list[Knob] = (), slow: bool = False, dit_scope: str = "",
+             dit_components: tuple[str, ...] | list[str] = ()) -> Method:
     """Register the method ``name`` (again: replace it); every table of methods follows.
 
     A knob must be a parameter of ``fn`` and its control must not be another method's.
@@ -116,7 +135,7 @@ def register(name: str, fn: Callable[..., Edit], scope: str, components: tuple[s
     >>> "uce2" in METHODS, REGISTRY.pop("uce2").components
     (True, ('xattn.v',))
     """
-    method = Method(name, fn, scope, tuple(components), tuple(knobs), slow)
+    method = Method(name, fn, scope, tuple(components), tuple(knobs), slow, dit_scope, tuple(dit_components))
     params = list(inspect.signature(fn).parameters)[2:]
     taken = {k.control: m.name for m in REGISTRY.values() if m.name != name for k in m.knobs}
     for knob in method.knobs:
@@ -129,13 +148,18 @@ def register(name: str, fn: Callable[..., Edit], scope: str, components: tuple[s
     return method
 
 
+_TEXT_KV = ("text.k", "text.v")
 register("rece", rece, "unet.*.xattn.[kv]", ("xattn.k", "xattn.v"),
-         (Knob("epochs", "RECE epochs", "int", 1, 6), Knob("ridge", "RECE ridge", "log", -4, -1)))
-register("uce", uce, "unet.*.xattn.[kv]", ("xattn.k", "xattn.v"), (Knob("lam", "UCE lambda", "log", -2, 1, ".2g"),))
+         (Knob("epochs", "RECE epochs", "int", 1, 6), Knob("ridge", "RECE ridge", "log", -4, -1)),
+         dit_scope="dit.*.text.[kv]", dit_components=_TEXT_KV)
+register("uce", uce, "unet.*.xattn.[kv]", ("xattn.k", "xattn.v"), (Knob("lam", "UCE lambda", "log", -2, 1, ".2g"),),
+         dit_scope="dit.*.text.[kv]", dit_components=_TEXT_KV)
 register("fewshot", fewshot, "text.*", ("ffn", "attn"),
-         (Knob("lr", "few-shot lr", "log", -6, -3), Knob("steps", "few-shot steps", "int", 1, 40)))
+         (Knob("lr", "few-shot lr", "log", -6, -3), Knob("steps", "few-shot steps", "int", 1, 40)),
+         dit_scope="text.*", dit_components=("ffn", "attn"))
 # ESD trains for tens of seconds per erasure: it is compared when chosen, not by default
-register("esd", esd, "unet.*.xattn.k", ("attn", "xattn", "ffn"), slow=True)
+register("esd", esd, "unet.*.xattn.k", ("attn", "xattn", "ffn"), slow=True,
+         dit_scope="dit.*.text.k", dit_components=("img.ffn", "text.ffn", "img.q", "text.k", "text.v"))
 
 #: Every method's function by name, in the order the panels list them.
 METHODS: Mapping[str, Callable[..., Edit]] = View(lambda: {n: m.fn for n, m in REGISTRY.items()})
