@@ -112,10 +112,10 @@ def select(pipe, selector: Selector) -> list[str]:
     for pattern in patterns:
         hits = [n for n in available if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]
         if not hits:
-            raise KeyError(
-                f"{pattern!r} matches no part of this model. Parts are named like 'text.3.ffn', "
-                f"'text.*.attn', 'unet.*.xattn.k', 'unet.*.ffn', 'unet.mid.0'; this model has: {', '.join(available)}"
-            )
+            like = ("'dit.*.text.[kv]', 'dit.3.img.ffn', 'dit.single.0', 'dit.context.proj'"
+                    if any(n.startswith("dit.") for n in available) else "'unet.*.xattn.k', 'unet.*.ffn', 'unet.mid.0'")
+            raise KeyError(f"{pattern!r} matches no part of this model. Parts are named like 'text.3.ffn', "
+                           f"'text.*.attn', {like}; this model has: {', '.join(available)}")
         chosen.update(hits)
     return [n for n in available if n in chosen]
 
