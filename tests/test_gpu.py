@@ -68,3 +68,21 @@ def test_metrics_measure_on_cuda_through_a_clip_judge(sd14_half, tmp_path):
     scores = evaluate(sd14_half, judge, "church", edit=erase(sd14_half, "church", "uce"), per_prompt=1,
                       per_other=1, concept_set=concepts)
     assert 0 <= scores["accuracy"] <= 1 and scores["n_images"] == 1
+
+
+@pytest.mark.parametrize("build", ["build_tiny_flux", "build_tiny_sd3"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_transformer_families_erase_on_cuda_in_half_precision_and_revert_exactly(build, dtype, tmp_path):
+    import workbench
+    from conftest import family_state, same_family_state
+
+    pipe = workbench.load(getattr(workbench.models, build)(tmp_path / "tiny"), dtype=dtype, device="cuda")
+    state = family_state(pipe)
+    edits = [erase(pipe, "apple", "uce", parts=["dit.context.proj", "dit.pooled.in", "dit.*.text.[kv]"]),
+             erase(pipe, "apple", "rece", parts=["dit.context.proj", "dit.0.text.k"]),
+             erase(pipe, "apple", "esd", parts="dit.*.text.[kv]", iterations=2, sample_steps=2, progress=False)]
+    for edit in edits:
+        assert all(torch.isfinite(d).all() and d.device.type == "cuda" for d in edit.deltas.values())
+        with edit.apply(pipe):
+            assert not same_family_state(pipe, state)
+        assert same_family_state(pipe, state)
