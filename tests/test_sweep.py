@@ -174,7 +174,7 @@ def test_bad_input_is_explained(toy):
         sweep_grid(toy, "apple", method="ablate")
     with pytest.raises(ValueError, match="component 'mlp' matches nothing.*attn, ffn"):
         layer_sweep(toy, "apple", components=["mlp"], measure=False, progress=False)
-    with pytest.raises(ValueError, match="UCE edits UNet cross-attention k/v projections only.*unet.down.1.0.ffn.in.*ESD"):
+    with pytest.raises(ValueError, match="UCE edits the matrices that read text directly.*unet.down.1.0.ffn.in.*ESD"):
         layer_sweep(toy, "apple", method="uce", components=["ffn"], measure=False, progress=False)
     with pytest.raises(ValueError, match="layer index 6 is out of range"):
         layer_sweep(toy, "apple", layers=[6], measure=False, progress=False)

@@ -4,12 +4,20 @@ the text-encoder lens (images generated from an intermediate layer's output).
 A *space* names where a prompt's vector lives (``spaces(pipe)`` lists them):
 
 ==============================  ================================================================
-``"text"``                      the text encoder's output, as the pipeline conditions on it
+``"text"``                      the token rows the pipeline conditions on (SDXL: both encoders' side
+                                by side; FLUX: T5's; SD 3: the CLIP rows, then T5's)
 ``"text.{i}"``                  the output of text-encoder layer i (``text.{i}`` in ``anatomy``),
-                                made conditioning-ready (through CLIP's final layer norm)
+                                made conditioning-ready (through CLIP's final layer norm);
+                                ``text2.{i}``, ``text3.{i}`` in the other encoders (T5 on FLUX, SD 3)
 ``"unet.{block}.xattn.{k,v}"``  a UNet cross-attention layer's key or value space: ``W c`` for the
                                 prompt's token rows c, with the layer's current weights
+``"dit.context.proj"``          a transformer's context embedder, which projects the token rows into
+                                it: ``W c + b``
 ==============================  ================================================================
+
+Every matrix that reads the token rows themselves is a space (``text_entries`` of the family whose
+input is ``"tokens"``); a transformer block's text keys and values (``dit.{i}.text.k``) are not: they
+read the block's own text stream, which the timestep and every earlier block have changed.
 
 A vector is the mean of token rows: over the prompt's real tokens (``pool="mean"``; special tokens
 included, padding not) or over the concept word's own tokens (``pool="concept"``).
@@ -34,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .anatomy import as_list, component_of, n_text_layers, parts, text_encoders
+from .anatomy import as_list, n_text_layers, parts, text_encoders
 from .edits import applied
 from .families import Conditioning, family_of
 from .sampling import GUIDANCE, STEPS, seeded
@@ -210,17 +218,33 @@ def check_prompt(pipe, text: str) -> None:
         )
 
 
+def _projections(pipe) -> list[str]:
+    """The matrices that read the conditioning's token rows (UNet cross-attention k/v, a context embedder)."""
+    return [n for n, reads in family_of(pipe).text_entries(pipe).items() if reads == "tokens"]
+
+
 def spaces(pipe) -> list[str]:
-    """Every space name ``embed`` accepts for ``pipe``."""
-    unet = [n for n in parts(pipe) if component_of(n) in ("xattn.k", "xattn.v")]
+    """Every space name ``embed`` accepts for ``pipe``: ``text``, each encoder's layers, then every
+    matrix that reads the token rows.
+
+    >>> import workbench
+    >>> spaces(workbench.load("toy"))[:3], spaces(workbench.load("toy"))[-1]
+    (['text', 'text.0', 'text.1'], 'unet.up.1.1.xattn.v')
+    """
     layers = [f"{e}.{i}" for e in text_encoders(pipe) for i in range(n_text_layers(pipe, e))]
-    return ["text", *layers, *unet]
+    return ["text", *layers, *_projections(pipe)]
 
 
 def _check_space(pipe, space: str) -> None:
     valid = spaces(pipe)
-    if space not in valid:
-        raise ValueError(f"unknown space {space!r}. Spaces of this model: {', '.join(valid)}")
+    if space in valid:
+        return
+    reads = family_of(pipe).text_entries(pipe).get(space)
+    if reads is not None:
+        what = "the pooled text vector" if reads == "pooled" else f"block {reads.rsplit('.', 1)[0]}'s own text stream"
+        raise ValueError(f"{space!r} is not a landing space: its inputs are {what}, not the conditioning's token "
+                         f"rows. Spaces of this model: {', '.join(valid)}")
+    raise ValueError(f"unknown space {space!r}. Spaces of this model: {', '.join(valid)}")
 
 
 def _check_pool(pool: str) -> None:
@@ -228,20 +252,29 @@ def _check_pool(pool: str) -> None:
         raise ValueError(f"unknown pool {pool!r}: use 'mean' (all real tokens) or 'concept' (the word's own tokens)")
 
 
-def _weights(pipe, ids: torch.Tensor, mask: torch.Tensor, prompts: list[str], pool: str,
+#: Token ids and real-token mask ``[n, tokens]`` of one run of rows, and the encoder whose tokenizer made them.
+Segment = tuple[str, torch.Tensor, torch.Tensor]
+
+
+def _weights(pipe, segments: Sequence[Segment], prompts: list[str], pool: str,
              words: list[str] | None) -> torch.Tensor:
-    """``[n, tokens]`` pooling weights (rows sum to 1) over each prompt's token positions."""
+    """``[n, tokens]`` pooling weights (rows sum to 1) over each prompt's token positions, across the
+    runs of rows ``segments`` (one per tokenizer, side by side: CLIP's then T5's on SD 3)."""
     if pool == "mean":
-        w = mask.float()
+        w = torch.cat([mask for _, _, mask in segments], dim=1).float()
         return w / w.sum(1, keepdim=True)
-    special = set(family_of(pipe).tokenizer(pipe).all_special_ids)
-    w = torch.zeros(ids.shape, dtype=torch.float32)
+    w = torch.zeros((len(prompts), sum(ids.shape[1] for _, ids, _ in segments)), dtype=torch.float32)
     for row, (prompt, word) in enumerate(zip(prompts, words or prompts)):
-        real = [int(t) for t, m in zip(ids[row], mask[row]) if m]
-        if word is prompt or word == prompt:
-            hits = [j for j, t in enumerate(real) if t not in special]
-        else:
-            hits = occurrence(real, word_tokens(pipe, word))
+        hits, offset = [], 0
+        for encoder, ids, mask in segments:
+            real = [int(t) for t, m in zip(ids[row], mask[row]) if m]
+            if word is prompt or word == prompt:
+                special = set(family_of(pipe).tokenizer(pipe, encoder).all_special_ids)
+                found = [j for j, t in enumerate(real) if t not in special]
+            else:
+                found = occurrence(real, word_tokens(pipe, word, encoder))
+            hits += [offset + j for j in found]
+            offset += ids.shape[1]
         if not hits:
             raise ValueError(f"the word {word!r} has no tokens of its own in the prompt {prompt!r} (empty, or cut "
                              "off by the tokenizer's length limit); use pool='mean' or a shorter prompt")
@@ -251,28 +284,40 @@ def _weights(pipe, ids: torch.Tensor, mask: torch.Tensor, prompts: list[str], po
 
 @torch.no_grad()
 def _to_space(pipe, pooled: torch.Tensor, space: str) -> torch.Tensor:
-    if not space.startswith("unet."):
+    if space not in _projections(pipe):
         return pooled
     linear = parts(pipe)[space]
-    # pooling is a mean, so projecting the pooled row equals pooling the projected rows W c
+    # the pooling weights sum to one, so projecting the pooled row equals pooling the projected rows
+    # W c + b (a bias included)
     return linear(pooled.to(linear.weight.device, linear.weight.dtype)).float().cpu()
 
 
-def _rows(pipe, prompts: list[str], space: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids, real-token mask and the token rows of ``space`` (before any projection)."""
+def _row_segments(pipe, prompts: list[str], rows: int) -> list[Segment]:
+    """The runs of the conditioning's ``rows`` token rows, tokenized as the pipeline does; rows no
+    tokenizer made (SD 3's T5 rows without T5: zeros) are padding."""
+    segments = [(e, *_tokenize(pipe, prompts, encoder=e)) for e, _ in family_of(pipe).row_segments(pipe)]
+    short = rows - sum(ids.shape[1] for _, ids, _ in segments)
+    if short > 0:
+        segments.append((segments[-1][0], torch.zeros((len(prompts), short), dtype=torch.long),
+                         torch.zeros((len(prompts), short), dtype=torch.long)))
+    return segments
+
+
+def _rows(pipe, prompts: list[str], space: str) -> tuple[list[Segment], torch.Tensor]:
+    """The runs of token ids and masks, and the token rows of ``space`` (before any projection)."""
     family = family_of(pipe)
     encoders = text_encoders(pipe)
-    if len(encoders) > 1 and (space == "text" or space.startswith("unet.")):  # every encoder's rows side by side
+    if len(encoders) > 1 and (space == "text" or space in _projections(pipe)):  # the conditioning's rows
         ids = {e: _tokenize(pipe, prompts, encoder=e) for e in encoders}
         with torch.no_grad():
             rows = family.conditioning(pipe, ids).tokens.float().cpu()
-        return *ids["text"], rows
+        return _row_segments(pipe, prompts, rows.shape[1]), rows
     encoder, _, layer = space.partition(".") if space.split(".")[0] in encoders else ("text", "", "")
     layer = int(layer) if layer.isdigit() else n_text_layers(pipe, encoder) - 1
     # pooled rows ignore padding, so pad only to the longest prompt when the encoder cannot see padding
     padding = "longest" if family.padding_is_invisible(pipe, encoder) else "max_length"
     ids, mask = _tokenize(pipe, prompts, padding, encoder)
-    return ids, mask, _states(pipe, ids, mask, layer, encoder=encoder)
+    return [(encoder, ids, mask)], _states(pipe, ids, mask, layer, encoder=encoder)
 
 
 def _key(pipe, *rest) -> tuple:
@@ -302,8 +347,8 @@ def embed(pipe, words: str | Sequence[str], space: str = "text", pool: str = "me
     prompts = [template.format(w) for w in words]
     vectors = []
     for i in range(0, len(prompts), batch):
-        ids, mask, rows = _rows(pipe, prompts[i:i + batch], space)
-        w = _weights(pipe, ids, mask, prompts[i:i + batch], pool, words[i:i + batch] if template != "{}" else None)
+        segments, rows = _rows(pipe, prompts[i:i + batch], space)
+        w = _weights(pipe, segments, prompts[i:i + batch], pool, words[i:i + batch] if template != "{}" else None)
         vectors.append(torch.einsum("nt,ntd->nd", w, rows))
     out = _to_space(pipe, torch.cat(vectors), space).numpy().astype(np.float32)
     out.flags.writeable = False
@@ -315,12 +360,12 @@ def embed(pipe, words: str | Sequence[str], space: str = "text", pool: str = "me
 
 def embed_rows(pipe, rows: torch.Tensor, prompts: str | Sequence[str], space: str = "text",
                pool: str = "mean") -> np.ndarray:
-    """Pool token rows given in the text encoder's output space (e.g. RECE's derived embeddings,
-    ``[tokens, width]`` or ``[n, tokens, width]``, one full token sequence per prompt) into ``space``.
+    """Pool token rows given in the conditioning's space (e.g. RECE's derived embeddings, ``[tokens,
+    width]`` or ``[n, tokens, width]``, one full token sequence per prompt) into ``space``.
 
     ``prompts`` are the prompts the rows stand for; their tokenization says which positions are real.
-    UNet spaces project with the layer's current weights. Intermediate ``text.{i}`` spaces are refused:
-    the rows live in the output space, not in layer i's.
+    Projection spaces (``unet.*.xattn.k``, ``dit.context.proj``) project with the current weights.
+    Intermediate ``text.{i}`` spaces are refused: the rows live in the output space, not in layer i's.
     """
     prompts = as_list(prompts)
     _check_space(pipe, space)
@@ -328,13 +373,14 @@ def embed_rows(pipe, rows: torch.Tensor, prompts: str | Sequence[str], space: st
     last = f"text.{n_text_layers(pipe) - 1}" if len(text_encoders(pipe)) == 1 else "text"
     if space.startswith("text") and space not in ("text", last):
         raise ValueError(f"rows in the text encoder's output space cannot be placed in {space!r}; use 'text', "
-                         f"{last!r} or a UNet space such as {spaces(pipe)[-1]!r}")
+                         f"{last!r} or a projection space such as {spaces(pipe)[-1]!r}")
     rows = rows.detach().float().cpu()
     rows = rows.unsqueeze(0) if rows.dim() == 2 else rows
     if rows.dim() != 3 or len(rows) != len(prompts):
         raise ValueError(f"rows of shape {tuple(rows.shape)} do not match {len(prompts)} prompt(s): give "
                          "[tokens, width] for one prompt or [n, tokens, width] for n prompts")
-    w = _weights(pipe, *_tokenize(pipe, prompts), prompts, pool, None)
+    length = family_of(pipe).empty(pipe).tokens.shape[1] if len(text_encoders(pipe)) > 1 else 0
+    w = _weights(pipe, _row_segments(pipe, prompts, length), prompts, pool, None)
     if w.shape[1] != rows.shape[1]:
         raise ValueError(f"rows have {rows.shape[1]} token positions, this model's prompts have {w.shape[1]}")
     return _to_space(pipe, torch.einsum("nt,ntd->nd", w, rows), space).numpy().astype(np.float32)

@@ -2,7 +2,11 @@
 
 :func:`layer_sweep` runs one method scoped to one part at a time (``text.{i}.ffn`` and ``text.{i}.attn``
 for few-shot unlearning, ``unet.<block>.xattn.k`` and ``.v`` for UCE and RECE, ``unet.<block>.attn``,
-``.xattn`` and ``.ffn`` for ESD), or to layers 0..i (``cumulative=True``). :func:`ffn_vs_attention`
+``.xattn`` and ``.ffn`` for ESD), or to layers 0..i (``cumulative=True``). On a transformer (FLUX,
+SD 3) the layers are its blocks and the components each stream's matrices (``img.q``, ``text.k``,
+``img.ffn``: :func:`workbench.anatomy.component_of`) or the groups of :data:`DIT_GROUPS` (``img.attn``,
+``text.ffn``, ``attn``...); a block without the component (a single block has no ``img.ffn``) is
+left out. :func:`ffn_vs_attention`
 compares few-shot parameter subsets (FFN only, attention only, FFN + last attention, everything);
 :func:`finding` says in words what the table shows. :func:`unet_subsets` runs the same comparison in the
 UNet with ESD (FFNs, self-attention, cross-attention), summarised by :func:`subset_rates` and
@@ -48,6 +52,18 @@ SUBSETS: dict[str, str | None] = {"ffn": "text.*.ffn", "attn": "text.*.attn", "f
                                   "all": "text.*"}
 #: The UNet parameter subsets ESD compares: the transformer blocks' FFNs, self-attention, cross-attention.
 UNET_SUBSETS: dict[str, str] = {"ffn": "unet.*.ffn", "attn": "unet.*.attn", "xattn": "unet.*.xattn"}
+#: Components of a transformer's blocks a sweep can name beside single matrices: per kind of block
+#: (``double``: ``dit.{i}``, ``single``: ``dit.single.{j}``), the parts below the block they select. A
+#: single block's attention is its q, k and v (its ``out`` projects attention and MLP together).
+DIT_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "img.attn": {"double": ("img.[qkv]", "img.out")},
+    "text.attn": {"double": ("text.[qkv]", "text.out")},
+    "attn": {"double": ("img.[qkv]", "img.out", "text.[qkv]", "text.out"), "single": ("[qkv]",)},
+    "ffn": {"double": ("img.ffn", "text.ffn"), "single": ("ffn",)},
+    "img": {"double": ("img",)},
+    "text": {"double": ("text",)},
+    "single.attn": {"single": ("[qkv]",)},
+}
 
 
 @dataclass(frozen=True)
@@ -65,10 +81,51 @@ class Planned:
     seed: int
 
 
-def layers(pipe, method: str = "fewshot") -> list[str]:
-    """The layers ``method`` can edit, in network order: ``["text.0", ...]`` or ``["unet.down.1.0", ...]``."""
+def scope(pipe, method: str) -> tuple[str, tuple[str, ...]]:
+    """``(the parts whose layers a sweep of method walks, its default components)`` on ``pipe``'s kind
+    of denoiser (the method's registration, :data:`workbench.methods.REGISTRY`)."""
     check_method(method)
-    return list(dict.fromkeys(layer_of(n) for n in select(pipe, REGISTRY[method].scope)))
+    m = REGISTRY[method]
+    return m.scope_on(pipe) if hasattr(m, "scope_on") else (m.scope, m.components)
+
+
+def layers(pipe, method: str = "fewshot") -> list[str]:
+    """The layers ``method`` can edit, in network order: ``["text.0", ...]``, ``["unet.down.1.0", ...]``
+    or ``["dit.0", ...]``."""
+    return list(dict.fromkeys(layer_of(n) for n in select(pipe, scope(pipe, method)[0])))
+
+
+def selectors(pipe, layer: str, component: str) -> list[str]:
+    """The selectors of ``component`` in ``layer`` that match a part (empty when the layer has none):
+    ``layer.component``, a transformer group's globs (:data:`DIT_GROUPS`), or a single block's matrix
+    (``single.q`` is ``dit.single.0.q``).
+
+    >>> import workbench
+    >>> selectors(workbench.load("toy"), "text.2", "ffn")
+    ['text.2.ffn']
+    """
+    if layer.startswith("dit.") and component in DIT_GROUPS:
+        kind = "single" if layer.startswith("dit.single.") else "double"
+        wanted = [f"{layer}.{g}" for g in DIT_GROUPS[component].get(kind, ())]
+    else:
+        wanted = [_glob(layer, component)]
+    out = []
+    for selector in wanted:
+        try:
+            select(pipe, selector)
+        except KeyError:
+            continue
+        out.append(selector)
+    return out
+
+
+def _glob(layer: str, component: str) -> str:
+    """The selector of one :func:`workbench.anatomy.component_of` component within its layer."""
+    if layer.split(".")[-1] == component:  # a top-level part of a transformer: dit.context
+        return layer
+    if layer.startswith("dit.single.") and component.startswith("single."):
+        return f"{layer}.{component[len('single.'):]}"
+    return f"{layer}.{component}"
 
 
 def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequence[str] | None = None,
@@ -80,9 +137,10 @@ def layer_sweep(pipe, concept: str, method: str = "fewshot", components: Sequenc
                 **method_kwargs) -> pd.DataFrame:
     """Erase ``concept`` with ``method`` scoped to one layer's component at a time (or layers 0..i).
 
-    ``components`` default to the method's registered ones (:data:`SCOPE`: ``("ffn", "attn")`` for few-shot,
-    ``("xattn.k", "xattn.v")`` for UCE and RECE; finer ones such as ``"attn.v"`` work too); ``layers`` picks
-    layer indices (default all).
+    ``components`` default to the method's registered ones (:func:`scope`: ``("ffn", "attn")`` for few-shot,
+    ``("xattn.k", "xattn.v")`` for UCE and RECE; finer ones such as ``"attn.v"`` work too; on a transformer
+    its streams' matrices and the groups of :data:`DIT_GROUPS`, e.g. ``["img.attn", "img.ffn",
+    "text.attn", "text.ffn"]`` with ESD); ``layers`` picks layer indices (default all).
     ``judge`` and ``concept_set`` default to the model profile's; ``measure=False`` skips measuring (only
     ``||dW||`` and time: works on any pipeline). Other keyword arguments go to the method, after the
     defaults of :func:`workbench.methods.erase`.
@@ -406,19 +464,22 @@ def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | Non
     all_layers = layers(pipe, method)
     if isinstance(components, str):
         components = [components]
-    components = list(REGISTRY[method].components if components is None else components)
+    where, registered = scope(pipe, method)
+    components = list(registered if components is None else components)
     if not components:
         raise ValueError("give at least one component, e.g. 'ffn' or 'attn'")
-    scope = select(pipe, REGISTRY[method].scope)
-    available = ", ".join(sorted({component_of(n) for n in scope}))
+    parts_in = select(pipe, [f"{layer}.*" for layer in all_layers])
+    available = ", ".join(sorted({component_of(n) for n in parts_in}))
+    if all_layers[0].startswith("dit."):
+        available += " (or a group: " + ", ".join(DIT_GROUPS) + ")"
     if method == "fewshot":
-        available += " (or one matrix: " + ", ".join(dict.fromkeys(n.split(".", 2)[2] for n in scope)) + ")"
+        scoped = select(pipe, where)
+        available += " (or one matrix: " + ", ".join(dict.fromkeys(n.split(".", 2)[2] for n in scoped)) + ")"
+    found = {(layer, comp): selectors(pipe, layer, comp) for layer in all_layers for comp in components}
     for comp in components:
-        try:
-            select(pipe, [f"{layer}.{comp}" for layer in all_layers])
-        except KeyError:
+        if not any(found[(layer, comp)] for layer in all_layers):
             raise ValueError(f"component {comp!r} matches nothing in the layers {method} edits "
-                             f"({all_layers[0]} ... {all_layers[-1]}); components there: {available}") from None
+                             f"({all_layers[0]} ... {all_layers[-1]}); components there: {available}")
     idx = range(len(all_layers)) if picked is None else list(picked)
     bad = [i for i in idx if not 0 <= i < len(all_layers)]
     if bad:
@@ -428,9 +489,11 @@ def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | Non
     for seed in seeds:
         for i in idx:
             for comp in components:
+                if not found[(all_layers[i], comp)]:
+                    continue
                 upto = all_layers[:i + 1] if cumulative else [all_layers[i]]
                 runs.append(Planned(concept, "cumulative" if cumulative else "layer",
-                                    tuple(f"{layer}.{comp}" for layer in upto), i, all_layers[i], comp,
+                                    tuple(s for layer in upto for s in found[(layer, comp)]), i, all_layers[i], comp,
                                     cumulative, seed))
     return runs
 
@@ -444,11 +507,11 @@ def _compact(pipe, selectors: list[str]) -> str:
     out = []
     for comp in dict.fromkeys(component_of(n) for n in chosen):
         have = [layer for layer in dict.fromkeys(layer_of(n) for n in chosen if component_of(n) == comp)]
-        full = all(set(select(pipe, f"{layer}.{comp}")) <= set(chosen) for layer in have)
+        full = all(set(select(pipe, _glob(layer, comp))) <= set(chosen) for layer in have)
         if full and have == text_layers:
             out.append(f"text.*.{comp}")
         elif full:
-            out += [f"{layer}.{comp}" for layer in have]
+            out += [_glob(layer, comp) for layer in have]
         else:
             out += [n for n in chosen if component_of(n) == comp]
     return " + ".join(out)

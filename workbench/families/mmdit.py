@@ -169,6 +169,13 @@ class MMDiT(StableDiffusion):
         norm = module.encoder.final_layer_norm  # T5 gives its last layer's output already normed
         return (*(norm(h) for h in states[:-1]), states[-1])
 
+    def input_embeddings(self, pipe, encoder: str = "text") -> nn.Embedding:
+        """The embedding table ``encoder``'s forward pass calls: T5's encoder holds its own module (its
+        weight tied to ``shared``, the one ``get_input_embeddings`` gives), so a hook must go on that."""
+        module = self._encoder(pipe, encoder)
+        inner = getattr(getattr(module, "encoder", None), "embed_tokens", None)
+        return inner if isinstance(inner, nn.Embedding) else module.get_input_embeddings()
+
     def padding_is_invisible(self, pipe, encoder: str = "text") -> bool:
         """CLIP's causal attention hides padding from real tokens; the pipelines run T5 without a mask."""
         return type(self._encoder(pipe, encoder)).__name__.startswith("CLIPText")
