@@ -159,18 +159,19 @@ def test_a_sweep_cell_selects_the_blocks_stream_and_kind_of_matrix(flux, sd3):
                                                            ("dit.1", "img.attn")]
     cumulative = _layer_runs(flux, "apple", "esd", ["ffn"], True, (0,), None)
     assert select(flux, list(cumulative[-1].selectors)) == select(flux, [f"dit.{i}.{s}.ffn" for i in (0, 1)
-                                                                         for s in ("img", "text")])
+                                                                         for s in ("img", "text")]
+                                                                  + ["dit.single.0.ffn", "dit.single.1.ffn"])
     with pytest.raises(ValueError, match="component 'mlp' matches nothing.*img.ffn.*a group: img.attn"):
         _layer_runs(flux, "apple", "esd", ["mlp"], False, (0,), None)
 
 
 def test_an_esd_sweep_over_attention_and_ffn_of_each_stream_edits_what_each_row_says(dit):
     state = family_state(dit)
-    last = len(layers(dit, "esd")) - 1
-    table = layer_sweep(dit, "apple", "esd", ["img.attn", "img.ffn", "text.attn"], layers=[last], measure=False,
-                        progress=False, iterations=1, sample_steps=2)
+    walked = layers(dit, "esd")
+    block = [b for b in walked if not b.startswith("dit.single.")][-1]  # the last double block
+    table = layer_sweep(dit, "apple", "esd", ["img.attn", "img.ffn", "text.attn"], layers=[walked.index(block)],
+                        measure=False, progress=False, iterations=1, sample_steps=2)
     edited = {row.component: set(row.parts_edited) for row in table.itertuples()}
-    block = layers(dit, "esd")[last]
     assert edited["img.attn"] == {f"{block}.img.{m}" for m in "qkv"} | {f"{block}.img.out"}
     assert edited["img.ffn"] == {f"{block}.img.ffn.in", f"{block}.img.ffn.out"}
     assert all(p.startswith(f"{block}.text.") for p in edited["text.attn"]) and (table["dW"] > 0).all()

@@ -75,7 +75,7 @@ from .methods import METHODS, erase
 from .models import load
 from .profile import Profile, attach, profile_of
 from .store import Store, load_results
-from .sweep import SCOPE, Measurer, Planned, check_method, layer_sweep, run_one
+from .sweep import Measurer, Planned, check_method, layer_sweep, run_one, scope
 
 #: Measurement settings a grid may give, with layer_sweep's defaults.
 MEASURE = {k: inspect.signature(layer_sweep).parameters[k].default
@@ -422,8 +422,8 @@ def sweep_grid(pipe, concept: str, method: str, cumulative: bool = False, seeds:
                measure: dict[str, Any] | bool = True, model: str | None = None) -> dict[str, Any]:
     """The grid that runs what :func:`~workbench.sweep.layer_sweep` runs (its default components, every
     layer), for running it on a cluster."""
-    check_method(method)
-    entry = {"cumulative" if cumulative else "per_layer": list(SCOPE[method][1]), "within": SCOPE[method][0]}
+    within, components = scope(pipe, method)
+    entry = {"cumulative" if cumulative else "per_layer": list(components), "within": within}
     return {"model": model or model_name(pipe), "concepts": [concept], "methods": [method], "parts": [entry],
             "seeds": list(seeds), "measure": measure}
 

@@ -376,9 +376,9 @@ def _heat(ax, grid: np.ndarray, vmin: float, vmax: float, cmap: str = "viridis",
 @_detached
 def trace_sites(traces: Sequence, labels: Sequence[str] = (), value: str = "probability") -> Figure:
     """Causal traces (:func:`workbench.tracing.trace`) as one heatmap row per trace: the judge's
-    probability of the concept with each text-encoder layer (restored at the concept's tokens) or UNet
-    block restored; the clean and corrupted runs' probabilities in the row label. ``value`` can also be
-    ``"effect"`` (restored minus corrupted)."""
+    probability of the concept with each text-encoder layer (restored at the concept's tokens), UNet
+    block or transformer block restored; the clean and corrupted runs' probabilities in the row label.
+    ``value`` can also be ``"effect"`` (restored minus corrupted)."""
     if not traces:
         raise ValueError("give at least one trace (workbench.tracing.trace)")
     sites = list(dict.fromkeys(s for t in traces for s in t.layers()["site"]))
@@ -391,10 +391,11 @@ def trace_sites(traces: Sequence, labels: Sequence[str] = (), value: str = "prob
         im = _heat(ax, grid, lo, 1.0, cmap="viridis" if value == "probability" else "magma")
         ax.set_xticks(range(len(sites)), [_short(s) for s in sites], rotation=60, ha="right")
         ax.set_yticks(range(len(traces)), names)
-        split = sum(s.startswith("text.") for s in sites) - 0.5
+        split = sum(s.startswith("text") for s in sites) - 0.5
         if 0 < split < len(sites) - 1:
             ax.axvline(split, color="white", lw=2)
-        ax.set_xlabel("restored site: text-encoder layer | UNet block")
+        denoiser = "transformer block" if any(s.startswith("dit.") for s in sites) else "UNet block"
+        ax.set_xlabel(f"restored site: text-encoder layer | {denoiser}")
         fig.colorbar(im, ax=ax, pad=0.02, fraction=0.04).set_label(
             "P(concept) restored" if value == "probability" else "causal effect")
     return fig

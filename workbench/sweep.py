@@ -85,8 +85,7 @@ def scope(pipe, method: str) -> tuple[str, tuple[str, ...]]:
     """``(the parts whose layers a sweep of method walks, its default components)`` on ``pipe``'s kind
     of denoiser (the method's registration, :data:`workbench.methods.REGISTRY`)."""
     check_method(method)
-    m = REGISTRY[method]
-    return m.scope_on(pipe) if hasattr(m, "scope_on") else (m.scope, m.components)
+    return REGISTRY[method].scope_on(pipe)
 
 
 def layers(pipe, method: str = "fewshot") -> list[str]:

@@ -393,7 +393,7 @@ class LandingPanel(Panel):
     def _space_for(self, method: str) -> str:
         if REGISTRY[method].scope.startswith("text"):
             return "text"
-        keys = select(self.pipe, "unet.*.xattn.k")
+        keys = [s for s in spaces(self.pipe) if s.startswith(("unet.", "dit.")) and not s.endswith(".v")]
         return keys[len(keys) // 2]
 
     def stages(self, values: dict[str, Any]) -> int:

@@ -156,10 +156,10 @@ register("uce", uce, "unet.*.xattn.[kv]", ("xattn.k", "xattn.v"), (Knob("lam", "
          dit_scope="dit.*.text.[kv]", dit_components=_TEXT_KV)
 register("fewshot", fewshot, "text.*", ("ffn", "attn"),
          (Knob("lr", "few-shot lr", "log", -6, -3), Knob("steps", "few-shot steps", "int", 1, 40)),
-         dit_scope="text.*", dit_components=("ffn", "attn"))
+         dit_scope="text*", dit_components=("ffn", "attn"))
 # ESD trains for tens of seconds per erasure: it is compared when chosen, not by default
 register("esd", esd, "unet.*.xattn.k", ("attn", "xattn", "ffn"), slow=True,
-         dit_scope="dit.*.text.k", dit_components=("img.ffn", "text.ffn", "img.q", "text.k", "text.v"))
+         dit_scope="dit.*.[qkv]", dit_components=("img.attn", "img.ffn", "text.attn", "text.ffn", "single.attn", "ffn"))
 
 #: Every method's function by name, in the order the panels list them.
 METHODS: Mapping[str, Callable[..., Edit]] = View(lambda: {n: m.fn for n, m in REGISTRY.items()})
