@@ -81,9 +81,9 @@ def test_pipelines_no_family_takes_are_named_and_left_alone(tiny_sd_dir, tmp_pat
     pipe.unet = unet
     assert same_state(pipe, state)
     index = json.loads((tiny_sd_dir / "model_index.json").read_text())
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="holds a FluxPipeline; the workbench loads StableDiffusionPipeline, "
-                                         "StableDiffusionXLPipeline"):
-        workbench.load(flux)
+    video = tmp_path / "wan"
+    video.mkdir()
+    (video / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanPipeline"}))
+    with pytest.raises(ValueError, match="holds a WanPipeline; the workbench loads StableDiffusionPipeline, "
+                                         "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline"):
+        workbench.load(video)

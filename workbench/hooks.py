@@ -5,6 +5,7 @@
 ``frozen(*modules)``        gradients off for the modules' parameters; the flags come back
 ``processors(layers, make)`` attention processors swapped, the very same objects put back
 ``cache(pipe, names)``      every output (or input) of the named parts or blocks, captured per call
+``trainable_attention(pipe)`` attention kernels that train through a transformer on CUDA
 ==========================  ================================================================
 
 >>> import torch, workbench
@@ -22,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .families import family_of
 
@@ -100,3 +102,17 @@ def cache(pipe, names: Sequence[str], detach: bool = True,
 
     with hooked([(m, keep(n)) for n, m in modules(pipe, list(names)).items()]):
         yield seen
+
+
+@contextmanager
+def trainable_attention(pipe) -> Iterator[None]:
+    """A context for training through a transformer on CUDA: attention without the cuDNN kernel, whose
+    backward gave NaN gradients through a frozen FLUX transformer in float16 and bfloat16 (PyTorch 2.11,
+    H200) where the flash, memory-efficient and math kernels give finite ones. Elsewhere (a UNet, the CPU)
+    it changes nothing."""
+    family = family_of(pipe)
+    if family.denoiser(pipe).device.type != "cuda" or "transformer" not in family.components(pipe):
+        yield
+        return
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

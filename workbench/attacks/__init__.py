@@ -11,9 +11,12 @@ concept back (:data:`ATTACKS`):
 ``concept_vector`` innocent prompts + eta x the concept's direction (Ring-A-Bell's idea)  eta values
 =================  =====================================================================  ==============
 
-The crafted embeddings stand for the concept's *held-out* probe wordings (never an erase prompt) and
-are judged on :data:`EVAL_SEEDS`, which no erasure or attack in the workbench draws from. The attack
-success rate is the share of those images in which the judge sees the concept.
+The optimising attacks train with the model family's own loss (noise, v- or flow-matching velocity) and
+run on every family; on FLUX and SD 3 :mod:`.unlearndiff`'s prefix lives in the encoders that share the
+token rows' vocabulary (its module doc says why). The crafted embeddings stand for the concept's
+*held-out* probe wordings (never an erase prompt) and are judged on :data:`EVAL_SEEDS`, which no erasure
+or attack in the workbench draws from. The attack success rate is the share of those images in which the
+judge sees the concept.
 
 >>> import workbench
 >>> from workbench.methods import erase

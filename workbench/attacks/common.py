@@ -3,7 +3,11 @@ the original weights under an applied edit, and soft tokens trained with the den
 
 Soft tokens are vectors at the text encoder's *input* (its token-embedding table's output), placed at
 the positions of a placeholder word in a template; a hook on the embedding table puts them there, so the
-rest of the encoder, and any edit of it, runs as usual.
+rest of the encoder, and any edit of it, runs as usual. With several text encoders a soft token is every
+encoder's input vector side by side (SDXL's two CLIPs; FLUX's CLIP and T5, whose ``shared`` table is
+its input), or only some encoders' (:class:`SoftTokens`' ``encoders``) while the others read the
+template without the slot: an attack that projects onto real tokens needs one vocabulary, and FLUX's
+CLIP and T5 (SD 3's CLIPs and T5) tokenize differently (:func:`vocabulary_encoders`).
 """
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ import torch
 from PIL import Image
 
 from ..anatomy import parts
+from ..embed import conditioning
 from ..concepts import ConceptSet, a
 from ..edits import Edit, applied
 from ..families import Conditioning, family_of
 from ..hooks import hooked
 from ..methods.fewshot import image_latents, load_images
-from ..sampling import generate
+from ..sampling import generate_from
 
 #: The word that stands in for the concept where an attack needs a concept-free prompt.
 NEUTRAL = "thing"
@@ -88,14 +93,15 @@ def original_weights(pipe, names: Sequence[str]) -> dict[str, torch.Tensor]:
 
 def target_images(pipe, concept_set: ConceptSet, concept: str, n: int = TARGET_IMAGES) -> list[Image.Image]:
     """The concept's images an attack optimises on: the concept set's image folder when it has one,
-    otherwise ``n`` images the *unedited* model makes from the concept's erase prompts."""
+    otherwise ``n`` images the *unedited* model makes from the concept's erase prompts, at the model's
+    own size (the images :func:`~workbench.sampling.generate` makes on SD and SDXL)."""
     folder = concept_set.image_folder(concept)
     size = family_of(pipe).image_size(pipe)
     if folder is not None and folder.is_dir():
         return load_images(folder, size)
     prompts = (concept_set.prompts(concept) * n)[:n]
     with unedited(pipe):
-        return generate(pipe, prompts, TARGET_SEED)
+        return generate_from(pipe, conditioning(pipe, prompts, device=None), TARGET_SEED)
 
 
 def unedited(pipe):
@@ -108,9 +114,11 @@ def unedited(pipe):
     return Edit(undo, "undo", "").apply(pipe)
 
 
-def placeholder(pipe, templates: Sequence[str]) -> str:
-    """A one-token word that appears in none of ``templates``: the slot soft tokens go into."""
-    tokenizers = family_of(pipe).tokenizers(pipe).values()
+def placeholder(pipe, templates: Sequence[str], encoders: Sequence[str] | None = None) -> str:
+    """A one-token word (for the tokenizers of ``encoders``, default every one) that appears in none of
+    ``templates``: the slot soft tokens go into."""
+    family = family_of(pipe)
+    tokenizers = [family.tokenizer(pipe, e) for e in (family.encoders(pipe) if encoders is None else encoders)]
     for word in ("x", "z", "q", "xx"):
         if (all(len(tok(word, add_special_tokens=False).input_ids) == 1 for tok in tokenizers)
                 and not any(word in t.split() for t in templates)):
@@ -118,30 +126,51 @@ def placeholder(pipe, templates: Sequence[str]) -> str:
     raise ValueError("no one-token placeholder word fits these templates")
 
 
-def input_tables(pipe) -> dict[str, torch.nn.Embedding]:
-    """Each text encoder's token-embedding table, by part-name prefix."""
+def input_tables(pipe, encoders: Sequence[str] | None = None) -> dict[str, torch.nn.Embedding]:
+    """Each text encoder's token-embedding table (of ``encoders``, default every one), by part-name prefix."""
     family = family_of(pipe)
-    return {e: family.input_embeddings(pipe, e) for e in family.encoders(pipe)}
+    return {e: family.input_embeddings(pipe, e) for e in family.encoders(pipe) if encoders is None or e in encoders}
+
+
+def vocabulary_encoders(pipe) -> list[str]:
+    """The encoders whose tokenizer has the vocabulary of the one that makes the conditioning's first
+    token rows: where one token id means one word in every encoder, so a token's input rows side by side
+    are well defined. Every encoder on SD and SDXL (two CLIPs); T5 alone on FLUX (CLIP only gives the
+    pooled vector, and its tokens are not T5's); the two CLIPs on SD 3 (T5 tokenizes differently).
+
+    >>> import workbench
+    >>> vocabulary_encoders(workbench.load("toy"))
+    ['text']
+    """
+    family = family_of(pipe)
+    first = family.row_segments(pipe)[0][0]
+    vocab = family.tokenizer(pipe, first).get_vocab()
+    return [e for e in family.encoders(pipe) if e == first or family.tokenizer(pipe, e).get_vocab() == vocab]
 
 
 class SoftTokens:
     """``k`` trainable input vectors (float32 masters) and the templates they are spliced into.
 
-    A vector is as wide as the text encoders' token embeddings side by side (SDXL: 768 + 1,280 on the
-    real model), so one soft token sits at the same position in every encoder's input.
-    ``templates`` contain ``{}`` where the k tokens go (``"a photo of {}"``, ``"{} an apple"``).
-    :meth:`encode` runs the pipeline's text encoders on some of the templates with the vectors in place
-    and returns the conditioning, which carries gradients to the vectors only.
+    A vector is as wide as the token embeddings of ``encoders`` (default: every text encoder) side by
+    side (SDXL: 768 + 1,280 on the real model), so one soft token sits in the slot of every one of
+    those encoders' inputs; any other encoder reads the template without the slot (``"{} an apple"``
+    -> ``"an apple"``). ``templates`` contain ``{}`` where the k tokens go (``"a photo of {}"``,
+    ``"{} an apple"``). :meth:`encode` runs the pipeline's text encoders on some of the templates with
+    the vectors in place and returns the conditioning, which carries gradients to the vectors only.
     """
 
-    def __init__(self, pipe, templates: Sequence[str], init: torch.Tensor) -> None:
+    def __init__(self, pipe, templates: Sequence[str], init: torch.Tensor, encoders: Sequence[str] | None = None) -> None:
         self.pipe, self.templates = pipe, list(templates)
         self.family = family = family_of(pipe)
-        word = placeholder(pipe, self.templates)
+        self.tables = input_tables(pipe, encoders)
+        if not self.tables:
+            raise ValueError(f"no text encoder among {list(encoders or [])}; this model's: {', '.join(family.encoders(pipe))}")
+        word = placeholder(pipe, self.templates, list(self.tables))
         k = init.shape[0]
         filled = [t.format(" ".join([word] * k)) for t in self.templates]
-        self.tables = input_tables(pipe)
         self.ids, self.slots = {}, {}
+        self.fixed = {e: family.tokenize(pipe, [" ".join(t.format("").split()) for t in self.templates], encoder=e)
+                      for e in family.encoders(pipe) if e not in self.tables}
         for e in self.tables:
             tok = family.tokenizer(pipe, e)
             self.ids[e] = family.tokenize(pipe, filled, encoder=e)
@@ -163,7 +192,8 @@ class SoftTokens:
                                                 vectors[:, start:start + width], len(rows))))
             start += width
         with hooked(splices):
-            return self.family.conditioning(self.pipe, {e: (ids[rows], mask[rows]) for e, (ids, mask) in self.ids.items()})
+            chosen = {e: (ids[rows], mask[rows]) for e, (ids, mask) in (self.ids | self.fixed).items()}
+            return self.family.conditioning(self.pipe, chosen)
 
     @staticmethod
     def _splice(slots: torch.Tensor, vectors: torch.Tensor, n: int):
@@ -201,4 +231,5 @@ def batches(n_latents: int, n_templates: int, batch: int, gen: torch.Generator) 
 
 
 __all__ = ["Crafted", "NEUTRAL", "SoftTokens", "batches", "concept_latents", "denoising_loss", "eval_prompts",
-           "fill", "input_tables", "original_weights", "placeholder", "slot", "swap", "target_images", "unedited"]
+           "fill", "input_tables", "original_weights", "placeholder", "slot", "swap", "target_images", "unedited",
+           "vocabulary_encoders"]

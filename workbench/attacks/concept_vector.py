@@ -6,6 +6,7 @@ E(the same template with a concept-free word), taken from the *unedited* text en
 to an attacker). The attack embeddings are E(held-out probe prompt with the concept-free word) + eta v,
 made by the attacked model's own text encoder. ``budget`` values of eta from :data:`ETAS` are tried on
 the attack's seed; the one the judge finds most of the concept with is kept (ties: the smaller eta).
+Where the family has a pooled vector (SDXL, FLUX, SD 3) the direction moves it too, with the token rows.
 """
 from __future__ import annotations
 

@@ -4,6 +4,11 @@ On the *erased* model, a few soft tokens ``<v>`` at the text encoder's input are
 ordinary denoising loss on the concept's images, in the templates the concept was erased in
 ("a photo of <v>", ...): textual inversion against the edit. The attack then prompts with ``<v>`` in the
 concept's held-out probe wordings. Adam; the vectors start at the embedding of a concept-free word.
+
+With several text encoders a soft token is every encoder's input vector side by side, each starting at
+the word's embedding under its own tokenizer (SDXL's two CLIPs; FLUX's CLIP and T5; SD 3's two CLIPs and
+T5): nothing is projected onto a vocabulary, so encoders with different tokenizers pose no problem. The
+loss is the family's (noise, v- or flow-matching velocity; FLUX.1-dev at its default distilled guidance).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 from ..concepts import ConceptSet
 from ..judges import Judge
 from ..families import family_of
-from ..hooks import frozen
+from ..hooks import frozen, trainable_attention
 from ..sampling import seeded
 from .common import (NEUTRAL, Crafted, SoftTokens, batches, concept_latents, denoising_loss, eval_prompts, fill,
                      input_tables, slot)
@@ -48,7 +53,7 @@ def train(pipe, soft: SoftTokens, latents: torch.Tensor, steps: int, lr: float, 
     opt = torch.optim.Adam([soft.vectors], lr=lr)
     keep = set(checkpoints) | {steps}
     losses, kept, start = [], {}, time.perf_counter()
-    with frozen(*family_of(pipe).components(pipe).values()):
+    with frozen(*family_of(pipe).components(pipe).values()), trainable_attention(pipe):
         for step in range(1, steps + 1):
             idx, rows = batches(len(latents), len(soft.templates), batch, gen)
             vectors = soft.vectors if project is None else soft.vectors + (project(soft.vectors) - soft.vectors).detach()

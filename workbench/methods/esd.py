@@ -1,4 +1,5 @@
-"""ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023), fine-tuning UNet parts.
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023), fine-tuning denoiser parts
+(a UNet's, or a transformer's on FLUX.1 and SD 3).
 
 Each iteration draws a latent x_t by partial sampling: the model being trained denoises fresh noise,
 guided towards the concept, for a random number k of the ``sample_steps`` DDIM steps; t is the
@@ -8,7 +9,9 @@ concept follows the negatively guided one::
 
     eps_new(x_t, c)  ->  eps(x_t) - eta * (eps(x_t, c) - eps(x_t))      (mean squared error, Adam)
 
-Which parts train is a preset of the ESD authors' code, or any selector (:mod:`workbench.anatomy`):
+On a flow-matching transformer (FLUX.1, SD 3) the predictions are velocities and x_t comes from the
+model's flow-matching Euler sampler; the loss is the same. Which parts train is a preset of the ESD
+authors' code, or any selector (:mod:`workbench.anatomy`):
 
 ================  ==================================================================
 ``esd-x``         every cross-attention matrix (``unet.*.xattn``: q, k, v, out)
@@ -17,12 +20,31 @@ Which parts train is a preset of the ESD authors' code, or any selector (:mod:`w
 ``esd-all``       every Linear and convolution of the UNet
 ================  ==================================================================
 
+A transformer has no cross-attention: text enters the image tokens' attention through each joint
+(double) block's text stream, whose keys and values the image queries attend to. The workbench's
+analogue of the presets (:data:`DIT_PRESETS`), its choice:
+
+================  ==================================================================
+``esd-x``         the text stream's attention matrices of every double block
+                  (``dit.*.text.{q,k,v,out}``)
+``esd-x-strict``  their keys and values only (``dit.*.text.[kv]``)
+``esd-u``         every transformer part except those (image stream, FFNs, modulations,
+                  single blocks, ``dit.context.proj``, the embedders, the output)
+``esd-all``       every Linear and convolution of the transformer (``dit.*``)
+================  ==================================================================
+
+FLUX.1-dev takes its guidance as an input (guidance-distilled): there the partial sampling runs *one*
+pass per step with the distilled guidance ``sample_guidance`` instead of two branches with classifier-free
+guidance, and the frozen model's eps(x_t) and eps(x_t, c) (the empty prompt and the concept) and the
+trained prediction all take the pipeline's default distilled guidance (3.5), the workbench's choice for
+guidance-distilled models. SD 3 and models without a guidance input keep classifier-free guidance.
+
 As in the reference code, a part is a Linear or Conv2d with its bias; normalisation layers stay. The
 parts train as float32 master copies while the forward passes run in the pipeline's dtype and device
 (as few-shot unlearning does), so a float16 or bfloat16 pipeline loses no update below its weights'
 last bit; the pipeline itself is never changed. The defaults are the paper's: Adam at lr 1e-5, 1,000
 iterations of batch 1, eta 1, x_t from up to 50 DDIM steps with guidance 3. As in the reference code,
-the loss's timestep t is drawn near k/50 of the training schedule after k sampling steps from noise
+the loss's timestep t is drawn near k/50 of the training schedule (0..1000 on every family) after k sampling steps from noise
 (``timestep="reference"``), although those k steps leave x_t at the other end of the noise scale;
 ``timestep="reached"`` uses the timestep the partial sampling stopped at instead (the README compares
 the two on the toy model).
@@ -41,11 +63,11 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..anatomy import Selector, as_list, component_of, parts as all_parts, select
+from ..anatomy import Selector, as_list, component_of, parts as all_parts, select, text_encoders
 from ..edits import Edit, Timer, parameter
 from ..embed import check_prompt, conditioning
 from ..families import Conditioning, family_of
-from ..hooks import frozen
+from ..hooks import frozen, trainable_attention
 from ..sampling import seeded
 
 #: How t is chosen for the loss: the reference code's pairing, or the timestep partial sampling reached.
@@ -57,6 +79,30 @@ PRESETS: dict[str, str] = {
     "esd-u": "every UNet part except cross-attention",
     "esd-all": "every Linear and convolution of the UNet (unet.*)",
 }
+#: The same presets on a transformer (FLUX.1, SD 3): the joint blocks' text stream stands for cross-attention.
+DIT_PRESETS: dict[str, str] = {
+    "esd-x": "the text-stream attention of every double block (dit.*.text.{q,k,v,out})",
+    "esd-x-strict": "the text stream's keys and values (dit.*.text.[kv])",
+    "esd-u": "every transformer part except the text-stream attention",
+    "esd-all": "every Linear and convolution of the transformer (dit.*)",
+}
+#: The components of a double block's text-stream attention (:func:`~workbench.anatomy.component_of`).
+_TEXT_ATTENTION = ("text.q", "text.k", "text.v", "text.out")
+
+
+def _transformer(pipe) -> bool:
+    """Whether the denoiser is a transformer (``dit.*`` parts) rather than a UNet."""
+    return any(n.startswith("dit.") for n in all_parts(pipe))
+
+
+def presets(pipe) -> dict[str, str]:
+    """What each ESD preset trains on ``pipe``'s family (:data:`PRESETS` or :data:`DIT_PRESETS`).
+
+    >>> import workbench
+    >>> presets(workbench.load("toy"))["esd-x-strict"]
+    'cross-attention k and v (unet.*.xattn.[kv])'
+    """
+    return DIT_PRESETS if _transformer(pipe) else PRESETS
 
 
 def preset_parts(pipe, preset: str) -> list[str]:
@@ -67,9 +113,18 @@ def preset_parts(pipe, preset: str) -> list[str]:
     >>> [len(preset_parts(pipe, p)) for p in PRESETS]
     [28, 14, 104, 132]
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown ESD preset {preset!r}; choose one of "
-                         + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()) + ", or give parts=<selector>")
+    table = presets(pipe)
+    if preset not in table:
+        raise ValueError(f"unknown ESD preset {preset!r}; on this model ({family_of(pipe).name}) choose one of "
+                         + "; ".join(f"{k}: {v}" for k, v in table.items()) + ", or give parts=<selector>")
+    if table is DIT_PRESETS:
+        dit = select(pipe, "dit.*")
+        text = [n for n in dit if component_of(n) in _TEXT_ATTENTION]
+        if preset == "esd-all":
+            return dit
+        if preset == "esd-u":
+            return [n for n in dit if n not in text]
+        return text if preset == "esd-x" else [n for n in text if component_of(n) in ("text.k", "text.v")]
     unet = select(pipe, "unet.*")
     if preset == "esd-all":
         return unet
@@ -78,12 +133,14 @@ def preset_parts(pipe, preset: str) -> list[str]:
     return select(pipe, "unet.*.xattn" if preset == "esd-x" else ["unet.*.xattn.k", "unet.*.xattn.v"])
 
 
-def _unet_parts(pipe, preset: str, parts: Selector | None) -> list[str]:
+def _denoiser_parts(pipe, preset: str, parts: Selector | None) -> list[str]:
     names = preset_parts(pipe, preset) if parts is None else select(pipe, parts)
-    bad = [n for n in names if not n.startswith("unet.")]
+    encoders = set(text_encoders(pipe))
+    bad = [n for n in names if n.split(".")[0] in encoders]
     if bad:
-        raise ValueError(f"ESD trains UNet parts; {', '.join(bad[:4])} are text-encoder parts: use few-shot "
-                         "unlearning ('fewshot') for those, or a UNet selector such as 'unet.*.ffn'")
+        what, example = ("transformer", "dit.*.img.ffn") if _transformer(pipe) else ("UNet", "unet.*.ffn")
+        raise ValueError(f"ESD trains {what} parts; {', '.join(bad[:4])} are text-encoder parts: use few-shot "
+                         f"unlearning ('fewshot') for those, or a {what} selector such as {example!r}")
     return names
 
 
@@ -95,7 +152,7 @@ def _masters(pipe, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 class _Trainer:
-    """The frozen UNet, the trained masters, the conditions and the sampler of one ESD run."""
+    """The frozen denoiser, the trained masters, the conditions and the sampler of one ESD run."""
 
     def __init__(self, pipe, prompts: list[str], masters: dict[str, torch.Tensor], sample_steps: int,
                  sample_guidance: float, gen: torch.Generator, timestep: str = "reference") -> None:
@@ -107,25 +164,35 @@ class _Trainer:
         emb = conditioning(pipe, ["", *prompts]).to(self.device, self.dtype)
         self.empty, self.concept = emb[:1], emb[1:]
         self.sched = family.sampling_scheduler(pipe, "ddim")
+        self.sample_steps = sample_steps
         self.sched.set_timesteps(sample_steps, device=self.device)
         self.guidance = sample_guidance
+        self.distilled = family.distilled(pipe)
         self.shape = family.latent_shape(pipe)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: m.to(self.dtype) for k, m in self.masters.items()}
 
-    def trained(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, weights: dict) -> torch.Tensor:
-        return self.family.denoise(self.pipe, x, t, cond, weights)
+    def trained(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, weights: dict,
+                guidance: float | None = None) -> torch.Tensor:
+        return self.family.denoise(self.pipe, x, t, cond, weights, guidance=guidance)
 
     @torch.no_grad()
     def partial_sample(self, cond: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t after ``k`` guided DDIM steps of the trained model from fresh noise, and t."""
+        """x_t after ``k`` guided sampling steps (DDIM, or flow-matching Euler) of the trained model from
+        fresh noise, and t: classifier-free guidance, or one pass with the distilled guidance."""
         n = len(cond)
         x = torch.randn((n, *self.shape), generator=self.gen).to(self.device, self.dtype)
-        x = x * self.sched.init_noise_sigma
+        sigma = getattr(self.sched, "init_noise_sigma", None)  # none on a flow-matching sampler: noise is x_1
+        x = x * (1.0 if sigma is None else sigma)
+        if getattr(self.sched, "step_index", None) is not None:  # a sampler that counts its steps starts over
+            self.sched.set_timesteps(self.sample_steps, device=self.device)
         weights = self.weights()
         both = Conditioning.cat([self.empty.expand(n), cond])
         for t in self.sched.timesteps[:k]:
+            if self.distilled:
+                x = self.sched.step(self.trained(x, t, cond, weights, self.guidance), t, x).prev_sample
+                continue
             eps = self.trained(torch.cat([x, x]), t, both, weights)
             uncond, guided = eps.chunk(2)
             x = self.sched.step(uncond + self.guidance * (guided - uncond), t, x).prev_sample
@@ -176,19 +243,21 @@ def esd(pipe, concept: str, preset: str = "esd-x", parts: Selector | None = None
         prompts: Sequence[str] | None = None, eta: float = 1.0, lr: float = 1e-5, iterations: int = 1000,
         batch: int = 1, sample_steps: int = 50, sample_guidance: float = 3.0, timestep: str = "reference",
         seed: int = 0, progress: bool = True) -> Edit:
-    """Erase ``concept`` by fine-tuning the UNet parts of ``preset`` (or of the selector ``parts``, which
-    takes precedence) towards the frozen model's negatively guided prediction (see the module doc).
+    """Erase ``concept`` by fine-tuning the denoiser parts of ``preset`` (:func:`presets` says what each
+    means on the model; the selector ``parts`` takes precedence) towards the frozen model's negatively
+    guided prediction (see the module doc).
 
     ``prompts`` (default: the concept itself) are the conditions, one drawn per example;
     ``erase(pipe, concept, "esd")`` takes them from the model's concept set. ``eta`` is the negative
     guidance, ``lr`` Adam's learning rate, ``iterations`` the training steps of ``batch`` examples;
-    x_t comes from ``sample_steps`` DDIM steps at guidance ``sample_guidance``; ``timestep`` is one of
+    x_t comes from ``sample_steps`` DDIM (flow-matching Euler) steps at guidance ``sample_guidance``
+    (classifier-free, or the distilled guidance input of a guidance-distilled model); ``timestep`` is one of
     :data:`TIMESTEPS` (the module doc says how they differ). Every random draw
     comes from a generator seeded with ``seed``. The pipeline is not changed: apply the returned edit.
     """
     check_prompt(pipe, concept)
     prompts = as_list(prompts) if prompts is not None else [concept]
-    names = _unet_parts(pipe, preset, parts)
+    names = _denoiser_parts(pipe, preset, parts)
     _check(eta, lr, iterations, batch, sample_steps)
     if timestep not in TIMESTEPS:
         raise ValueError(f"timestep cannot be {timestep!r}; choose one of {', '.join(TIMESTEPS)}; nothing was changed")
@@ -196,7 +265,7 @@ def esd(pipe, concept: str, preset: str = "esd-x", parts: Selector | None = None
         masters = _masters(pipe, names)
         trainer = _Trainer(pipe, prompts, masters, sample_steps, sample_guidance, seeded(seed), timestep)
         opt = torch.optim.Adam(masters.values(), lr=lr)
-        with frozen(family_of(pipe).denoiser(pipe)):
+        with frozen(family_of(pipe).denoiser(pipe)), trainable_attention(pipe):
             losses = [trainer.step(opt, batch, eta)
                       for _ in tqdm(range(iterations), desc=f"ESD {concept}", disable=not progress)]
         table = all_parts(pipe)

@@ -1,7 +1,12 @@
 """Few-shot unlearning (Fuchi & Takagi, BMVC 2024): update only the text encoder, from a few images.
 
-The loss is the *negative* denoising loss of the concept's images under concept prompts; the UNet and
-VAE stay frozen, gradients reach only the selected text-encoder parts. Those parts are trained as
+The loss is the *negative* denoising loss of the concept's images under concept prompts; the denoiser
+(UNet or transformer) and VAE stay frozen, gradients reach only the selected text-encoder parts. On a
+flow-matching transformer (FLUX.1, SD 3) the loss is the flow-matching one (the velocity noise - x_0 as
+target, :meth:`~workbench.families.Family.training_pair`) and the image latents are shifted and scaled as
+the transformer sees them; FLUX.1-dev's distilled guidance input is the pipeline's default. The parts may
+lie in any text encoder: FLUX's CLIP (``text.*``, the pooled vector) or T5 (``text2.*``, the token rows),
+SD 3's two CLIPs (``text.*``, ``text2.*``) or T5 (``text3.*``), one or several. Those parts are trained as
 float32 master copies while every forward pass runs in the pipeline's own dtype and device, so a
 float16 or bfloat16 pipeline loses no update below its weights' last bit.
 
@@ -34,7 +39,7 @@ from ..anatomy import Selector, n_text_layers, parts as all_parts, select, text_
 from ..edits import Edit, Timer, parameter
 from ..embed import check_prompt
 from ..families import family_of
-from ..hooks import frozen
+from ..hooks import frozen, trainable_attention
 from ..sampling import seeded
 
 
@@ -70,7 +75,7 @@ LATENTS = ("sample", "mean")
 
 def default_parts(pipe) -> list[str]:
     """Every FFN of the text encoder plus the last layer's attention (the paper's default); on a model
-    with several text encoders (SDXL), the same in each."""
+    with several text encoders (SDXL, FLUX's CLIP and T5, SD 3's two CLIPs and T5), the same in each."""
     return select(pipe, [p for e in text_encoders(pipe) for p in (f"{e}.*.ffn", f"{e}.{n_text_layers(pipe, e) - 1}.attn")])
 
 
@@ -106,7 +111,7 @@ def load_images(images: str | Path | Sequence[Image.Image | str | Path], size: i
 
 @torch.no_grad()
 def image_latents(pipe, images: Sequence[Image.Image], sample: torch.Generator | None = None) -> torch.Tensor:
-    """The VAE's latents of ``images``, scaled as the UNet sees them, in the pipeline's dtype: the
+    """The VAE's latents of ``images``, scaled as the denoiser sees them, in the pipeline's dtype: the
     posterior means, or one draw from each posterior with the generator ``sample``."""
     pixels = torch.stack([torch.from_numpy(np.array(im)) for im in images]).permute(0, 3, 1, 2)
     return family_of(pipe).image_latents(pipe, pixels, sample)
@@ -174,8 +179,9 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
     names = default_parts(pipe) if parts is None else select(pipe, parts)
     bad = [n for n in names if n.split(".")[0] not in text_encoders(pipe)]
     if bad:
-        raise ValueError(f"few-shot unlearning updates the text encoder only; {', '.join(bad[:4])} are UNet "
-                         "parts: use uce or rece for those")
+        what = "transformer" if bad[0].startswith("dit.") else "UNet"
+        raise ValueError(f"few-shot unlearning updates the text encoders only ({', '.join(text_encoders(pipe))}); "
+                         f"{', '.join(bad[:4])} are {what} parts: use uce, rece or esd for those")
     if images is None:
         raise ValueError(f"few-shot unlearning needs a few images of {concept!r}: pass images=<folder or list of "
                          "PIL images>; erase(pipe, concept, 'fewshot') takes them from the model's concept set")
@@ -188,7 +194,7 @@ def fewshot(pipe, concept: str, images: str | Path | Sequence[Image.Image] | Non
         latents = image_latents(pipe, flipped(imgs, gen) if flip else imgs, gen if latent == "sample" else None)
         masters = _masters(pipe, names)
         adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        with frozen(*family_of(pipe).components(pipe).values()):
+        with frozen(*family_of(pipe).components(pipe).values()), trainable_attention(pipe):
             _train(pipe, concept, prompts, latents, masters, adam, batch, total, gen, progress)
         table = all_parts(pipe)
         base = {k: parameter(table, k).detach() for k in masters}
