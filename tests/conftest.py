@@ -33,6 +33,16 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    return workbench.models.build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sdxl(tiny_sdxl_dir):
+    return workbench.load(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     return workbench.models.build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 

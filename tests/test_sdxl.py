@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 import workbench
+from conftest import family_state, same_family_state
 from workbench.anatomy import census, select, text_encoders
 from workbench.attacks import ATTACKS, attack
 from workbench.attnmaps import attention_maps
@@ -20,30 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory):
-    return workbench.models.build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir):
-    return workbench.load(tiny_sdxl_dir)
-
-
-@pytest.fixture(scope="module")
 def judge(tmp_path_factory):
     return ClipJudge.load(tiny_clip(tmp_path_factory.mktemp("clip")))
-
-
-def state_of(pipe) -> dict[str, torch.Tensor]:
-    """Every tensor of both text encoders and the UNet, cloned."""
-    family = family_of(pipe)
-    return {f"{name}.{k}": v.clone() for name, module in family.components(pipe).items()
-            for k, v in module.state_dict().items()}
-
-
-def unchanged(pipe, state) -> bool:
-    now = state_of(pipe)
-    return all(torch.equal(now[k], v) for k, v in state.items())
 
 
 def images() -> list[Image.Image]:
@@ -82,7 +61,7 @@ def test_images_from_a_conditioning_are_the_pipelines_images(sdxl):
 
 @pytest.mark.parametrize("method", ["uce", "rece"])
 def test_closed_form_methods_edit_every_cross_attention_kv_of_sdxl_and_revert_exactly(sdxl, method):
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     edit = (uce if method == "uce" else rece)(sdxl, "apple", preserve=["a pear"])
     assert sorted(edit.parts) == sorted(select(sdxl, "unet.*.xattn.[kv]"))
     assert edit.deltas["unet.mid.0.t1.xattn.k.weight"].shape[1] == 80
@@ -90,22 +69,22 @@ def test_closed_form_methods_edit_every_cross_attention_kv_of_sdxl_and_revert_ex
     with edit.apply(sdxl):
         keys = embed(sdxl, ["apple"], space="unet.mid.0.xattn.k")
     assert keys.shape == (1, 64)
-    assert unchanged(sdxl, state) and torch.equal(encode(sdxl, ["an apple"]), before)
+    assert same_family_state(sdxl, state) and torch.equal(encode(sdxl, ["an apple"]), before)
 
 
 def test_esd_presets_follow_the_authors_sdxl_choices(sdxl):
     counts = {p: len(preset_parts(sdxl, p)) for p in PRESETS}
     assert counts["esd-x-strict"] == 2 * 17 and counts["esd-x"] == 4 * 17
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     edit = esd(sdxl, "apple", preset="esd-x-strict", iterations=2, sample_steps=3, progress=False)
     assert len(edit.parts) == 34 and all(torch.isfinite(d).all() for d in edit.deltas.values())
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)
 
 
 @pytest.mark.parametrize("parts, encoders", [(None, {"text", "text2"}), ("text.*.ffn", {"text"}),
                                              ("text2.*.ffn", {"text2"})])
 def test_few_shot_unlearning_goes_through_either_text_encoder_or_both(sdxl, parts, encoders):
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     edit = fewshot(sdxl, "apple", images=images(), steps=2, parts=parts, progress=False)
     assert {p.split(".")[0] for p in edit.parts} == encoders
     assert any(float(d.abs().max()) > 0 for d in edit.deltas.values())
@@ -113,7 +92,7 @@ def test_few_shot_unlearning_goes_through_either_text_encoder_or_both(sdxl, part
         changed = conditioning(sdxl, ["an apple"])
     plain = conditioning(sdxl, ["an apple"])
     assert not torch.equal(changed.tokens, plain.tokens)
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)
 
 
 def test_landing_spaces_cover_each_encoder_the_conditioning_and_every_key_value_space(sdxl):
@@ -128,23 +107,23 @@ def test_landing_spaces_cover_each_encoder_the_conditioning_and_every_key_value_
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_every_attack_runs_on_an_sdxl_edit_and_leaves_the_model_as_it_was(sdxl, judge, name):
     cs = ConceptSet.of(objects=["apple", "car"])
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     edit = uce(sdxl, "apple")
     budget = {"derived": None, "inversion": 2, "unlearndiff": 2, "concept_vector": 2}[name]
     result = attack(sdxl, edit, "apple", judge, name, budget, eval_seeds=[7000], concept_set=cs)
     embeds = result.crafted.embeds
     assert isinstance(embeds, Conditioning) and embeds.tokens.shape[-1] == 80 and embeds.pooled.shape[-1] == 32
     assert len(result.table) == len(result.images) > 0
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)
 
 
 def test_tracing_restores_both_encoders_layers_and_every_unet_block(sdxl, judge):
     cs = ConceptSet.of(objects=["apple", "car"])
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     assert sites(sdxl)[:4] == ["text.0", "text.1", "text2.0", "text2.1"]
     t = trace(sdxl, "apple", "a photo of an apple", judge, concept_set=cs, n=1, steps=2)
     assert len(t.layers()) == 4 + 7
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)
 
 
 def test_attention_maps_cover_every_sdxl_cross_attention_layer(sdxl):
@@ -157,14 +136,14 @@ def test_attention_maps_cover_every_sdxl_cross_attention_layer(sdxl):
 
 def test_sdxl_in_bfloat16_runs_every_method_and_reverts_exactly(tiny_sdxl_dir):
     pipe = workbench.load(tiny_sdxl_dir, dtype=torch.bfloat16)
-    state = state_of(pipe)
+    state = family_state(pipe)
     for method in ("uce", "rece", "fewshot", "esd"):
         knobs = {"fewshot": {"images": images(), "steps": 2}, "esd": {"iterations": 1, "sample_steps": 2}}.get(method, {})
         edit = erase(pipe, "a red balloon", method, progress=False, **knobs)
         assert all(torch.isfinite(d).all() and d.dtype == torch.float32 for d in edit.deltas.values())
         with edit.apply(pipe):
             assert generate(pipe, ["a red balloon"], steps=2)[0].size == (64, 64)
-    assert unchanged(pipe, state)
+    assert same_family_state(pipe, state)
 
 
 @pytest.mark.parametrize("form", ["diffusers-folder", "safetensors", "ldm-checkpoint"])
@@ -173,7 +152,7 @@ def test_an_sdxl_edit_written_in_each_external_format_comes_back_reverts_exactly
     from workbench.external import load_edit, save_erased
 
     cs = ConceptSet.of(objects=["apple", "car"])
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     native = fewshot(sdxl, "apple", images=images(), steps=2, parts="text2.*.ffn", progress=False) \
         if form == "diffusers-folder" else uce(sdxl, "apple")
     name = {"diffusers-folder": "erased", "ldm-checkpoint": "erased.ckpt", "safetensors": "erased.safetensors"}[form]
@@ -185,11 +164,11 @@ def test_an_sdxl_edit_written_in_each_external_format_comes_back_reverts_exactly
         torch.testing.assert_close(imported.deltas[key], delta, rtol=0, atol=4 * scale * torch.finfo(torch.float32).eps)
     with imported.apply(sdxl):
         pass
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)
     mine = attack(sdxl, native, "apple", judge, "derived", eval_seeds=[7000], concept_set=cs)
     theirs = attack(sdxl, imported, "apple", judge, "derived", eval_seeds=[7000], concept_set=cs)
     assert mine.table["label"].tolist() == theirs.table["label"].tolist()
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)
 
 
 def sdxl_parameters(pipe):
@@ -216,7 +195,7 @@ def test_the_erase_and_sweep_panels_run_on_sdxl_and_keep_no_edit(sdxl):
     from workbench.sweep import layers
     from workbench.widgets import ErasePanel, SweepPanel
 
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     erase_panel = ErasePanel(sdxl, run=False, concept="a red balloon", method="uce", per_prompt=1, steps=2)
     erase_panel.button.click()
     assert erase_panel.error is None, repr(erase_panel.error)
@@ -226,7 +205,7 @@ def test_the_erase_and_sweep_panels_run_on_sdxl_and_keep_no_edit(sdxl):
     assert sweep.error is None, repr(sweep.error)
     table = sweep.result["table"]
     assert len(table) == 2 * len(layers(sdxl, "uce")) == 2 * 17 and (table["dW_relative"] > 0).all()
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)
 
 
 def test_a_grid_runs_on_an_sdxl_folder(tiny_sdxl_dir, tmp_path):
@@ -243,11 +222,11 @@ def test_landing_tables_work_in_a_key_space_the_conditioning_and_the_second_enco
     from workbench.project import landing
 
     words = ["apple", "pear", "car", "cat", "dog", "sun", "moon", "tree"]
-    state = state_of(sdxl)
+    state = family_state(sdxl)
     edit = rece(sdxl, "apple")
     keys = landing(sdxl, edit, "apple", k=3, space="unet.mid.0.t1.xattn.k", vocabulary=words)
     assert len(keys) == 3 and (keys["distance"] != keys["distance_before"]).any()
     for space in ("text", "text2.1"):
         table = landing(sdxl, edit, "apple", k=3, space=space, vocabulary=words)
         assert (table["distance"] == table["distance_before"]).all()  # RECE leaves the text encoders alone
-    assert unchanged(sdxl, state)
+    assert same_family_state(sdxl, state)

@@ -9,7 +9,6 @@ guidance with the pipeline's ``true_cfg_scale``.
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -29,11 +28,7 @@ class Flux(MMDiT):
     SEGMENTS = (("text2", 0),)
     T5_LENGTH = 512
 
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        dit = getattr(pipe, "transformer", None)
-        return (type(dit).__name__ == "FluxTransformer2DModel" and getattr(pipe, "text_encoder", None) is not None
-                and getattr(pipe, "text_encoder_2", None) is not None)
+    TRANSFORMER = "FluxTransformer2DModel"
 
     def _states(self, pipe, ids, params) -> Conditioning:
         clip = pipe.text_encoder
@@ -63,10 +58,7 @@ class Flux(MMDiT):
     def draw(self, pipe, cond: Conditioning, negative: Conditioning, steps: int, guidance: float,
              generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
              size: int | None = None) -> list[Image.Image]:
-        dit = pipe.transformer
-        self.added(pipe, cond)
-        cond, negative = cond.to(dit.device, dit.dtype), negative.to(dit.device, dit.dtype)
-        size = size or self.image_size(pipe)
+        cond, negative, size = self._to_draw(pipe, cond, negative, size)
         kwargs = dict(prompt_embeds=cond.tokens, pooled_prompt_embeds=cond.pooled, num_inference_steps=steps,
                       generator=generator, height=size, width=size, max_sequence_length=cond.tokens.shape[1])
         if self.distilled(pipe):
@@ -75,7 +67,7 @@ class Flux(MMDiT):
             kwargs |= dict(true_cfg_scale=guidance, negative_prompt_embeds=negative.tokens,
                            negative_pooled_prompt_embeds=negative.pooled)
         if latents is not None:
-            kwargs["latents"] = pack(latents.to(dit.device, dit.dtype))
+            kwargs["latents"] = pack(latents.to(cond.tokens.device, cond.tokens.dtype))
         return pipe(**kwargs).images
 
 

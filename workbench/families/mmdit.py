@@ -42,7 +42,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .base import Conditioning, Family
-from .sd import StableDiffusion, _text_parts
+from .sd import EncodedByStates, StableDiffusion, _text_parts
 
 #: Paths of a transformer's top-level parts, by stable name.
 _TOP_IN = {"x_embedder": "dit.in.patch", "pos_embed.proj": "dit.in.patch", "context_embedder": "dit.context.proj",
@@ -95,7 +95,7 @@ def transformer_parts(transformer: nn.Module) -> dict[str, nn.Module]:
 _PARTS: "weakref.WeakKeyDictionary[object, tuple[tuple[int, ...], dict[str, nn.Module]]]" = weakref.WeakKeyDictionary()
 
 
-class MMDiT(StableDiffusion):
+class MMDiT(EncodedByStates, StableDiffusion):
     """The shared adapter of FLUX.1 and SD 3 (``transformer`` with joint attention, flow matching).
 
     Subclasses give the encoders (:attr:`ENCODERS`), how prompts become a :class:`Conditioning`
@@ -109,9 +109,14 @@ class MMDiT(StableDiffusion):
     #: Timesteps (0..1000) at which a block's text keys are captured for closed-form edits.
     KEY_TIMESTEPS = (750.0, 500.0, 250.0)
 
+    #: The class name of the family's transformer.
+    TRANSFORMER = ""
+
     @classmethod
     def matches(cls, pipe) -> bool:
-        raise NotImplementedError
+        dit = getattr(pipe, "transformer", None)
+        return (type(dit).__name__ == cls.TRANSFORMER and getattr(pipe, "text_encoder", None) is not None
+                and getattr(pipe, "text_encoder_2", None) is not None)
 
     def denoiser(self, pipe) -> nn.Module:
         return pipe.transformer
@@ -140,14 +145,6 @@ class MMDiT(StableDiffusion):
             limit = min(limit, self.T5_LENGTH)
         out = tok(list(prompts), padding=padding, max_length=limit, truncation=True, return_tensors="pt")
         return out.input_ids, out.attention_mask
-
-    def encode(self, pipe, prompts: Sequence[str]) -> Conditioning:
-        with torch.no_grad():
-            return self._states(pipe, {k: self.tokenize(pipe, prompts, encoder=k) for k in self.ENCODERS}, None)
-
-    def conditioning(self, pipe, ids: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     params: dict[str, torch.Tensor] | None = None) -> Conditioning:
-        return self._states(pipe, ids, params)
 
     def _states(self, pipe, ids, params) -> Conditioning:
         raise NotImplementedError
@@ -216,6 +213,14 @@ class MMDiT(StableDiffusion):
 
     def _forward(self, pipe, latents, t, cond, params, guidance) -> torch.Tensor:
         raise NotImplementedError
+
+    def _to_draw(self, pipe, cond: Conditioning, negative: Conditioning,
+                 size: int | None) -> tuple[Conditioning, Conditioning, int]:
+        """Both conditionings on the transformer's device and dtype (refused without a pooled vector),
+        and the side to draw at (default: the model's own)."""
+        dit = pipe.transformer
+        self.added(pipe, cond)
+        return cond.to(dit.device, dit.dtype), negative.to(dit.device, dit.dtype), size or self.image_size(pipe)
 
     def distilled(self, pipe) -> bool:
         """Whether the model takes its guidance as an input (FLUX.1-dev) rather than from two branches."""

@@ -315,6 +315,19 @@ class StableDiffusion(Family):
                 **{f"unet.up.{b}": m for b, m in enumerate(unet.up_blocks)}}
 
 
+class EncodedByStates:
+    """``encode`` and ``conditioning`` of a family whose adapter builds the conditioning itself from every
+    encoder's token ids (``_states(pipe, ids, params)``), not through the pipeline's ``encode_prompt``."""
+
+    def encode(self, pipe, prompts: Sequence[str]) -> Conditioning:
+        with torch.no_grad():
+            return self._states(pipe, {k: self.tokenize(pipe, prompts, encoder=k) for k in self.encoders(pipe)}, None)
+
+    def conditioning(self, pipe, ids: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     params: dict[str, torch.Tensor] | None = None) -> Conditioning:
+        return self._states(pipe, ids, params)
+
+
 def _unet_name(path: str) -> tuple[tuple, str]:
     """(sort key in network order, stable name) of the UNet module at diffusers ``path``."""
     if path in _TOP:

@@ -27,11 +27,7 @@ class StableDiffusion3(MMDiT):
                 "text3": ("text_encoder_3", "tokenizer_3")}
     T5_LENGTH = 256
 
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        dit = getattr(pipe, "transformer", None)
-        return (type(dit).__name__ == "SD3Transformer2DModel" and getattr(pipe, "text_encoder", None) is not None
-                and getattr(pipe, "text_encoder_2", None) is not None)
+    TRANSFORMER = "SD3Transformer2DModel"
 
     def encoders(self, pipe):
         return {k: getattr(pipe, e) for k, (e, _) in self.ENCODERS.items() if getattr(pipe, e, None) is not None}
@@ -43,10 +39,6 @@ class StableDiffusion3(MMDiT):
         return {"transformer": pipe.transformer,
                 **{e: getattr(pipe, e) for e, _ in self.ENCODERS.values() if getattr(pipe, e, None) is not None},
                 "vae": pipe.vae}
-
-    def encode(self, pipe, prompts) -> Conditioning:
-        with torch.no_grad():
-            return self._states(pipe, {k: self.tokenize(pipe, prompts, encoder=k) for k in self.encoders(pipe)}, None)
 
     def row_segments(self, pipe) -> tuple[tuple[str, int], ...]:
         clip = self.tokenizers(pipe)["text"].model_max_length
@@ -79,10 +71,7 @@ class StableDiffusion3(MMDiT):
     def draw(self, pipe, cond: Conditioning, negative: Conditioning, steps: int, guidance: float,
              generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
              size: int | None = None) -> list[Image.Image]:
-        dit = pipe.transformer
-        self.added(pipe, cond)
-        cond, negative = cond.to(dit.device, dit.dtype), negative.to(dit.device, dit.dtype)
-        size = size or self.image_size(pipe)
+        cond, negative, size = self._to_draw(pipe, cond, negative, size)
         return pipe(prompt_embeds=cond.tokens, negative_prompt_embeds=negative.tokens,
                     pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=negative.pooled,
                     num_inference_steps=steps, guidance_scale=guidance, generator=generator, latents=latents,

@@ -9,15 +9,15 @@ enter the UNet as added conditioning (``unet.time.added.{in,out}``). With ``forc
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .base import Conditioning, register
-from .sd import StableDiffusion, masked
+from .sd import EncodedByStates, StableDiffusion, masked
 
 
-class StableDiffusionXL(StableDiffusion):
+class StableDiffusionXL(EncodedByStates, StableDiffusion):
     """SDXL: ``text_encoder`` + ``tokenizer``, ``text_encoder_2`` + ``tokenizer_2``, ``unet`` with
     ``addition_embed_type="text_time"``."""
 
@@ -44,14 +44,6 @@ class StableDiffusionXL(StableDiffusion):
             rows.append(out.hidden_states[-2])
         device = rows[0].device
         return Conditioning(torch.cat([r.to(device) for r in rows], dim=-1), pooled.to(device))
-
-    def encode(self, pipe, prompts: Sequence[str]) -> Conditioning:
-        with torch.no_grad():
-            return self._states(pipe, {k: self.tokenize(pipe, prompts, encoder=k) for k in self.ENCODERS}, None)
-
-    def conditioning(self, pipe, ids: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     params: dict[str, torch.Tensor] | None = None) -> Conditioning:
-        return self._states(pipe, ids, params)
 
     def empty(self, pipe, n: int = 1) -> Conditioning:
         unet = pipe.unet
