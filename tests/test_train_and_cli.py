@@ -30,6 +30,28 @@ def test_quick_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkey
     assert pipe("a cat", num_inference_steps=2).images[0].size == (32, 32)
 
 
+@pytest.mark.slow
+def test_quick_dit_training_reuses_the_work_folder_writes_a_flux_pipeline_and_resumes(tmp_path, monkeypatch):
+    out, work = tmp_path / "data" / "toy-dit", tmp_path / "work"
+    train.main(["--arch", "dit", "--quick", "--out", str(out), "--work", str(work)])
+    report = json.loads((out / "training.json").read_text())
+    assert report["settings"]["unet_steps"] == 4 and np.isfinite(report["final_loss"])
+    assert report["vae"]["scaling_factor"] > 0
+    ckpt = work / "dit.ckpt"
+    train.main(["--arch", "dit", "--quick", "--out", str(out), "--work", str(work), "--unet-steps", "6"])
+    import torch
+
+    assert torch.load(ckpt, weights_only=False)["step"] == 6
+    from workbench import models
+    from workbench.families import family_of
+    from workbench.toy import model as toy_model
+
+    monkeypatch.setattr(toy_model, "TOY_DIT_DIR", out)
+    pipe = models.load("toy-dit")
+    assert family_of(pipe).name == "flux" and pipe.vae.config.shift_factor == report["vae"]["shift_factor"]
+    assert pipe("a cat", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+
+
 def test_cli_generate_writes_an_image(tmp_path, capsys):
     path = tmp_path / "two.png"
     cli.main(["generate", "--prompt", "a red apple", "--prompt", "a cat by seurat", "--steps", "5", "--out", str(path)])

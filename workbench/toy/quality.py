@@ -2,6 +2,7 @@
 
     python -m workbench.toy.quality            # prints a table (a few minutes on a laptop CPU)
     python -m workbench.toy.quality --json out/quality.json
+    python -m workbench.toy.quality --model toy-dit   # the toy DiT
 
 Rows: oracle accuracy on fresh renders; object accuracy of "a/an {object}" images (mean and worst
 object); colour accuracy of "a {colour} {object}"; style accuracy of "{object} by {painter}";
@@ -17,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
-
-from ..sampling import GUIDANCE, STEPS, generate, seeded
-from .model import load_toy
+from ..sampling import GUIDANCE, STEPS, generate
+from .model import load_toy, load_toy_dit
 from .oracle import Oracle
-from .paths import TOY_DIR
+from .paths import TOY_DIR, TOY_DIT_DIR
 from .render import render
 from .world import COLOURS, OBJECTS, PAINTERS, a, sample_scene
 
+#: The toy models by name: their loader and folder.
+MODELS = {"toy": (load_toy, TOY_DIR), "toy-dit": (load_toy_dit, TOY_DIT_DIR)}
 #: Render seeds at or above this were never used to train the model or the oracle.
 FRESH_SEED = 3_000_000_000
 
@@ -38,11 +39,15 @@ def oracle_accuracy(oracle: Oracle, n: int = 1000, seed: int = FRESH_SEED) -> di
             for h in ("object", "colour", "style")}
 
 
-def measure(per_prompt: int = 12, seed: int = 10_000, guidance: float = GUIDANCE,
-            pipe: StableDiffusionPipeline | None = None) -> dict:
-    """Every number of the benchmark, as a dict, for ``pipe`` (default: the bundled toy model)."""
+def measure(per_prompt: int = 12, seed: int = 10_000, guidance: float = GUIDANCE, pipe=None,
+            model: str = "toy") -> dict:
+    """Every number of the benchmark, as a dict, for ``pipe`` (default: the bundled toy ``model``,
+    ``"toy"`` or ``"toy-dit"``)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown toy model {model!r}; choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
-    pipe, oracle = pipe if pipe is not None else load_toy(), Oracle.load()
+    loader, folder = MODELS[model]
+    pipe, oracle = pipe if pipe is not None else loader(), Oracle.load()
     result: dict = {"oracle_on_renders": oracle_accuracy(oracle)}
 
     prompts = [a(o) for o in OBJECTS for _ in range(per_prompt)]
@@ -62,14 +67,14 @@ def measure(per_prompt: int = 12, seed: int = 10_000, guidance: float = GUIDANCE
     result["style"] = {"mean": float(np.mean(list(per_style.values()))), "per_style": per_style}
 
     four = ["a red apple", "a blue car", "a cat by van gogh", "a star by seurat"]
-    pipe(four, num_inference_steps=STEPS, generator=seeded(0))  # warm-up
+    generate(pipe, four, 0, guidance=guidance)  # warm-up
     times = []
     for k in range(3):
         t0 = time.perf_counter()
-        pipe(four, num_inference_steps=STEPS, guidance_scale=guidance, generator=seeded(k))
+        generate(pipe, four, k, guidance=guidance)
         times.append(time.perf_counter() - t0)
     result["seconds_for_4_images"] = float(np.median(times))
-    log = TOY_DIR / "training.json"
+    log = folder / "training.json"
     result["training_minutes"] = json.loads(log.read_text())["total_seconds"] / 60 if log.exists() else None
     result["settings"] = {"steps": STEPS, "guidance": guidance, "per_prompt": per_prompt, "seed": seed,
                           "threads": torch.get_num_threads()}
@@ -101,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-prompt", type=int, default=12, help="images per object prompt")
     p.add_argument("--guidance", type=float, default=GUIDANCE)
     p.add_argument("--json", type=Path, help="also write every number here")
+    p.add_argument("--model", choices=tuple(MODELS), default="toy")
     args = p.parse_args(argv)
-    r = measure(args.per_prompt, guidance=args.guidance)
+    r = measure(args.per_prompt, guidance=args.guidance, model=args.model)
     print(table(r))
     print("per object:", ", ".join(f"{k} {v:.0%}" for k, v in r["object"]["per_object"].items()))
     print("per style:", ", ".join(f"{k} {v:.0%}" for k, v in r["style"]["per_style"].items()))
