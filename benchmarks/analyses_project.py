@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import workbench
+from workbench.toy.quality import MODELS as TOY_MODELS
 from workbench import plots
 from workbench.embed import embed
 from workbench.methods import erase
@@ -50,9 +51,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="embeddings for the UMAP timing")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None, help="folder for landing-map figures (PNG)")
+    ap.add_argument("--model", choices=TOY_MODELS, default="toy", help="the toy UNet or the toy DiT")
     args = ap.parse_args()
 
-    pipe = workbench.load("toy")
+    pipe = workbench.load(args.model)
     vocab = vocabulary(TOY_CONCEPTS).word.tolist()
     captions = all_captions()
     random.Random(0).shuffle(captions)

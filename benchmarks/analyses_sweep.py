@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 import workbench
+from workbench.toy.quality import MODELS as TOY_MODELS
 from workbench import plots
 from workbench.profile import profile_of
 from workbench.sweep import aggregate, ffn_vs_attention, finding, layer_sweep
@@ -119,11 +120,12 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--per-other", type=int, default=4, help="images per other concept in each evaluation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--model", choices=TOY_MODELS, default="toy", help="the toy UNet or the toy DiT")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}\n")
-    pipe, oracle = workbench.load("toy"), Oracle.load()
+    pipe, oracle = workbench.load(args.model), Oracle.load()
     if args.part in ("all", "layers"):
         layers_part(pipe, oracle, args.concept, args.per_other)
     if args.part in ("all", "uce"):

@@ -28,6 +28,7 @@ from workbench.attacks import table as tables
 from workbench.attacks.table import compare_methods, grid_images, peak_gb, summary
 from workbench.grid import Grid, run_grid
 from workbench import stats
+from workbench.toy.quality import MODELS as TOY_MODELS
 from workbench.paths import GRIDS
 from workbench.store import load_results
 from workbench.toy import TOY_CONCEPTS
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--store", type=Path, help="the grid's results folder (default results/<grid name>)")
     ap.add_argument("--out", type=Path, help="the image rows as CSV (default out/<grid name>.csv)")
     ap.add_argument("--from", dest="saved", type=Path, help="report on saved rows (a CSV or a results folder)")
+    ap.add_argument("--model", choices=TOY_MODELS, help="run the grid on this toy model instead of the grid's")
     args = ap.parse_args(argv)
     out = args.out or Path("out") / f"{args.grid.stem}.csv"
     if args.saved is not None:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         report(table, out)
         return
     spec = Grid.load(args.grid).to_dict()
-    spec |= {k: v for k, v in (("concepts", args.concepts), ("methods", args.methods)) if v}
+    spec |= {k: v for k, v in (("concepts", args.concepts), ("methods", args.methods), ("model", args.model)) if v}
     start = time.perf_counter()
     runs = run_grid(spec, args.store or Path("results") / args.grid.stem,
                     cluster=f"local:{args.workers}" if args.workers else None)

@@ -21,6 +21,7 @@ import time
 import pandas as pd
 
 import workbench
+from workbench.toy.quality import MODELS as TOY_MODELS
 from workbench.attacks.table import peak_gb
 from workbench.anatomy import n_text_layers
 from workbench.embed import lens
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--part", choices=["empty", "lens", "cumulative", "drift", "all"], default="all")
     ap.add_argument("--methods", nargs="+", default=["rece", "fewshot"], choices=["rece", "fewshot"],
                     help="the drift part's methods")
+    ap.add_argument("--model", choices=TOY_MODELS, default="toy", help="the toy UNet or the toy DiT")
     args = ap.parse_args(argv)
-    pipe = workbench.load("toy")
+    pipe = workbench.load(args.model)
     judge = profile_of(pipe).judge()
     start = time.perf_counter()
     for name, fn in (("empty", lambda: empty(pipe)), ("lens", lambda: lens_part(pipe, judge)),

@@ -21,6 +21,7 @@ from collections import Counter
 import numpy as np
 
 import workbench
+from workbench.toy.quality import MODELS as TOY_MODELS
 from workbench.metrics import accuracy, hits, predictions, preservation
 from workbench.methods import erase, fewshot, rece, uce
 from workbench.toy import TOY_CONCEPTS
@@ -42,8 +43,8 @@ def methods(pipe) -> dict:
     }
 
 
-def run(per_prompt: int, erased: tuple[str, ...] = CONCEPTS, only: str | None = None) -> None:
-    pipe, oracle = workbench.load("toy"), Oracle.load()
+def run(per_prompt: int, erased: tuple[str, ...] = CONCEPTS, only: str | None = None, model: str = "toy") -> None:
+    pipe, oracle = workbench.load(model), Oracle.load()
     concepts = TOY_CONCEPTS.names
     base = accuracy(pipe, oracle, concepts, per_prompt)
     print("| method | concept | accuracy on concept (before -> after) | preservation | seconds |")
@@ -177,11 +178,12 @@ if __name__ == "__main__":
     p.add_argument("--bad-input-only", action="store_true", help="only the bad-input table (seconds)")
     p.add_argument("--timing-only", action="store_true",
                    help="only seconds per erasure and the scaling table (about a minute)")
+    p.add_argument("--model", choices=TOY_MODELS, default="toy", help="the toy UNet or the toy DiT")
     args = p.parse_args()
     if args.timing_only:
-        timing(workbench.load("toy"))
+        timing(workbench.load(args.model))
     elif args.bad_input_only:
-        bad_input(workbench.load("toy"))
+        bad_input(workbench.load(args.model))
     else:
-        run(args.per_prompt, tuple(TOY_CONCEPTS.names) if args.all else CONCEPTS, args.method)
-        bad_input(workbench.load("toy"))
+        run(args.per_prompt, tuple(TOY_CONCEPTS.names) if args.all else CONCEPTS, args.method, args.model)
+        bad_input(workbench.load(args.model))

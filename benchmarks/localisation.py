@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import workbench
+from workbench.toy.quality import MODELS as TOY_MODELS
 from workbench.attnmaps import attention_maps
 from workbench.methods import erase
 from workbench.methods.esd import PRESETS, TIMESTEPS
@@ -48,9 +49,9 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-def load(sd14: bool):
+def load(sd14: bool, model: str = "toy"):
     if not sd14:
-        return workbench.load("toy")
+        return workbench.load(model)
     from workbench.sd14 import sd14_pipeline
     return sd14_pipeline()
 
@@ -64,10 +65,10 @@ def sd_judge(pipe):
     return ClipJudge.load(tiny_clip(Path(tempfile.mkdtemp()) / "clip")), ConceptSet.of(objects=["apple", "car", "cat"])
 
 
-def row(name: str, sd14: bool) -> dict:
+def row(name: str, sd14: bool, model: str = "toy") -> dict:
     """Run one timing row in this process; returns seconds and peak memory (the model's load excluded
     from the seconds, included in the memory)."""
-    pipe = load(sd14)
+    pipe = load(sd14, model)
     judge, cs = sd_judge(pipe) if sd14 else (profile_of(pipe).judge(), None)
     sd = dict(iterations=2, sample_steps=2) if sd14 else {}
     t0 = time.perf_counter()
@@ -89,11 +90,11 @@ def row(name: str, sd14: bool) -> dict:
 ROWS = (*PRESETS, "trace", "trace+tokens", "attention")
 
 
-def timing(sd14: bool, threads: int | None, names: list[str]) -> None:
-    print(f"| row ({'SD 1.4-shaped' if sd14 else 'toy'}) | what | seconds | peak memory | target |")
+def timing(sd14: bool, threads: int | None, names: list[str], model: str = "toy") -> None:
+    print(f"| row ({'SD 1.4-shaped' if sd14 else model}) | what | seconds | peak memory | target |")
     print("|---|---|---|---|---|")
     for name in names:
-        cmd = [sys.executable, __file__, "--row", name] + (["--sd14"] if sd14 else []) + (
+        cmd = [sys.executable, __file__, "--row", name, "--model", model] + (["--sd14"] if sd14 else []) + (
             ["--threads", str(threads)] if threads else [])
         out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         limit = TARGETS["esd" if name.startswith("esd") else name.split("+")[0]]
@@ -113,10 +114,10 @@ def _others(pipe, judge, cs, concept: str, n: int) -> dict[str, int]:
     return {o: _seen(pipe, judge, cs, o, n)[0] for o in cs.names if o != concept}
 
 
-def quality(per_concept: int, per_other: int, presets: list[str], timestep: str = TIMESTEPS[0]) -> None:
+def quality(per_concept: int, per_other: int, presets: list[str], timestep: str = TIMESTEPS[0], model: str = "toy") -> None:
     """ESD's four presets with the toy defaults and each preset's toy learning rate (TOY_ESD_LR), each
     concept erased with its own training seed; ``timestep`` as in :func:`workbench.methods.esd.esd`."""
-    pipe = workbench.load("toy")
+    pipe = workbench.load(model)
     profile = profile_of(pipe)
     judge, cs = profile.judge(), profile.concept_set()
     base = {c: _seen(pipe, judge, cs, c, per_other)[0] for c in cs.names}
@@ -146,9 +147,9 @@ def quality(per_concept: int, per_other: int, presets: list[str], timestep: str 
               f"{cluster_rate(before_kept, [others_n] * len(kept))} |")
 
 
-def subsets(concepts: list[str], seeds: list[int]) -> None:
+def subsets(concepts: list[str], seeds: list[int], model: str = "toy") -> None:
     from workbench.sweep import subset_rates, unet_finding, unet_subsets
-    pipe = workbench.load("toy")
+    pipe = workbench.load(model)
     table = unet_subsets(pipe, concepts, seeds=seeds, progress=False)
     table.drop(columns=["dW_by_layer", "parts_edited"]).to_csv(sys.stdout, index=False)
     rates = subset_rates(table)
@@ -160,11 +161,11 @@ def subsets(concepts: list[str], seeds: list[int]) -> None:
     print("\n" + unet_finding(table))
 
 
-def figures(folder: Path) -> None:
+def figures(folder: Path, model: str = "toy") -> None:
     """Tracing and attention maps of "apple" before and after RECE and few-shot unlearning."""
     from workbench.attnmaps import attention_maps as maps_of
     from workbench.plots import attention_grid, save, trace_sites, trace_tokens
-    pipe = workbench.load("toy")
+    pipe = workbench.load(model)
     judge = profile_of(pipe).judge()
     edits = {"RECE": erase(pipe, "apple", "rece"), "few-shot": erase(pipe, "apple", "fewshot", progress=False)}
     prompt = "an icon of an apple"
@@ -194,19 +195,20 @@ def main() -> None:
     ap.add_argument("--concepts", default="apple,car,cat")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--figures", type=Path)
+    ap.add_argument("--model", choices=TOY_MODELS, default="toy", help="the toy UNet or the toy DiT")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.row:
-        print(json.dumps(row(args.row, args.sd14)))
+        print(json.dumps(row(args.row, args.sd14, args.model)))
     elif args.quality:
-        quality(args.per_concept, args.per_other, args.presets.split(","), args.timestep)
+        quality(args.per_concept, args.per_other, args.presets.split(","), args.timestep, args.model)
     elif args.subsets:
-        subsets(args.concepts.split(","), [int(s) for s in args.seeds.split(",")])
+        subsets(args.concepts.split(","), [int(s) for s in args.seeds.split(",")], args.model)
     elif args.figures:
-        figures(args.figures)
+        figures(args.figures, args.model)
     else:
-        timing(args.sd14, args.threads, args.rows.split(","))
+        timing(args.sd14, args.threads, args.rows.split(","), args.model)
 
 
 if __name__ == "__main__":
