@@ -1,6 +1,7 @@
 """The ``workbench`` command.
 
     workbench generate --out samples.png                      # the toy model's sample grid
+    workbench generate --model toy-dit --out samples-dit.png  # the toy DiT's
     workbench generate --prompt "a red apple" --prompt "a cat by seurat" --out two.png
     workbench generate --model ./my-sd-folder --prompt "a castle" --out castle.png
     workbench erase --concept apple --method rece --out apple.safetensors
@@ -63,10 +64,10 @@ def _draw(args: argparse.Namespace, pipe) -> None:
     if args.prompt:
         images = generate(pipe, args.prompt, args.seed, args.steps, args.guidance)
         fig = image_grid([images], [], args.prompt)
-    elif args.model == "toy":
+    elif args.model in ("toy", "toy-dit"):
         fig = sample_grid(pipe, args.seed, args.steps, args.guidance)
     else:
-        sys.exit("give at least one --prompt for a model other than 'toy'")
+        sys.exit("give at least one --prompt for a model other than 'toy' or 'toy-dit'")
     save(fig, args.out)
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="workbench", description="Concept-erasure workbench.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images (default: the toy model's sample grid)")
-    g.add_argument("--model", default="toy", help="'toy', a diffusers folder, or a hub id")
+    g.add_argument("--model", default="toy", help="'toy', 'toy-dit', a diffusers folder, or a hub id")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=STEPS)
