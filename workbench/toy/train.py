@@ -164,6 +164,73 @@ def encode_captions(captions: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _resume(ckpt: Path, key: str, model, ema, opt, g: torch.Generator) -> tuple[int, list[float]]:
+    """Load a training checkpoint (``key``: the model's entry) if there is one: the step and losses so far."""
+    if not ckpt.exists():
+        return 0, []
+    state = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(state[key])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    g.set_state(state["gen"])
+    return state["step"], state["losses"]
+
+
+def _optimise(model, ema, opt, loss: torch.Tensor, step: int, s: Settings, warmup: int) -> None:
+    """One AdamW step (gradients clipped at 1, linear warm-up over ``warmup`` steps, cosine decay to a
+    tenth), then the EMA update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    warm = min(1.0, (step + 1) / warmup)
+    for group in opt.param_groups:
+        group["lr"] = s.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / s.unet_steps)))
+    opt.step()
+    decay = min(s.ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pu in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pu, 1 - decay)
+
+
+def _log_step(bar, ckpt: Path, key: str, model, ema, opt, g: torch.Generator, step: int, losses: list[float],
+              s: Settings) -> None:
+    """The progress bar's loss every 20 steps, a checkpoint every 200 and at the end."""
+    if step % 20 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    if (step + 1) % 200 == 0 or step + 1 == s.unet_steps:
+        torch.save({key: model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "gen": g.get_state(), "step": step + 1, "losses": losses}, ckpt)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
+    """VAE posterior means of ``images``, scaled by the VAE's factor (as the UNet sees them)."""
+    return torch.cat([vae.encode(_to_tensor(images[i:i + 512])).latent_dist.mean
+                      for i in range(0, len(images), 512)]) * vae.config.scaling_factor
+
+
+def _saved(stage, name: str, path: Path, make):
+    """The tensor saved at ``path``, made by the stage ``name`` first if it is not there yet."""
+    if not path.exists():
+        torch.save(stage(name, make), path)
+    return torch.load(path)
+
+
+class _Stages:
+    """Run named stages, adding each one's seconds to the JSON log at ``path`` (kept across resumes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.times: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def __call__(self, name: str, fn):
+        t0 = time.time()
+        result = fn()
+        self.times[name] = self.times.get(name, 0.0) + time.time() - t0
+        self.path.write_text(json.dumps(self.times, indent=1))
+        return result
+
+
 @torch.no_grad()
 def encode_captions_dit(captions: list[str]) -> dict[str, torch.Tensor]:
     """Token rows and pooled vectors of every caption (row 0: the empty prompt) as FluxPipeline makes
@@ -197,14 +264,7 @@ def train_dit(latents: torch.Tensor, caption_idx: torch.Tensor, cond: dict[str, 
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=s.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(s.seed + 3)
-    start, losses = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        dit.load_state_dict(state["dit"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["gen"])
-        start, losses = state["step"], state["losses"]
+    start, losses = _resume(ckpt, "dit", dit, ema, opt, g)
     side = latents.shape[-1] // 2
     img_ids, txt_ids = _image_ids(side), torch.zeros(cond["rows"].shape[1], 3)
     bar = tqdm(range(start, s.unet_steps), desc="dit", initial=start, total=s.unet_steps)
@@ -219,23 +279,9 @@ def train_dit(latents: torch.Tensor, caption_idx: torch.Tensor, cond: dict[str, 
         pred = dit(hidden_states=pack(xt), timestep=t, pooled_projections=cond["pooled"][c],
                    encoder_hidden_states=cond["rows"][c], txt_ids=txt_ids, img_ids=img_ids).sample
         loss = (unpack(pred, *x0.shape[-2:]) - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        warm = min(1.0, (step + 1) / 200)
-        for group in opt.param_groups:
-            group["lr"] = s.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / s.unet_steps)))
-        opt.step()
-        decay = min(s.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pu in zip(ema.parameters(), dit.parameters()):
-                pe.lerp_(pu, 1 - decay)
+        _optimise(dit, ema, opt, loss, step, s, warmup=200)
         losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % 200 == 0 or step + 1 == s.unet_steps:
-            torch.save(dict(dit=dit.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                            gen=g.get_state(), step=step + 1, losses=losses), ckpt)
+        _log_step(bar, ckpt, "dit", dit, ema, opt, g, step, losses, s)
     ema.save_pretrained(out / "transformer")
     FlowMatchEulerDiscreteScheduler(**TOY_DIT_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     return losses
@@ -262,14 +308,7 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, cond: torch.Ten
     opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=0.01)
     sched = DDPMScheduler(**TOY_SCHEDULER_CONFIG)
     g = torch.Generator().manual_seed(s.seed + 2)
-    start, losses = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["gen"])
-        start, losses = state["step"], state["losses"]
+    start, losses = _resume(ckpt, "unet", unet, ema, opt, g)
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     bar = tqdm(range(start, s.unet_steps), desc="unet", initial=start, total=s.unet_steps)
@@ -283,23 +322,9 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, cond: torch.Ten
         pred = unet(sched.add_noise(x0, noise, t), t, cond[c]).sample
         weight = torch.clamp(snr[t], max=s.min_snr) / snr[t]  # min-SNR weighting for epsilon targets
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        warm = min(1.0, (step + 1) / 100)
-        for group in opt.param_groups:
-            group["lr"] = s.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / s.unet_steps)))
-        opt.step()
-        decay = min(s.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pu in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(pu, 1 - decay)
+        _optimise(unet, ema, opt, loss, step, s, warmup=100)
         losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % 200 == 0 or step + 1 == s.unet_steps:
-            torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                            gen=g.get_state(), step=step + 1, losses=losses), ckpt)
+        _log_step(bar, ckpt, "unet", unet, ema, opt, g, step, losses, s)
     ema.save_pretrained(out / "unet")
     DPMSolverMultistepScheduler(**TOY_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     return losses
@@ -321,15 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         s.unet_steps = args.unet_steps
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.work / "times.json"
-    times = json.loads(log_path.read_text()) if log_path.exists() else {}
-
-    def stage(name, fn):
-        t0 = time.time()
-        result = fn()
-        times[name] = times.get(name, 0.0) + time.time() - t0
-        log_path.write_text(json.dumps(times, indent=1))
-        return result
+    stage = _Stages(args.work / "times.json")
 
     fewshot = args.out.parent / "fewshot"
     if not fewshot.exists():
@@ -347,21 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     vae.eval().requires_grad_(False)
     if not (args.out / "oracle.safetensors").exists():
         stage("oracle", lambda: train_oracle(images, labels, vae, s, args.out))
-    cond_path = args.work / "captions.pt"
-    if not cond_path.exists():
-        torch.save(stage("captions", lambda: encode_captions(list(data["captions"]))), cond_path)
-    cond = torch.load(cond_path)
-    lat_path = args.work / "latents.pt"
-    if not lat_path.exists():
-        def encode():
-            with torch.no_grad():
-                return torch.cat([vae.encode(_to_tensor(images[i:i + 512])).latent_dist.mean
-                                  for i in range(0, len(images), 512)]) * vae.config.scaling_factor
-        torch.save(stage("latents", encode), lat_path)
-    latents = torch.load(lat_path)
+    cond = _saved(stage, "captions", args.work / "captions.pt", lambda: encode_captions(list(data["captions"])))
+    latents = _saved(stage, "latents", args.work / "latents.pt", lambda: encode_latents(vae, images))
     losses = stage("unet", lambda: train_unet(latents, torch.from_numpy(data["caption"]), cond, s,
                                                args.work / "unet.ckpt", args.out))
-    report = dict(settings=asdict(s), seconds=times, total_seconds=sum(times.values()),
+    report = dict(settings=asdict(s), seconds=stage.times, total_seconds=sum(stage.times.values()),
                   final_loss=float(np.mean(losses[-200:])), torch=torch.__version__)
     (args.out / "training.json").write_text(json.dumps(report, indent=1))
     print(f"trained in {report['total_seconds'] / 60:.1f} min -> {args.out}")
@@ -374,15 +381,7 @@ def main_dit(args: argparse.Namespace) -> None:
     vae_dir = (args.work / "vae") if args.quick else TOY_DIR / "vae"
     args.work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = args.work / "times_dit.json"
-    times = json.loads(log_path.read_text()) if log_path.exists() else {}
-
-    def stage(name, fn):
-        t0 = time.time()
-        result = fn()
-        times[name] = times.get(name, 0.0) + time.time() - t0
-        log_path.write_text(json.dumps(times, indent=1))
-        return result
+    stage = _Stages(args.work / "times_dit.json")
 
     renders = args.work / "renders.npz"
     if not renders.exists():
@@ -395,24 +394,14 @@ def main_dit(args: argparse.Namespace) -> None:
                                     "first (python -m workbench.toy.train)")
         stage("vae", lambda: train_vae(images, s, vae_dir))
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
-    cond_path = args.work / "captions_dit.pt"
-    if not cond_path.exists():
-        torch.save(stage("captions", lambda: encode_captions_dit(list(data["captions"]))), cond_path)
-    cond = torch.load(cond_path)
-    lat_path = args.work / "latents.pt"
-    if not lat_path.exists():
-        def encode():
-            with torch.no_grad():
-                return torch.cat([vae.encode(_to_tensor(images[i:i + 512])).latent_dist.mean
-                                  for i in range(0, len(images), 512)]) * vae.config.scaling_factor
-        torch.save(stage("latents", encode), lat_path)
-    latents = torch.load(lat_path)
+    cond = _saved(stage, "captions", args.work / "captions_dit.pt", lambda: encode_captions_dit(list(data["captions"])))
+    latents = _saved(stage, "latents", args.work / "latents.pt", lambda: encode_latents(vae, images))
     shift, scale = dit_vae(vae, latents, out)
     dit_latents = (latents / AutoencoderKL.load_config(vae_dir)["scaling_factor"] - shift) * scale
     losses = stage("dit", lambda: train_dit(dit_latents, torch.from_numpy(data["caption"]), cond, s,
                                              args.work / "dit.ckpt", out))
     report = dict(settings=asdict(s), config=TOY_DIT_CONFIG, vae=dict(shift_factor=shift, scaling_factor=scale),
-                  seconds=times, total_seconds=sum(times.values()), final_loss=float(np.mean(losses[-200:])),
+                  seconds=stage.times, total_seconds=sum(stage.times.values()), final_loss=float(np.mean(losses[-200:])),
                   torch=torch.__version__)
     (out / "training.json").write_text(json.dumps(report, indent=1))
     print(f"trained in {report['total_seconds'] / 60:.1f} min -> {out}")
