@@ -37,3 +37,18 @@ def test_an_erasure_of_the_toy_dit_applies_and_reverts_exactly(toy_dit):
     with edit.apply(toy_dit):
         assert not same_family_state(toy_dit, state)
     assert same_family_state(toy_dit, state)
+
+
+def test_attention_maps_of_the_toy_dit_record_only_the_conditional_call_of_each_step(toy_dit):
+    from workbench.attnmaps import attention_maps, recording
+    from workbench.embed import word_positions
+    assert family_of(toy_dit).branches_apart(toy_dit, 5.0) and not family_of(toy_dit).branches_apart(toy_dit, 1.0)
+    positions = word_positions(toy_dit, "a red apple", "apple")
+    with recording(toy_dit, positions, ["dit.0", "dit.single.1"], branches_apart=True) as sums:
+        workbench.generate(toy_dit, ["a red apple"], seed=0, steps=3, guidance=5.0)
+    assert sums["dit.0#steps"] == sums["dit.single.1#steps"] == 3
+    with recording(toy_dit, positions, ["dit.0"], branches_apart=True) as both:
+        workbench.generate(toy_dit, ["a red apple"], seed=0, steps=3, guidance=1.0)  # one call per step
+    assert both["dit.0#steps"] == 2  # what the flag would do on a sampler that did not run two branches
+    maps = attention_maps(toy_dit, "a red apple", "apple", steps=3)
+    assert list(maps.layers)[:2] == ["dit.0", "dit.1"] and maps.total.shape == (32, 32)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -98,7 +98,8 @@ class _JointRecorder:
     """The recorder of a transformer's joint attention (``dit.{i}``: image and text streams given apart)
     or single-stream attention (``dit.single.{j}``: one sequence, the text rows first, their count in
     ``text["rows"]``): runs the layer's own processor and adds the attention of the last batch row's
-    image queries to the word's text keys, softmax over every key, to ``sums``."""
+    image queries to the word's text keys, softmax over every key, to ``sums``; it skips the calls that
+    ``text["conditional"]`` marks as an unconditional branch run apart."""
 
     def __init__(self, inner, name: str, positions: list[int], sums: dict[str, torch.Tensor],
                  text: dict[str, int]) -> None:
@@ -108,6 +109,8 @@ class _JointRecorder:
                  **kwargs):
         rope = () if image_rotary_emb is None else (image_rotary_emb,)
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *rope, **kwargs)
+        if not self.text.get("conditional", True):
+            return out
         with torch.no_grad():
             context = None if encoder_hidden_states is None else encoder_hidden_states[-1:]
             self._record(attn, hidden_states[-1:], context, image_rotary_emb)
@@ -138,11 +141,13 @@ def _rotary(x: torch.Tensor, rope) -> torch.Tensor:
 
 
 @contextmanager
-def recording(pipe, positions: list[int], layers: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def recording(pipe, positions: list[int], layers: Sequence[str] | None = None,
+              branches_apart: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Install recorders on the named layers where text meets image (default all); yields the dict they
-    fill. On exit every layer gets back the very processor object it had."""
+    fill. ``branches_apart``: the sampler calls the denoiser twice per step, the conditional branch
+    first; only those calls are recorded. On exit every layer gets back the very processor object it had."""
     sums: dict[str, torch.Tensor] = {}
-    text: dict[str, int] = {}
+    text: dict[str, Any] = {"conditional": True}
 
     def make(name: str, inner):
         if name.startswith("dit."):
@@ -153,6 +158,9 @@ def recording(pipe, positions: list[int], layers: Sequence[str] | None = None) -
     rows = []
     if any(name.startswith("dit.") for name in chosen):  # how many text rows lead a single block's sequence
         rows = [(parts(pipe)["dit.context.proj"], lambda module, inputs, output: text.update(rows=output.shape[1]))]
+    if branches_apart:  # after each denoiser call the next one is the other branch
+        rows.append((family_of(pipe).denoiser(pipe),
+                     lambda module, inputs, output: text.update(conditional=not text["conditional"])))
     with hooked(rows), processors(chosen, make):
         yield sums
 
@@ -223,7 +231,7 @@ def attention_maps(pipe, prompt: str, word: str, seed: int = 0, steps: int = STE
     if not isinstance(prompt, str):
         raise TypeError("attention_maps takes one prompt (a string); call it once per prompt")
     positions = word_positions(pipe, prompt, word)
-    with recording(pipe, positions, layers) as sums:
+    with recording(pipe, positions, layers, family_of(pipe).branches_apart(pipe, guidance)) as sums:
         image = generate(pipe, [prompt], seed, steps=steps, guidance=guidance)[0]
     maps = _upsampled(sums, _latent_of(pipe, image), (image.height, image.width))
     order = [name for name in cross_attention_layers(pipe) if name in maps]

@@ -176,6 +176,11 @@ class Family:
         """Whether the model takes its guidance as an input (FLUX.1-dev) instead of from two branches."""
         return False
 
+    def branches_apart(self, pipe, guidance: float) -> bool:
+        """Whether :meth:`draw` at ``guidance`` runs the conditional and unconditional branches as two
+        denoiser calls per step, the conditional first (rather than one batch, or one distilled pass)."""
+        return False
+
     def training_pair(self, pipe, clean: torch.Tensor, noise: torch.Tensor,
                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(noisy latents, target)`` of the diffusion loss at training timesteps ``t``."""

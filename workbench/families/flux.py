@@ -43,6 +43,9 @@ class Flux(MMDiT):
     def distilled(self, pipe) -> bool:
         return bool(pipe.transformer.config.guidance_embeds)
 
+    def branches_apart(self, pipe, guidance: float) -> bool:
+        return not self.distilled(pipe) and guidance > 1  # FluxPipeline's true_cfg_scale
+
     def _forward(self, pipe, latents, t, cond, params, guidance) -> torch.Tensor:
         dit = pipe.transformer
         n, _, h, w = latents.shape
