@@ -429,9 +429,11 @@ def sweep_grid(pipe, concept: str, method: str, cumulative: bool = False, seeds:
 
 
 def model_name(pipe) -> str:
-    """The name a worker loads ``pipe``'s model by: ``"toy"`` or its folder / hub id."""
-    if profile_of(pipe).name == "toy":
-        return "toy"
+    """The name a worker loads ``pipe``'s model by: a bundled model's (``"toy"``, ``"toy-dit"``) or its
+    folder / hub id."""
+    profile = profile_of(pipe)
+    if profile.name in profile.models:
+        return profile.name
     name = getattr(pipe, "name_or_path", None)
     if not name:
         raise ValueError("this pipeline has no name a worker could load it by; give the grid's model "

@@ -30,6 +30,9 @@ class Profile:
     concepts: ConceptSet | None = None
     load_judge: Callable[[], Judge] | None = None
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The bundled models this profile's world comes in, by the name :func:`workbench.load` takes
+    #: (the toy world: ``("toy", "toy-dit")``); empty for a model loaded from a folder or the hub.
+    models: tuple[str, ...] = ()
     _judge: Judge | None = field(default=None, repr=False, compare=False)
 
     def judge(self) -> Judge:

@@ -78,7 +78,8 @@ TOY_ESD_LR = {"esd-x": 1e-4, "esd-x-strict": 1e-4, "esd-u": 1e-5, "esd-all": 1e-
 TOY_ESD = {"lr": TOY_ESD_LR["esd-x"], "iterations": 100, "sample_steps": 10}
 
 PROFILE = Profile("toy", TOY_CONCEPTS, Oracle.load,
-                  defaults={"uce": TOY_LAMBDA["uce"], "rece": TOY_RECE, "fewshot": TOY_FEWSHOT, "esd": TOY_ESD})
+                  defaults={"uce": TOY_LAMBDA["uce"], "rece": TOY_RECE, "fewshot": TOY_FEWSHOT, "esd": TOY_ESD},
+                  models=("toy", "toy-dit"))
 
 
 def concept_prompts(concept: str) -> list[str]:
