@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import dataclasses
 
 from diffusers import (
     AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
@@ -20,7 +19,7 @@ from transformers import AutoTokenizer, BertModel
 
 from ..profile import attach
 from .paths import REBUILD_HINT, TOY_DIR, TOY_DIT_DIR
-from .profile import PROFILE
+from .profile import PROFILE, PROFILE_DIT
 
 TOY_MAX_TOKENS = 20
 
@@ -157,4 +156,4 @@ def load_toy_dit(dtype: torch.dtype = torch.float32, folder: Path | None = None)
         transformer=FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype),
     )
     pipe.set_progress_bar_config(disable=True)
-    return attach(pipe, dataclasses.replace(PROFILE, name="toy-dit"))
+    return attach(pipe, PROFILE_DIT)
