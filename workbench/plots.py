@@ -516,3 +516,57 @@ def budget_curves(summary) -> Figure:
         axes[0][0].set_ylabel("attack success rate")
         axes[0][0].legend(frameon=False, loc="lower right")
     return fig
+
+
+@_detached
+def efficacy_preservation(table, by: str = "variant") -> Figure:
+    """Efficacy against preservation per method (or ``by``), one panel per model, each with its 95%
+    intervals; ``table`` is :func:`workbench.side_by_side.methods_table`'s."""
+    models = list(dict.fromkeys(table["model"]))
+    labels = list(dict.fromkeys(table[by]))
+
+    def bounds(cell: str) -> tuple[float, float]:
+        lo, hi = cell.split("[")[1].rstrip("]").split(",")
+        return float(lo) / 100, float(hi) / 100
+
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(models), figsize=(2.2 * len(models) + 1.4, 2.1), sharex=True, sharey=True,
+                                 squeeze=False)
+        for ax, model in zip(axes[0], models):
+            rows = table[table["model"] == model]
+            for r in rows.itertuples():
+                colour = PALETTE[labels.index(getattr(r, by)) % len(PALETTE)]
+                (elo, ehi), (plo, phi) = bounds(r.efficacy), bounds(r.preservation)
+                x, y = r.efficacy_rate, r.preservation_mean
+                ax.errorbar(x, y, xerr=[[x - elo], [ehi - x]], yerr=[[y - plo], [phi - y]], fmt="o", ms=3.5,
+                            color=colour, lw=0.7, capsize=1.5, label=getattr(r, by))
+            ax.set_title(model)
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_xlabel("efficacy (concept's images lost)")
+            ax.spines[["top", "right"]].set_visible(False)
+        axes[0, 0].set_ylabel("preservation of others")
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+        fig.legend([handles[k] for k in labels if k in handles], [k for k in labels if k in handles], frameon=False,
+                   loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6)
+    return fig
+
+
+@_detached
+def depth_profile(table, value: str, ylabel: str, hue: str = "model") -> Figure:
+    """A value per layer along each model's depth (0 = first layer or block, 1 = last), one line per ``hue``
+    group with its 95% interval as a band; ``table`` has ``depth``, ``value``, ``lo`` and ``hi`` columns
+    (:func:`workbench.side_by_side.layer_table`, or a trace table with a depth)."""
+    groups = list(dict.fromkeys(table[hue]))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.4, 2.0))
+        for i, g in enumerate(groups):
+            rows = table[table[hue] == g].sort_values("depth")
+            colour = PALETTE[i % len(PALETTE)]
+            ax.plot(rows["depth"], rows[value], "o-", ms=3, lw=1, color=colour, label=g)
+            ax.fill_between(rows["depth"], rows["lo"].clip(0, 1), rows["hi"].clip(0, 1), color=colour, alpha=0.15, lw=0)
+        ax.set_xlabel("depth in the model (first layer 0, last 1)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-0.03, 1.03)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(frameon=False, fontsize=6, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=min(len(groups), 3))
+    return fig

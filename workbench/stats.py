@@ -260,6 +260,31 @@ def interval_text(value: float, lo: float, hi: float, signed: bool = False) -> s
     return f"{value:.0%} [{lo * 100:.0f}, {hi * 100:.0f}]"
 
 
+def mean_interval(values: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES,
+                  seed: int = SEED) -> tuple[float, float, float]:
+    """The mean of per-unit values (one per concept, say) with a 95% interval: ``(mean, lo, hi)``; a
+    percentile bootstrap over the units from :data:`MIN_UNITS` of them, Student's t below (NaN for one).
+
+    >>> [round(x, 3) for x in mean_interval([0.9, 1.0, 0.8])]
+    [0.9, 0.652, 1.148]
+    >>> [round(x, 3) for x in mean_interval([0.9, 1.0, 0.8, 0.7, 1.0, 0.9])]
+    [0.883, 0.8, 0.967]
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("give at least one value")
+    mean = float(v.mean())
+    if v.size == 1:
+        return mean, float("nan"), float("nan")
+    if v.size < MIN_UNITS:
+        from scipy.stats import t
+        half = float(t.ppf((1 + level) / 2, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size)
+        return mean, mean - half, mean + half
+    draws = v[np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))].mean(1)
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(lo), float(hi)
+
+
 def enough(n_units: int, n_images: int, min_units: int = 2, min_images: int = 16) -> str | None:
     """Why a verdict cannot be given on this much data (None when it can): fewer than ``min_units``
     concept x seed units, or fewer than ``min_images`` images."""
