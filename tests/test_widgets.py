@@ -351,3 +351,251 @@ def test_the_sliders_of_a_methods_knobs_keep_their_ranges_and_start_at_the_model
                      "lr": ("FloatLogSlider", -6, -3, 5e-5, "few-shot lr", ".0e"),
                      "steps": ("IntSlider", 1, 40, 8, "few-shot steps", "d")}
     assert [(n, c.value) for n, c in subset_panel.controls.items() if n in ("lr", "steps")] == [("lr", 5e-5), ("steps", 8)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every panel on the toy DiT (a FLUX transformer), and the model control that switches a panel between
+# the toy world's two bundled models.
+
+import workbench  # noqa: E402
+from workbench.attnmaps import cross_attention_layers  # noqa: E402
+from workbench.embed import spaces  # noqa: E402
+from workbench.families import family_of  # noqa: E402
+from workbench.methods.esd import preset_parts, presets  # noqa: E402
+from workbench.profile import Profile, attach, profile_of  # noqa: E402
+from workbench.tracing import sites  # noqa: E402
+from workbench.widgets import AttackPanel, AttentionPanel, EsdPanel, TracePanel  # noqa: E402
+
+PANELS = [ErasePanel, ComparePanel, SweepPanel, LandingPanel, SubsetPanel, AttackPanel, EsdPanel, TracePanel,
+          AttentionPanel]
+
+
+@pytest.fixture(scope="module")
+def toy_dit():
+    return workbench.load("toy-dit")
+
+
+def options(panel) -> dict[str, tuple]:
+    """Each control's choices (options of a selection, range of a slider, placeholder of a text field)."""
+    return {n: tuple(getattr(c, "options", ())) or (getattr(c, "min", None), getattr(c, "max", None),
+                                                     getattr(c, "placeholder", None))
+            for n, c in panel.controls.items()}
+
+
+def assert_valid(panel) -> None:
+    """Every control holds a value it offers: a choice among its options, a number within its range."""
+    for name, c in panel.controls.items():
+        if isinstance(c, w.SelectMultiple):
+            assert set(c.value) <= set(c.options), name
+        elif isinstance(c, w.Dropdown):
+            assert c.value in c.options, name
+        elif isinstance(c, w.FloatLogSlider):
+            assert c.base ** c.min <= c.value <= c.base ** c.max, name
+        elif hasattr(c, "min"):
+            assert c.min <= c.value <= c.max, name
+
+
+@pytest.mark.parametrize("cls", PANELS, ids=lambda cls: cls.__name__)
+def test_every_panel_on_the_toy_dit_starts_with_the_model_control_and_valid_transformer_settings(toy_dit, oracle, cls):
+    panel = cls(toy_dit, oracle, run=False)
+    assert list(panel.controls)[0] == "model" and panel.values()["model"] == "toy-dit"
+    assert panel.controls["model"].options == ("toy", "toy-dit")
+    assert panel.result is None and panel.error is None and not panel.output.outputs
+    assert_valid(panel)
+    shown = repr([(c.value, getattr(c, "options", None), getattr(c, "placeholder", None), getattr(c, "tooltip", None))
+                  for c in panel.controls.values()])
+    assert "unet" not in shown  # no UNet part, layer or block offered or suggested on a transformer
+    assert panel.stages({k: v for k, v in panel.values().items() if k != "model"}) >= 1
+    assert list(panel.widget.children[1].children) == list(panel.controls.values())
+
+
+def test_the_toy_dits_panels_offer_its_own_spaces_presets_sites_layers_and_parts(toy_dit, oracle):
+    landing = LandingPanel(toy_dit, oracle, run=False)
+    assert list(landing.controls["space"].options) == spaces(toy_dit)
+    assert landing.values()["space"] == "dit.context.proj"
+    assert landing.set(method="fewshot").values()["space"] == "text"  # few-shot edits the text encoders
+    esd = EsdPanel(toy_dit, oracle, run=False)
+    assert list(esd.controls["preset"].options) == list(presets(toy_dit))
+    assert esd.values()["preset"] == "esd-u" and esd.values()["lr"] == 1e-4  # the toy DiT profile's ESD defaults
+    assert "dit.*" in esd.controls["parts"].placeholder and "text stream" in esd.controls["preset"].tooltip
+    assert list(TracePanel(toy_dit, oracle, run=False).controls["sites"].options) == sites(toy_dit)
+    layers_offered = AttentionPanel(toy_dit, run=False).controls["layer"].options
+    assert layers_offered == ("all", *cross_attention_layers(toy_dit)) and "dit.single.0" in layers_offered
+    erase_parts = ErasePanel(toy_dit, oracle, run=False).controls["parts"]
+    assert erase_parts.placeholder == "method default, e.g. dit.*.text.[kv]"
+
+
+def test_the_sweep_panels_progress_bar_counts_the_runs_on_each_model(toy, toy_dit, oracle):
+    # ESD varies 3 components per UNet layer; on the DiT a double block has 5 of its 6 (no single.attn), a
+    # single block 2 (single.attn, ffn): not 2 per layer, as the bar once assumed
+    for pipe, method, runs in ((toy, "uce", 7 * 2), (toy, "esd", 7 * 3), (toy_dit, "uce", 6 * 2),
+                               (toy_dit, "esd", 6 * 5 + 2 * 2), (toy_dit, "fewshot", 12 * 2)):
+        panel = SweepPanel(pipe, oracle, run=False, method=method, seeds=2)
+        assert panel.stages(panel.values()) == 2 * runs, (profile_of(pipe).name, method)
+
+
+def _erase(panel, pipe):
+    edit = panel.result["edit"]  # UCE's default parts on a transformer: the matrices that read the text
+    assert edit.method == "uce" and edit.parts == family_of(pipe).default_entries(pipe) == ["dit.context.proj",
+                                                                                             "dit.pooled.in"]
+    assert images_in(panel) == 2 and panel.result["measured"].after["apple"] <= panel.result["measured"].before["apple"]
+
+
+def _compare(panel, pipe):
+    assert panel.result[["method", "concept"]].values.tolist() == [["uce", "apple"]]
+    assert panel.result["efficacy"].between(0, 1).all()
+
+
+def _sweep(panel, pipe):
+    table = panel.result["table"]
+    assert len(table) == 2 * len(layers(pipe, "uce")) == 12 and set(table["component"]) == {"text.k", "text.v"}
+    assert table["part"].str.startswith("dit.").all() and "no judge" in panel.status.value
+
+
+def _landing(panel, pipe):
+    assert panel.result["map"].space == "dit.context.proj" and len(panel.result["table"]) == 3
+
+
+def _subset(panel, pipe):
+    assert panel.result["summary"]["subset"].tolist() == list(SUBSETS)
+    assert all(p.startswith("text") for parts_ in panel.result["table"]["parts_edited"] for p in parts_)
+
+
+def _attack(panel, pipe):
+    assert panel.result["attack"].name == "derived" and set(panel.result["rates"]["attack"]) >= {"none", "derived"}
+
+
+def _esd(panel, pipe):
+    assert sorted(panel.result["edit"].parts) == sorted(preset_parts(pipe, "esd-u"))
+    assert panel.result["measured"] is not None
+
+
+def _trace(panel, pipe):
+    assert panel.result["traces"]["before"].layers()["site"].tolist() == ["text.5", "dit.0"]
+
+
+def _attention(panel, pipe):
+    assert list(panel.result) == ["before", "after uce"] and list(panel.result["before"].layers) == ["dit.0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make, check", [
+    (lambda pipe, oracle: ErasePanel(pipe, oracle, run=False, concept="apple", method="uce", per_prompt=1), _erase),
+    (lambda pipe, oracle: ComparePanel(pipe, oracle, run=False, concepts=["apple"], methods=["uce"], per_prompt=1),
+     _compare),
+    (lambda pipe, oracle: SweepPanel(pipe, None, run=False, concept="apple", method="uce", per_prompt=1), _sweep),
+    (lambda pipe, oracle: LandingPanel(pipe, oracle, run=False, concept="apple", method="uce", k=3), _landing),
+    (lambda pipe, oracle: SubsetPanel(pipe, oracle, run=False, concepts=["apple"], seeds=1, steps=1, per_prompt=1),
+     _subset),
+    (lambda pipe, oracle: AttackPanel(pipe, oracle, run=False, concept="apple", method="uce", seeds=1), _attack),
+    (lambda pipe, oracle: EsdPanel(pipe, oracle, run=False, concept="apple", iterations=1, per_prompt=1), _esd),
+    (lambda pipe, oracle: TracePanel(pipe, oracle, run=False, concept="apple", method="none",
+                                     sites=["text.5", "dit.0"], n=1), _trace),
+    (lambda pipe, oracle: AttentionPanel(pipe, None, run=False, concept="apple", method="uce", layer="dit.0"),
+     _attention),
+], ids=["erase", "compare", "sweep", "landing", "subset", "attack", "esd", "trace", "attention"])
+def test_every_panel_runs_on_the_toy_dit_with_small_settings_and_keeps_no_edit(toy_dit, oracle, make, check):
+    base = weights(toy_dit)
+    panel = make(toy_dit, oracle)
+    click(panel)
+    assert panel.output.outputs and panel.status.value
+    check(panel, toy_dit)
+    assert unchanged(toy_dit, base)
+
+
+@pytest.mark.parametrize("cls, chosen, on_dit, back", [
+    (ErasePanel, dict(concept="car", method="uce", parts="unet.*.xattn.v", lam=0.5, per_prompt=2),
+     dict(concept="car", method="uce", parts="", lam=0.5, per_prompt=2), dict(parts="")),
+    (ErasePanel, dict(method="fewshot", parts="text.5.ffn", steps=3),
+     dict(method="fewshot", parts="text.5.ffn", steps=3), {}),
+    (ComparePanel, dict(concepts=["cat", "sun"], methods=["uce"]), dict(concepts=("cat", "sun"), methods=("uce",)),
+     {}),
+    (SweepPanel, dict(concept="sun", method="rece", cumulative=True),
+     dict(concept="sun", method="rece", cumulative=True), {}),
+    (LandingPanel, dict(method="uce", space="unet.mid.0.xattn.k", k=4),
+     dict(method="uce", space="dit.context.proj", k=4),
+     dict(space="unet.up.0.0.xattn.k")),  # the DiT's default space, then the toy's
+    (SubsetPanel, dict(concepts=["boat"], steps=2), dict(concepts=("boat",), steps=2), {}),
+    (AttackPanel, dict(concept="cat", attack="derived", seeds=1), dict(concept="cat", seeds=1), {}),
+    (EsdPanel, dict(iterations=7), dict(preset="esd-u", iterations=7), {}),  # an untouched preset follows the model
+    (EsdPanel, dict(preset="esd-x-strict", parts="unet.*.ffn"), dict(preset="esd-x-strict", parts=""), dict(parts="")),
+    (TracePanel, dict(sites=["text.5", "unet.up.2"], n=2), dict(sites=("text.5",), n=2), dict(sites=("text.5",))),
+    (AttentionPanel, dict(word="red", layer="unet.mid.0"), dict(word="red", layer="all"), dict(layer="all")),
+], ids=["erase-unet-parts", "erase-text-parts", "compare", "sweep", "landing", "subset", "attack", "esd-untouched",
+        "esd-preset-and-unet-parts", "trace-sites", "attention-layer"])
+def test_a_panel_switched_to_the_toy_dit_and_back_restores_the_options_and_keeps_valid_values(toy, oracle, cls, chosen,
+                                                                                           on_dit, back):
+    panel = cls(toy, oracle, run=False, **chosen)
+    on_toy, offered = panel.values(), options(panel)
+    panel.set(model="toy-dit")
+    dit_panel = cls(panel.pipe, oracle, run=False)
+    assert type(panel.pipe).__name__ == "FluxPipeline" and panel.values()["model"] == "toy-dit"
+    assert options(panel) == options(dit_panel) and panel.judge is oracle  # a judge the user gave is kept
+    assert panel.values() == {**dit_panel.values(), **on_dit}  # the rest: the DiT's defaults
+    assert_valid(panel)
+    assert list(panel.widget.children[1].children) == list(panel.controls.values())
+    assert panel.result is None and "press Run" in panel.status.value  # a switch does not run
+
+    panel.set(model="toy")
+    assert panel.pipe is toy and options(panel) == offered
+    assert panel.values() == {**on_toy, **back}  # what the DiT could not hold comes back as the toy's default
+    assert_valid(panel)
+
+
+def test_switching_back_and_forth_reuses_the_loaded_models_and_the_panel_runs_on_the_one_chosen(toy, oracle):
+    panel = ErasePanel(toy, oracle, run=False, concept="cat", method="fewshot", steps=1, per_prompt=1)
+    dit = panel.set(model="toy-dit").pipe
+    assert panel.set(model="toy").pipe is toy and panel.set(model="toy-dit").pipe is dit
+    start = time.perf_counter()
+    other = ComparePanel(toy, oracle, run=False)
+    other.controls["model"].value = "toy-dit"  # what picking it in the dropdown does
+    assert other.pipe is dit and time.perf_counter() - start < 2  # loaded once for the session
+    assert {n for n, c in panel.controls.items() if c.layout.display == "none"} == {"epochs", "ridge", "lam"}
+
+
+@pytest.mark.slow
+def test_a_switched_panel_runs_on_the_toy_dit_when_run_is_pressed(toy):
+    panel = ErasePanel(toy, None, run=False, concept="cat", method="uce", per_prompt=1)
+    click(panel)
+    assert all(p.startswith("unet.") for p in panel.result["edit"].parts)
+    first = panel.result
+    panel.set(model="toy-dit")
+    assert panel.result is first  # switching shows the last result until Run is pressed
+    click(panel)
+    assert panel.result is not first and all(p.startswith("dit.") for p in panel.result["edit"].parts)
+    assert "uce erased 'cat'" in panel.status.value
+
+
+def test_a_panel_made_for_the_toy_dit_applies_the_model_before_the_controls_that_depend_on_it(toy, oracle):
+    panel = AttentionPanel(toy, oracle, run=False, layer="dit.single.1", concept="sun", model="toy-dit")
+    assert type(panel.pipe).__name__ == "FluxPipeline" and panel.values()["layer"] == "dit.single.1"
+    assert panel.values()["concept"] == "sun" and panel.values()["model"] == "toy-dit"
+    esd = EsdPanel(toy, None, run=False, parts="dit.*.img.ffn", model="toy-dit")
+    assert esd.values()["parts"] == "dit.*.img.ffn" and esd.judge is None
+
+
+def test_the_model_switch_takes_the_new_models_judge_only_in_place_of_the_old_models(toy):
+    own = profile_of(toy).judge()
+    panel = ErasePanel(toy, own, run=False).set(model="toy-dit")
+    assert panel.judge is profile_of(panel.pipe).judge() and panel.judge is not own
+    assert panel.set(model="toy").judge is own
+    mine = object()  # any judge the user gave stays, and so does no judge
+    assert ErasePanel(toy, mine, run=False).set(model="toy-dit").judge is mine
+    assert ErasePanel(toy, None, run=False).set(model="toy-dit").judge is None
+
+
+def test_an_unknown_model_is_refused_with_the_valid_names_and_changes_nothing(toy, oracle):
+    panel = TracePanel(toy, oracle, run=False, concept="car")
+    values, controls = panel.values(), dict(panel.controls)
+    for name in ("toy-unet", "CompVis/stable-diffusion-v1-4"):
+        with pytest.raises(ValueError, match="model cannot be .*; choose from toy, toy-dit"):
+            panel.set(concept="cat", model=name)  # the model is checked first: concept stays car
+        assert panel.pipe is toy and panel.values() == values and panel.controls == controls
+
+
+def test_a_model_without_bundled_siblings_has_no_model_control(toy):
+    pipe = attach(workbench.load("toy"), Profile("mine", profile_of(toy).concepts))
+    panel = ErasePanel(pipe, None, run=False)
+    assert "model" not in panel.controls and list(panel.controls)[0] == "concept"
+    with pytest.raises(ValueError, match="no control 'model'"):
+        panel.set(model="toy-dit")

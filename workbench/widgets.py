@@ -6,7 +6,12 @@ controls from code, and ``panel.run()`` is what the button does.
 
 A panel measures through the judge it is given (the toy oracle, a CLIP judge); without one it shows
 images and the sizes of the edits. Concept choices come from the model's concept set, method knobs
-start at the model's defaults (:func:`workbench.methods.defaults`).
+start at the model's defaults (:func:`workbench.methods.defaults`), and part names, layers, spaces,
+presets and sites are the model's own.
+
+On a model whose world comes in several bundled models (the toy UNet ``"toy"`` and the toy DiT
+``"toy-dit"``) the first control, ``model``, switches between them: the panel loads the other model
+(once per session), keeps every setting still valid there and takes that model's defaults for the rest.
 
 >>> import workbench
 >>> from workbench.profile import profile_of
@@ -15,6 +20,8 @@ start at the model's defaults (:func:`workbench.methods.defaults`).
 >>> panel = ErasePanel(pipe, profile_of(pipe).judge(), run=False)
 >>> panel.set(concept="cat", method="uce").values()["method"], panel.values()["lam"]
 ('uce', 2.0)
+>>> panel.set(model="toy-dit").values()["model"], type(panel.pipe).__name__, panel.values()["concept"]
+('toy-dit', 'FluxPipeline', 'cat')
 """
 from __future__ import annotations
 
@@ -33,19 +40,37 @@ from .attnmaps import attention_maps, compare_table as attention_table, cross_at
 from .attacks import ATTACKS, EVAL_SEEDS, attack as run_attack, unattacked
 from .attacks.table import summary as attack_summary
 from .embed import POOLS, spaces
+from .families import family_of
 from .grid import connect, run_grid, sweep_grid
 from .judges import Judge
 from .methods import METHODS, REGISTRY, Knob, View, defaults, erase, quick
-from .methods.esd import PRESETS as ESD_PRESETS
+from .methods.esd import presets as esd_presets
+from .models import load
 from .plots import image_grid, method_comparison, subset_bars, sweep_heatmap
 from .plots import attention_grid, trace_sites, trace_tokens
 from .profile import profile_of
 from .project import LandingMap
 from .report import before_after, compare, erase_and_measure, showcase
-from .sweep import SUBSETS, aggregate, ffn_vs_attention, finding, layer_sweep, layers
+from .sweep import SUBSETS, aggregate, ffn_vs_attention, finding, layer_sweep, layers, scope, selectors
 from .tracing import compare_table as trace_table, sites as trace_site_names, trace
 
 _STYLE = {"description_width": "110px"}
+#: The traits that make two controls the same control but for their value: a model switch replaces a
+#: control only where one of these differs on the new model.
+_SHAPE = ("options", "min", "max", "step", "base", "description", "placeholder", "tooltip", "rows", "readout_format")
+#: Text controls that hold a part selector: on another model they keep it only where it still matches a part.
+_SELECTORS = ("parts",)
+#: Bundled models loaded by a panel's model switch, by (name, dtype, device): loaded once per session.
+_LOADED: dict[tuple[str, str, str], Any] = {}
+
+
+def _bundled(name: str, like) -> Any:
+    """The bundled model ``name`` (:func:`workbench.load`) in ``like``'s dtype and on its device, loaded once."""
+    dtype, device = getattr(like, "dtype", None), getattr(like, "device", None)
+    key = (name, str(dtype), str(device))
+    if key not in _LOADED:
+        _LOADED[key] = load(name, dtype=dtype, device=device)
+    return _LOADED[key]
 
 
 def _display_data(item: Any) -> Any:
@@ -56,6 +81,11 @@ def _display_data(item: Any) -> Any:
         plt.close(item)
         return Image(data=buf.getvalue(), format="png")
     return item
+
+
+def _choices(control: w.ValueWidget) -> list[Any]:
+    """The values a selection control offers (the value of a ``(label, value)`` option)."""
+    return [o[1] if isinstance(o, tuple) else o for o in control.options]
 
 
 def _concepts_control(pipe, value: tuple[str, ...]) -> w.SelectMultiple:
@@ -71,10 +101,17 @@ class Panel:
 
     def __init__(self, pipe, judge: Judge | None = None, run: bool = True, **values: Any) -> None:
         self.pipe, self.judge = pipe, judge
+        self._pipes = {profile_of(pipe).name: pipe}  # the pipeline given stays the one for its model
         self.controls: dict[str, w.ValueWidget] = self.make_controls()
+        self._defaults = {name: c.value for name, c in self.controls.items()}
+        profile = profile_of(pipe)
+        if len(profile.models) > 1 and profile.name in profile.models:
+            model = w.Dropdown(options=list(profile.models), value=profile.name, description="model",
+                               tooltip="the bundled model to run on")
+            model.observe(lambda change: self._switch(change.new), names="value")
+            self.controls = {"model": model, **self.controls}
         for c in self.controls.values():
-            c.style = _STYLE
-            c.layout = w.Layout(width="320px")  # one Layout per control: hiding one must not hide all
+            self._dress(c)
         self.button = w.Button(description="Run", button_style="primary", icon="play",
                                tooltip="run with the settings above")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="", layout=w.Layout(width="240px"))
@@ -83,10 +120,11 @@ class Panel:
         self.result: Any = None
         self.error: BaseException | None = None
         self.button.on_click(lambda _: self.run())
+        self._grid = w.GridBox(list(self.controls.values()),
+                               layout=w.Layout(grid_template_columns="repeat(2, 340px)", grid_gap="2px 12px"))
         self.widget = w.VBox([
             w.HTML(f"<b>{self.title}</b>"),
-            w.GridBox(list(self.controls.values()),
-                      layout=w.Layout(grid_template_columns="repeat(2, 340px)", grid_gap="2px 12px")),
+            self._grid,
             w.HBox([self.button, self.progress, self.status]),
             self.output,
         ])
@@ -96,6 +134,7 @@ class Panel:
 
     # what subclasses provide
     def make_controls(self) -> dict[str, w.ValueWidget]:
+        """The controls for ``self.pipe``, at its defaults (called again on a model switch)."""
         raise NotImplementedError
 
     def compute(self, step: Callable[[str], None], **values: Any) -> Any:
@@ -109,27 +148,96 @@ class Panel:
         """How many times ``compute`` will call ``step`` (the progress bar's length)."""
         return 1
 
+    def sync(self) -> None:
+        """Make the controls agree with each other, after ``set`` or a model switch (e.g. show a method's knobs)."""
+
     # the frame
+    @staticmethod
+    def _dress(control: w.ValueWidget) -> None:
+        control.style = _STYLE
+        control.layout = w.Layout(width="320px")  # one Layout per control: hiding one must not hide all
+
     def set(self, **values: Any) -> "Panel":
-        """Set controls by name; an unknown name or a value a control refuses raises ``ValueError``."""
+        """Set controls by name (``model`` first: it decides the others' options); an unknown name or a value
+        a control refuses raises ``ValueError``."""
+        if "model" in values:
+            values = {"model": values.pop("model"), **values}
         for name, value in values.items():
             if name not in self.controls:
                 raise ValueError(f"{type(self).__name__} has no control {name!r}; "
                                  f"its controls are {', '.join(self.controls)}")
             control = self.controls[name]
-            options = getattr(control, "options", None)
-            if options is not None and not isinstance(control, w.Text):
-                labels = [o[1] if isinstance(o, tuple) else o for o in options]
+            if getattr(control, "options", None) is not None and not isinstance(control, w.Text):
+                labels = _choices(control)
                 wanted = value if isinstance(value, (tuple, list)) else [value]
                 missing = [v for v in wanted if v not in labels]
                 if missing:
                     raise ValueError(f"{name} cannot be {missing[0]!r}; choose from {', '.join(map(str, labels))}")
             control.value = tuple(value) if isinstance(value, list) else value
+        self.sync()
         return self
 
     def values(self) -> dict[str, Any]:
         """The controls' current values."""
         return {name: c.value for name, c in self.controls.items()}
+
+    def _switch(self, name: str) -> None:
+        """Run on the bundled model ``name``: its pipeline, the judge that goes with it, its controls."""
+        old = profile_of(self.pipe)
+        if name == old.name:
+            return
+        try:
+            pipe = self._pipes[name] if name in self._pipes else _bundled(name, self.pipe)
+        except Exception:
+            self.controls["model"].value = old.name  # the switch did not happen: say so
+            raise
+        self._pipes[name] = pipe
+        if self.judge is not None and self.judge is old._judge:
+            self.judge = profile_of(pipe).judge()
+        self.pipe = pipe
+        self._rebuild()
+        self.status.value = f"now on {name}: press Run"
+
+    def _rebuild(self) -> None:
+        """Remake the controls for ``self.pipe``: a control left at the old model's default takes the new
+        model's, any other keeps its value where still valid; a control whose options changed is replaced."""
+        fresh = self.make_controls()
+        controls = {"model": self.controls["model"]} if "model" in self.controls else {}
+        wanted: dict[str, Any] = {}
+        for name, new in fresh.items():
+            old = self.controls.get(name)
+            wanted[name] = new.value
+            if old is not None and old.value != self._defaults.get(name) and self._valid(name, new, old.value):
+                wanted[name] = (tuple(v for v in old.value if v in _choices(new))
+                                if isinstance(new, w.SelectMultiple) else old.value)
+            same = old is not None and type(old) is type(new) and all(
+                getattr(old, t, None) == getattr(new, t, None) for t in _SHAPE)
+            if not same:
+                self._dress(new)
+            controls[name] = old if same else new
+        self.controls = controls
+        self._defaults = {name: c.value for name, c in fresh.items()}
+        for name, value in wanted.items():  # after the swap, so that observers see the new controls
+            self.controls[name].value = value
+        self._grid.children = list(self.controls.values())
+        self.sync()
+
+    def _valid(self, name: str, control: w.ValueWidget, value: Any) -> bool:
+        """Whether ``control`` (one made for ``self.pipe``) can hold ``value``."""
+        if isinstance(control, w.SelectMultiple):
+            return not value or any(v in _choices(control) for v in value)
+        if getattr(control, "options", None) is not None:
+            return value in _choices(control)
+        if isinstance(control, w.FloatLogSlider):
+            return control.base ** control.min <= value <= control.base ** control.max
+        if hasattr(control, "min") and hasattr(control, "max"):
+            return control.min <= value <= control.max
+        if isinstance(control, w.Text) and name in _SELECTORS and value.strip():
+            try:
+                select(self.pipe, value.strip())
+            except KeyError:
+                return False
+        return True
 
     def _step(self, label: str) -> None:
         self.progress.value = min(self.progress.max, self.progress.value + 1)
@@ -137,7 +245,7 @@ class Panel:
 
     def run(self) -> Any:
         """Compute with the current values and show the result in the output area."""
-        values = self.values()
+        values = {name: v for name, v in self.values().items() if name != "model"}  # the model is self.pipe
         self.button.disabled = True
         self.progress.max, self.progress.value = max(1, self.stages(values)), 0
         self.progress.bar_style = ""
@@ -208,24 +316,20 @@ class ErasePanel(Panel):
         controls = {
             "concept": _concept_control(self.pipe),
             "method": w.Dropdown(options=list(METHODS), value="rece", description="method"),
-            "parts": w.Text(value="", placeholder="method default, e.g. unet.*.xattn.v",
+            "parts": w.Text(value="", placeholder=f"method default, e.g. {scope(self.pipe, 'uce')[0]}",
                             description="parts", continuous_update=False),
             **{name: c for method in REGISTRY for name, c in _knob_controls(self.pipe, method).items()},
             "per_prompt": w.IntSlider(value=4, min=1, max=8, description="images/concept"),
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed"),
         }
-        controls["method"].observe(lambda _: self._knobs_for_method(), names="value")
+        controls["method"].observe(lambda _: self.sync(), names="value")
         return controls
 
-    def _knobs_for_method(self) -> None:
+    def sync(self) -> None:
+        """Show only the chosen method's knobs."""
         method = self.controls["method"].value
         for name, (owner, _) in self.KNOBS.items():
             self.controls[name].layout.display = "" if owner == method else "none"
-
-    def set(self, **values: Any) -> "ErasePanel":
-        super().set(**values)
-        self._knobs_for_method()
-        return self
 
     def stages(self, values: dict[str, Any]) -> int:
         return 3
@@ -320,8 +424,10 @@ class SweepPanel(Panel):
         }
 
     def stages(self, values: dict[str, Any]) -> int:
-        per_layer = 2
-        return values["seeds"] * per_layer * len(layers(self.pipe, values["method"]))
+        method = values["method"]
+        runs = sum(bool(selectors(self.pipe, layer, component)) for layer in layers(self.pipe, method)
+                   for component in scope(self.pipe, method)[1])
+        return values["seeds"] * runs
 
     def compute(self, step: Callable[[str], None], concept: str, method: str, cumulative: bool, value: str,
                 seeds: int, per_prompt: int, cluster: str, results: str) -> Any:
@@ -386,15 +492,16 @@ class LandingPanel(Panel):
             "seed": w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="UMAP seed"),
         }
         # UCE and RECE leave the text encoder alone: follow the method to a space where its edit shows
-        controls["method"].observe(lambda change: setattr(controls["space"], "value", self._space_for(change.new)),
-                                   names="value")
+        controls["method"].observe(lambda change: setattr(self.controls["space"], "value",
+                                                          self._space_for(change.new)), names="value")
         return controls
 
     def _space_for(self, method: str) -> str:
-        if REGISTRY[method].scope.startswith("text"):
+        if scope(self.pipe, method)[0].startswith("text"):
             return "text"
-        keys = [s for s in spaces(self.pipe) if s.startswith(("unet.", "dit.")) and not s.endswith(".v")]
-        return keys[len(keys) // 2]
+        entries = family_of(self.pipe).text_entries(self.pipe)
+        keys = [s for s in spaces(self.pipe) if s in entries and not s.endswith(".v")]
+        return keys[len(keys) // 2] if keys else "text"
 
     def stages(self, values: dict[str, Any]) -> int:
         return 3
@@ -505,17 +612,19 @@ def _erasures() -> list[str]:
 
 
 class EsdPanel(Panel):
-    """ESD through a preset or any UNet selector: before/after images, the judge's table and bars."""
+    """ESD through a preset or any selector of the denoiser's parts (UNet or transformer): before/after
+    images, the judge's table and bars."""
 
-    title = "Erase with ESD (UNet fine-tuning)"
+    title = "Erase with ESD (fine-tuning the denoiser)"
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
-        start = defaults(self.pipe, "esd")
+        start, presets = defaults(self.pipe, "esd"), esd_presets(self.pipe)
         return {
             "concept": _concept_control(self.pipe),
-            "preset": w.Dropdown(options=list(ESD_PRESETS), value=start["preset"], description="preset"),
-            "parts": w.Text(value="", placeholder="the preset's, or e.g. unet.*.ffn", description="parts",
-                            continuous_update=False),
+            "preset": w.Dropdown(options=list(presets), value=start["preset"], description="preset",
+                                 tooltip="; ".join(f"{k}: {v}" for k, v in presets.items())),
+            "parts": w.Text(value="", placeholder=f"the preset's, or e.g. {scope(self.pipe, 'esd')[0]}",
+                            description="parts", continuous_update=False),
             "iterations": w.IntSlider(value=start["iterations"], min=1, max=400, description="iterations"),
             "lr": w.FloatLogSlider(value=start["lr"], base=10, min=-6, max=-3, description="lr", readout_format=".0e"),
             "eta": w.FloatSlider(value=start["eta"], min=0.0, max=3.0, step=0.1, description="eta"),
@@ -556,8 +665,9 @@ class EsdPanel(Panel):
 
 
 class TracePanel(Panel):
-    """Causal tracing: which text-encoder layers and UNet blocks carry a concept, before and after an
-    erasure (heatmaps of the judge's probability with each site restored; per token, optionally)."""
+    """Causal tracing: which text-encoder layers and denoiser blocks (UNet or transformer) carry a concept,
+    before and after an erasure (heatmaps of the judge's probability with each site restored; per token,
+    optionally)."""
 
     title = "Where does the concept live? Causal tracing"
 
@@ -608,9 +718,10 @@ class TracePanel(Panel):
 
 
 class AttentionPanel(Panel):
-    """Cross-attention maps of a word, per layer and summed, before and after an erasure, beside the images."""
+    """Attention maps of a word where text meets image (a UNet's cross-attention, a transformer's joint
+    attention), per layer and summed, before and after an erasure, beside the images."""
 
-    title = "Where does the UNet look? Cross-attention maps"
+    title = "Where does the model look? Attention maps"
 
     def make_controls(self) -> dict[str, w.ValueWidget]:
         return {
