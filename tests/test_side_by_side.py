@@ -42,7 +42,9 @@ def test_traces_and_sweeps_line_up_along_each_models_depth():
     profile = trace_profile(trace_table({"toy-dit": trace})).set_index("site")
     assert profile.loc["dit.0.text", "group"] == "toy-dit: text stream"
     assert profile.loc["dit.0", "depth"] == 0 and profile.loc["dit.1", "depth"] == 1
-    sweep = pd.DataFrame({"concept": ["apple"] * 3 + ["car"] * 3, "layer_name": ["l0", "l1", "l2"] * 2,
-                          "component": "k", "efficacy": [0.0, 0.5, 1.0, 0.0, 1.0, 1.0]})
+    sweep = pd.DataFrame({"concept": ["apple"] * 3 + ["car"] * 3, "seed": 0, "layer_name": ["l0", "l1", "l2"] * 2,
+                          "component": "k", "efficacy": [0.0, 0.5, 1.0, 0.0, 1.0, 1.0], "n_images": 4,
+                          "preservation": 1.0})
     layers = layer_table({"toy": sweep}).set_index("layer")
     assert layers["depth"].tolist() == [0.0, 0.5, 1.0] and layers.loc["l1", "efficacy"] == 0.75
+    assert layers.loc["l1", "images"] == 8 and layers.loc["l1", "lo"] < 0.75 < layers.loc["l1", "hi"] <= 1

@@ -73,26 +73,27 @@ def trace_table(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     table = together(tables)
     rows = []
     for (model, site), runs in table.groupby(["model", "site"], sort=False):
-        p, lo, hi = mean_interval(runs["probability"].to_numpy())
+        p, lo, hi = mean_interval(runs["probability"].to_numpy(), bounds=(0, 1))
         rows.append({"model": model, "site": site, "kind": runs["kind"].iloc[0], "restored": p, "lo": lo, "hi": hi,
                      "clean": float(runs["clean"].mean()), "corrupted": float(runs["corrupted"].mean()),
                      "concepts": int(runs["concept"].nunique())})
     return pd.DataFrame(rows)
 
 
-def layer_table(tables: Mapping[str, pd.DataFrame], value: str = "efficacy") -> pd.DataFrame:
-    """A layer sweep per model (:func:`workbench.sweep.layer_sweep` rows): per layer and component, the mean of
-    ``value`` over concepts with a bootstrap interval, in network order; ``depth`` is the layer's place
-    in its model from 0 (first) to 1 (last), so layers of two architectures line up."""
+def layer_table(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """A layer sweep per model (:func:`workbench.sweep.layer_sweep` rows): per layer and component, the
+    efficacy pooled over concepts' images with its interval (:func:`workbench.sweep.subset_rates`), in
+    network order; ``depth`` is the layer's place in its model from 0 (first) to 1 (last), so layers of two
+    architectures line up."""
     table = together(tables)
     rows = []
     for model, runs in table.groupby("model", sort=False):
         order = list(dict.fromkeys(runs["layer_name"]))
-        for (layer, component), cell in runs.groupby(["layer_name", "component"], sort=False):
-            m, lo, hi = mean_interval(cell.groupby("concept")[value].mean().to_numpy())
-            rows.append({"model": model, "layer": layer, "component": component,
-                         "depth": order.index(layer) / max(len(order) - 1, 1), value: m, "lo": lo, "hi": hi,
-                         "concepts": int(cell["concept"].nunique())})
+        rates = subset_rates(runs, ["layer_name", "component"])
+        for r in rates.itertuples():
+            rows.append({"model": model, "layer": r.layer_name, "component": r.component,
+                         "depth": order.index(r.layer_name) / max(len(order) - 1, 1), "efficacy": r.efficacy,
+                         "lo": r.efficacy_lo, "hi": r.efficacy_hi, "images": int(r.n), "preservation": r.preservation})
     return pd.DataFrame(rows)
 
 

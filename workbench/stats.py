@@ -261,12 +261,15 @@ def interval_text(value: float, lo: float, hi: float, signed: bool = False) -> s
 
 
 def mean_interval(values: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES,
-                  seed: int = SEED) -> tuple[float, float, float]:
+                  seed: int = SEED, bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """The mean of per-unit values (one per concept, say) with a 95% interval: ``(mean, lo, hi)``; a
-    percentile bootstrap over the units from :data:`MIN_UNITS` of them, Student's t below (NaN for one).
+    percentile bootstrap over the units from :data:`MIN_UNITS` of them, Student's t below (NaN for one),
+    cut to ``bounds`` when the values cannot leave them (probabilities: ``(0, 1)``).
 
     >>> [round(x, 3) for x in mean_interval([0.9, 1.0, 0.8])]
     [0.9, 0.652, 1.148]
+    >>> [round(x, 3) for x in mean_interval([0.9, 1.0, 0.8], bounds=(0, 1))]
+    [0.9, 0.652, 1.0]
     >>> [round(x, 3) for x in mean_interval([0.9, 1.0, 0.8, 0.7, 1.0, 0.9])]
     [0.883, 0.8, 0.967]
     """
@@ -279,7 +282,8 @@ def mean_interval(values: Sequence[float], level: float = LEVEL, resamples: int 
     if v.size < MIN_UNITS:
         from scipy.stats import t
         half = float(t.ppf((1 + level) / 2, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size)
-        return mean, mean - half, mean + half
+        lo, hi = mean - half, mean + half
+        return (mean, lo, hi) if bounds is None else (mean, max(lo, float(bounds[0])), min(hi, float(bounds[1])))
     draws = v[np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))].mean(1)
     lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return mean, float(lo), float(hi)
