@@ -12,7 +12,7 @@ and evaluation seed 1234 (no erasure trains on either), with the preservation se
 - ``methods``: every method at the model's defaults, and on the DiT UCE and RECE also through every double
   block's text-stream keys and values (``dit.*.text.[kv]``) instead of ``dit.context.proj`` + the pooled
   projection; ESD with the presets ``esd-x`` and ``esd-u`` at each model's rate for them.
-- ``subsets``: ESD through one kind of part at a time: the UNet's FFNs, self-attention and
+- ``subsets``: ESD through one kind of part at a time, at one rate (1e-4) on both models: the UNet's FFNs, self-attention and
   cross-attention; the DiT's image- and text-stream attention and FFNs and its single blocks.
 - ``sweep``: UCE one layer's keys or values at a time (UNet cross-attention, DiT text stream).
 - ``tracing``: causal tracing over every text-encoder layer and denoiser block (each stream of a DiT block).
@@ -40,6 +40,10 @@ SWEEP_CONCEPTS = ("apple", "van gogh")
 TRACE_CONCEPTS = ("apple", "car", "cat", "van gogh")
 MEASURE = dict(per_prompt=4, per_other=2, eval_seed=1234)
 ESD_LR = {"toy": TOY_ESD_LR, "toy-dit": TOY_DIT_ESD_LR}
+#: ESD's rate through one kind of part, the same on both models: the UNet's for its cross-attention
+#: (esd-x) and the DiT's for all its parts but the text stream's attention (esd-u).
+SUBSET_LR = TOY_ESD_LR["esd-x"]
+assert SUBSET_LR == TOY_DIT_ESD_LR["esd-u"]
 
 #: What the ESD subsets train, per model: one kind of part at a time.
 SUBSETS = {
@@ -103,14 +107,13 @@ def methods(pipe, model: str) -> None:
 
 def subsets(pipe, model: str) -> None:
     rows, measure = Rows("subsets", model), _measurer(pipe)
-    preset = "esd-u"  # the rate of a preset that trains many parts; esd-x's is tuned to a few
     for concept in SUBSET_CONCEPTS:
         for name, selectors in SUBSETS[model].items():
             if rows.done(model=model, subset=name, concept=concept):
                 continue
             run = Planned(concept, name, selectors, None, "all", name, False, 0)
-            row = run_one(pipe, run, "esd", measure, dict(lr=ESD_LR[model][preset]))
-            rows.add([row | dict(model=model, lr=ESD_LR[model][preset])])
+            row = run_one(pipe, run, "esd", measure, dict(lr=SUBSET_LR))
+            rows.add([row | dict(model=model, lr=SUBSET_LR)])
             print(f"{model} esd {name} {concept}: efficacy {row['efficacy']:.2f}", flush=True)
 
 

@@ -101,6 +101,30 @@ def names(pipe) -> list[str]:
     return list(parts(pipe))
 
 
+def denoiser_prefix(pipe) -> str:
+    """The first word of the denoiser's part names: ``"unet"``, or ``"dit"`` for a transformer (FLUX, SD 3),
+    so that ``f"{denoiser_prefix(pipe)}.*"`` selects every denoiser part.
+
+    >>> import workbench
+    >>> denoiser_prefix(workbench.load("toy")), denoiser_prefix(workbench.load("toy-dit"))
+    ('unet', 'dit')
+    """
+    return names(pipe)[-1].split(".")[0]  # text encoders come first, the denoiser last
+
+
+def middle_layer(pipe) -> str:
+    """The denoiser's middle layer where text meets image: a UNet's mid block (``unet.mid.0``), else the
+    middle one of those layers in network order (a transformer's blocks: ``dit.4`` of the toy DiT's six
+    double and two single blocks).
+
+    >>> import workbench
+    >>> middle_layer(workbench.load("toy")), middle_layer(workbench.load("toy-dit"))
+    ('unet.mid.0', 'dit.4')
+    """
+    layers = list(family_of(pipe).cross_attention(pipe))
+    return next((name for name in layers if name.startswith("unet.mid.")), layers[len(layers) // 2])
+
+
 def select(pipe, selector: Selector) -> list[str]:
     """Part names matched by ``selector`` (a glob or list of globs), in network order.
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .anatomy import as_list, n_text_layers, parts, text_encoders
+from .anatomy import as_list, middle_layer, n_text_layers, parts, text_encoders
 from .edits import applied
 from .families import Conditioning, family_of
 from .sampling import GUIDANCE, STEPS, seeded
@@ -128,6 +128,17 @@ def conditioning(pipe, prompts: str | Sequence[str], batch: int = 256,
 def _row_encoder(pipe, encoder: str | None) -> str:
     """``encoder``, or the encoder whose tokenizer made the conditioning's first token rows (T5 on FLUX)."""
     return family_of(pipe).row_segments(pipe)[0][0] if encoder is None else encoder
+
+
+def row_encoder(pipe) -> str:
+    """The text encoder that makes the conditioning's (first) token rows, the one :func:`lens` draws from:
+    ``"text"``, or ``"text2"`` on FLUX (T5's slot; its ``"text"``, CLIP's, makes only the pooled vector).
+
+    >>> import workbench
+    >>> row_encoder(workbench.load("toy")), row_encoder(workbench.load("toy-dit"))
+    ('text', 'text2')
+    """
+    return _row_encoder(pipe, None)
 
 
 def last_word(pipe, prompts: str | Sequence[str], encoder: str | None = None) -> list[int]:
@@ -233,6 +244,20 @@ def spaces(pipe) -> list[str]:
     """
     layers = [f"{e}.{i}" for e in text_encoders(pipe) for i in range(n_text_layers(pipe, e))]
     return ["text", *layers, *_projections(pipe)]
+
+
+def key_space(pipe) -> str:
+    """A key space where an edit of the denoiser's text inputs shows: the middle cross-attention layer's
+    keys (:func:`workbench.anatomy.middle_layer`) when they read the token rows, else the first matrix that
+    reads them (a transformer's context embedder: its blocks' keys read their own text streams).
+
+    >>> import workbench
+    >>> key_space(workbench.load("toy")), key_space(workbench.load("toy-dit"))
+    ('unet.mid.0.xattn.k', 'dit.context.proj')
+    """
+    projections = _projections(pipe)
+    middle = middle_layer(pipe)
+    return next((s for s in projections if s.startswith(middle + ".") and s.endswith(".k")), projections[0])
 
 
 def _check_space(pipe, space: str) -> None:
@@ -405,21 +430,36 @@ def lens(pipe, prompt: str, layers: Sequence[int] | None = None, seed: int = 0, 
     guidance is the empty prompt at the same layer. ``layers`` defaults to every layer; apply an edit
     (``with edit.apply(pipe):``) to see where an erasure takes hold. Show them with
     ``plots.image_grid([before, after], ["before", "after"], [f"layer {i}" for i in layers])``.
+
+    The layers are those of the encoder that makes the token rows (:func:`row_encoder`); a pooled vector
+    (FLUX's, from its other encoder) is kept as the prompt's own. A model that conditions on several
+    encoders' rows side by side (SDXL, SD 3) is refused.
+
+    >>> import workbench
+    >>> len(lens(workbench.load("toy-dit"), "an apple", layers=[0, -1], steps=2))
+    2
     """
     if not isinstance(prompt, str):
         raise TypeError("lens takes one prompt (a string); call it once per prompt")
-    if len(text_encoders(pipe)) > 1:
-        raise ValueError("the text-encoder lens draws from one encoder's layer outputs, and this model conditions "
-                         f"on {len(text_encoders(pipe))} encoders' states side by side; use it on SD 1.x/2.x or the "
-                         "toy model, or trace the encoders' layers with workbench.tracing.trace")
     family = family_of(pipe)
-    n = n_text_layers(pipe)
-    layers = list(range(n)) if layers is None else [_layer_index(pipe, i) for i in layers]
-    states = hidden_states(pipe, [prompt, ""])[[i + 1 for i in layers]]  # [layers, 2, tokens, width]
+    encoder = row_encoder(pipe)
+    n = n_text_layers(pipe, encoder)
+    layers = list(range(n)) if layers is None else [_layer_index(pipe, i, encoder) for i in layers]
+    states = hidden_states(pipe, [prompt, ""], encoder=encoder)  # [layers + 1, 2, tokens, width]
+    own = conditioning(pipe, [prompt, ""]) if len(text_encoders(pipe)) > 1 else None
+    pooled = None if own is None else own.pooled
+    if own is not None and states.shape[2:] != own.tokens.shape[1:]:
+        raise ValueError("the text-encoder lens draws from one encoder's layer outputs, and this model conditions "
+                         f"on {len(text_encoders(pipe))} encoders' states side by side; use it on SD 1.x/2.x, FLUX or "
+                         "the toy models, or trace the encoders' layers with workbench.tracing.trace")
+    states = states[[i + 1 for i in layers]]
     noise = family.noise(pipe, seeded(seed))
     images: list[Image.Image] = []
     for i in range(0, len(layers), batch):
         chunk = states[i:i + batch]
-        images += family.draw(pipe, Conditioning(chunk[:, 0]), Conditioning(chunk[:, 1]), steps, guidance,
+        cond, empty = Conditioning(chunk[:, 0]), Conditioning(chunk[:, 1])
+        if pooled is not None:
+            cond.pooled, empty.pooled = pooled[:1].expand(len(chunk), -1), pooled[1:].expand(len(chunk), -1)
+        images += family.draw(pipe, cond, empty, steps, guidance,
                               latents=noise.expand(len(chunk), -1, -1, -1).clone(), size=family.image_size(pipe))
     return images

@@ -279,13 +279,15 @@ class LandingMap:
         """RECE's derived embeddings (``edit.extras["derived.{epoch}"]``) placed in the map, one row per
         epoch and concept, with the nearest vocabulary word in the original space. In a UNet space they
         are projected with the edited layer's weights (``edit`` applied), the model they were derived
-        for. Empty when the edit has none."""
+        for. Empty when the edit has none. Only token rows are placed: a transformer's derived pooled vectors
+        (``derived.pooled.{epoch}``) live in no token-row space."""
         erased = list(edit.params.get("erase") or [edit.concept])
         # an edit that erased the concept in several templates shows the bare concept's embedding
         chosen = [erased.index(edit.concept)] if edit.concept in erased else list(range(len(erased)))
         prompts = [erased[i] for i in chosen]
         rows = []
-        keys = sorted((k for k in edit.extras if k.startswith("derived.")), key=lambda k: int(k.split(".")[1]))
+        keys = sorted((k for k in edit.extras if k.startswith("derived.") and k.split(".")[1].isdigit()),
+                      key=lambda k: int(k.split(".")[1]))
         if not keys:
             return pd.DataFrame(columns=["label", "concept", "epoch", "x", "y", "nearest", "distance"])
         with edit.apply(pipe):

@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .anatomy import as_list, component_of, layer_of, names as part_names, select
+from .anatomy import as_list, component_of, layer_of, names as part_names, select, text_encoders
 from .concepts import ConceptSet
 from .edits import Edit
 from .judges import Judge
@@ -47,7 +47,8 @@ from .stats import cluster_rate, difference, enough, paired_cells, unit_cells
 #: methods' registrations, :data:`workbench.methods.REGISTRY`).
 SCOPE: Mapping[str, tuple[str, tuple[str, ...]]] = View(lambda: {n: (m.scope, m.components)
                                                                  for n, m in REGISTRY.items()})
-#: The few-shot parameter subsets the paper compares; ``None`` is its default (:func:`default_parts`).
+#: The few-shot parameter subsets the paper compares; ``None`` is its default (:func:`default_parts`). On a
+#: model with several text encoders each subset covers all of them, as the default does (:func:`every_encoder`).
 SUBSETS: dict[str, str | None] = {"ffn": "text.*.ffn", "attn": "text.*.attn", "ffn + last attn": None,
                                   "all": "text.*"}
 #: The UNet parameter subsets ESD compares: the transformer blocks' FFNs, self-attention, cross-attention.
@@ -79,6 +80,19 @@ class Planned:
     component: str
     cumulative: bool
     seed: int
+
+
+def every_encoder(pipe, selector: str) -> list[str]:
+    """A selector of the text encoder ``text`` (``"text.*.ffn"``, one of :data:`SUBSETS`) for each of
+    ``pipe``'s text encoders (FLUX: its pooled CLIP ``text`` and its token-row T5 ``text2``).
+
+    >>> import workbench
+    >>> every_encoder(workbench.load("toy"), "text.*.ffn"), every_encoder(workbench.load("toy-dit"), "text.*")
+    (['text.*.ffn'], ['text.*', 'text2.*'])
+    """
+    if selector.split(".")[0] != "text":
+        raise ValueError(f"{selector!r} is not a selector of the text encoder 'text' (such as 'text.*.ffn')")
+    return [encoder + selector[len("text"):] for encoder in text_encoders(pipe)]
 
 
 def scope(pipe, method: str) -> tuple[str, tuple[str, ...]]:
@@ -163,7 +177,8 @@ def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1
                      eval_seed: int = DEFAULTS.seed, progress: bool = True,
                      on_run: Callable[[str], None] | None = None, concept_set: ConceptSet | None = None,
                      **fewshot_kwargs) -> pd.DataFrame:
-    """Few-shot unlearning of each concept through each parameter subset of :data:`SUBSETS`, per seed.
+    """Few-shot unlearning of each concept through each parameter subset of :data:`SUBSETS` (in every text
+    encoder), per seed.
 
     ``per_layer=True`` adds the layer sweep (``subset == "layer"``) for every concept and seed.
     Summarise with :func:`aggregate` and :func:`finding`.
@@ -172,9 +187,8 @@ def ffn_vs_attention(pipe, concepts: Sequence[str], seeds: Sequence[int] = (0, 1
     for concept in as_list(concepts):
         for seed in seeds:
             for name, selector in SUBSETS.items():
-                chosen = default_parts(pipe) if selector is None else select(pipe, selector)
-                runs.append(Planned(concept, name, tuple(chosen) if selector is None else (selector,), None,
-                                    "all", name, False, seed))
+                chosen = default_parts(pipe) if selector is None else every_encoder(pipe, selector)
+                runs.append(Planned(concept, name, tuple(chosen), None, "all", name, False, seed))
         if per_layer:
             runs += _layer_runs(pipe, concept, "fewshot", None, False, seeds, None)
     measurer = Measurer.make(pipe, judge, concept_set, measure, others, per_prompt, per_other, eval_seed)

@@ -73,11 +73,21 @@ def _block_sites(pipe, streams: bool) -> dict[str, tuple[str, tuple[int, ...] | 
     return out
 
 
+def text_sites(pipe) -> list[str]:
+    """The text-encoder sites of a trace: every encoder's layers, in order.
+
+    >>> import workbench
+    >>> text_sites(workbench.load("toy"))[-1], text_sites(workbench.load("toy-dit"))[-1]
+    ('text.5', 'text2.5')
+    """
+    return [f"{e}.{i}" for e in text_encoders(pipe) for i in range(len(text_layers(pipe, e)))]
+
+
 def sites(pipe, streams: bool = False) -> list[str]:
-    """Every site a trace restores: each text encoder's layers, then the denoiser's blocks; with
-    ``streams``, a transformer block's image and text streams alone too (``dit.0.img``, ``dit.0.text``)."""
-    layers = [f"{e}.{i}" for e in text_encoders(pipe) for i in range(len(text_layers(pipe, e)))]
-    return layers + list(_block_sites(pipe, streams))
+    """Every site a trace restores: each text encoder's layers (:func:`text_sites`), then the denoiser's
+    blocks; with ``streams``, a transformer block's image and text streams alone too (``dit.0.img``,
+    ``dit.0.text``)."""
+    return text_sites(pipe) + list(_block_sites(pipe, streams))
 
 
 def _site(name: str) -> tuple[str, int]:
