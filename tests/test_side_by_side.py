@@ -48,3 +48,14 @@ def test_traces_and_sweeps_line_up_along_each_models_depth():
     layers = layer_table({"toy": sweep}).set_index("layer")
     assert layers["depth"].tolist() == [0.0, 0.5, 1.0] and layers.loc["l1", "efficacy"] == 0.75
     assert layers.loc["l1", "images"] == 8 and layers.loc["l1", "lo"] < 0.75 < layers.loc["l1", "hi"] <= 1
+
+
+def test_the_efficacy_preservation_figure_draws_one_panel_per_model_with_each_methods_intervals():
+    from workbench.plots import efficacy_preservation
+    table = methods_table({"unet": _methods(list("abcdef"), [1.0, 0.5] * 3),
+                           "dit": pd.concat([_methods(list("abcdef"), [0.0] * 6),
+                                             _methods(list("abcdef"), [1.0] * 6, variant="rece")])})
+    assert {"efficacy_lo", "efficacy_hi", "preservation_lo", "preservation_hi"} <= set(table.columns)
+    fig = efficacy_preservation(table)
+    assert [ax.get_title() for ax in fig.axes] == ["unet", "dit"]
+    assert [len(ax.containers) for ax in fig.axes] == [1, 2]  # one error-bar point per method

@@ -524,22 +524,16 @@ def efficacy_preservation(table, by: str = "variant") -> Figure:
     intervals; ``table`` is :func:`workbench.side_by_side.methods_table`'s."""
     models = list(dict.fromkeys(table["model"]))
     labels = list(dict.fromkeys(table[by]))
-
-    def bounds(cell: str) -> tuple[float, float]:
-        lo, hi = cell.split("[")[1].rstrip("]").split(",")
-        return float(lo) / 100, float(hi) / 100
-
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(models), figsize=(2.2 * len(models) + 1.4, 2.1), sharex=True, sharey=True,
                                  squeeze=False)
         for ax, model in zip(axes[0], models):
-            rows = table[table["model"] == model]
-            for r in rows.itertuples():
-                colour = PALETTE[labels.index(getattr(r, by)) % len(PALETTE)]
-                (elo, ehi), (plo, phi) = bounds(r.efficacy), bounds(r.preservation)
+            for r in table[table["model"] == model].itertuples():
                 x, y = r.efficacy_rate, r.preservation_mean
-                ax.errorbar(x, y, xerr=[[x - elo], [ehi - x]], yerr=[[y - plo], [phi - y]], fmt="o", ms=3.5,
-                            color=colour, lw=0.7, capsize=1.5, label=getattr(r, by))
+                ax.errorbar(x, y, xerr=[[x - r.efficacy_lo], [r.efficacy_hi - x]],
+                            yerr=[[y - r.preservation_lo], [r.preservation_hi - y]], fmt="o", ms=3.5,
+                            color=PALETTE[labels.index(getattr(r, by)) % len(PALETTE)], lw=0.7, capsize=1.5,
+                            label=getattr(r, by))
             ax.set_title(model)
             ax.set_xlim(-0.03, 1.03)
             ax.set_xlabel("efficacy (concept's images lost)")

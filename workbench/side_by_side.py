@@ -29,7 +29,7 @@ def together(tables: Mapping[str, pd.DataFrame], concepts: bool = True) -> pd.Da
     (in the first table's order)."""
     if not tables:
         raise ValueError("give at least one model's table, as {model: table}")
-    frames = {m: t for m, t in tables.items()}
+    frames = dict(tables)
     if concepts:
         common = set.intersection(*(set(t["concept"]) for t in frames.values()))
         if not common:
@@ -42,7 +42,8 @@ def together(tables: Mapping[str, pd.DataFrame], concepts: bool = True) -> pd.Da
 def methods_table(tables: Mapping[str, pd.DataFrame], by: str = "variant") -> pd.DataFrame:
     """Per model and ``by`` (a method, or a method at some parts): efficacy (the share of the concept's
     images the judge no longer labels as it, with a bootstrap interval over concepts x seeds), the mean
-    preservation of the other concepts with a bootstrap interval over concepts, images and concepts."""
+    preservation of the other concepts with a bootstrap interval over concepts, images and concepts; as
+    text a paper prints, and as numbers (``efficacy_rate``, ``efficacy_lo``... ``preservation_hi``)."""
     table = together(tables)
     rates = subset_rates(table, ["model", by])
     rows = []
@@ -52,7 +53,8 @@ def methods_table(tables: Mapping[str, pd.DataFrame], by: str = "variant") -> pd
         p, lo, hi = mean_interval(per_concept.to_numpy())
         rows.append({"model": r.model, by: getattr(r, by), "efficacy": interval_text(r.efficacy, r.efficacy_lo, r.efficacy_hi),
                      "preservation": interval_text(p, lo, hi), "images": int(r.n), "concepts": int(runs["concept"].nunique()),
-                     "efficacy_rate": r.efficacy, "preservation_mean": p})
+                     "efficacy_rate": r.efficacy, "efficacy_lo": r.efficacy_lo, "efficacy_hi": r.efficacy_hi,
+                     "preservation_mean": p, "preservation_lo": lo, "preservation_hi": hi})
     return pd.DataFrame(rows)
 
 
