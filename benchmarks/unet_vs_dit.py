@@ -91,30 +91,29 @@ def _measurer(pipe) -> Measurer:
     return Measurer.make(pipe, None, None, True, None, MEASURE["per_prompt"], MEASURE["per_other"], MEASURE["eval_seed"])
 
 
+def _measured(pipe, model: str, part: str, plan: list[tuple[str, str, str, tuple[str, ...], dict]]) -> None:
+    """Erase and measure each planned ``(concept, label, method, selectors, knobs)`` the part's rows lack;
+    ``label`` goes in the part's own column (``variant`` or ``subset``)."""
+    column = {"methods": "variant", "subsets": "subset"}[part]
+    rows, measure = Rows(part, model), _measurer(pipe)
+    for concept, label, method, selectors, knobs in plan:
+        if rows.done(model=model, concept=concept, **{column: label}):
+            continue
+        t0 = time.perf_counter()
+        row = run_one(pipe, Planned(concept, label, selectors, None, "all", label, False, 0), method, measure, knobs)
+        rows.add([row | {"model": model, column: label, "wall_seconds": time.perf_counter() - t0, **knobs}])
+        print(f"{model} {part}: {label} {concept}: efficacy {row['efficacy']:.2f}, "
+              f"preservation {row['preservation']:.2f}", flush=True)
+
+
 def methods(pipe, model: str) -> None:
-    rows, measure = Rows("methods", model), _measurer(pipe)
-    for concept in CONCEPTS:
-        for label, method, selectors, knobs in variants(model):
-            if rows.done(model=model, variant=label, concept=concept):
-                continue
-            run = Planned(concept, label, selectors, None, "all", label, False, 0)
-            t0 = time.perf_counter()
-            row = run_one(pipe, run, method, measure, knobs)
-            rows.add([row | dict(model=model, variant=label, wall_seconds=time.perf_counter() - t0)])
-            print(f"{model} {label} {concept}: efficacy {row['efficacy']:.2f}, preservation {row['preservation']:.2f}",
-                  flush=True)
+    _measured(pipe, model, "methods", [(c, label, method, selectors, knobs) for c in CONCEPTS
+                                       for label, method, selectors, knobs in variants(model)])
 
 
 def subsets(pipe, model: str) -> None:
-    rows, measure = Rows("subsets", model), _measurer(pipe)
-    for concept in SUBSET_CONCEPTS:
-        for name, selectors in SUBSETS[model].items():
-            if rows.done(model=model, subset=name, concept=concept):
-                continue
-            run = Planned(concept, name, selectors, None, "all", name, False, 0)
-            row = run_one(pipe, run, "esd", measure, dict(lr=SUBSET_LR))
-            rows.add([row | dict(model=model, lr=SUBSET_LR)])
-            print(f"{model} esd {name} {concept}: efficacy {row['efficacy']:.2f}", flush=True)
+    _measured(pipe, model, "subsets", [(c, name, "esd", selectors, dict(lr=SUBSET_LR)) for c in SUBSET_CONCEPTS
+                                       for name, selectors in SUBSETS[model].items()])
 
 
 def sweep(pipe, model: str) -> None:
