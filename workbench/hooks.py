@@ -2,6 +2,7 @@
 
 ==========================  ================================================================
 ``hooked(pairs)``           forward hooks ``(module, fn(module, inputs, output) -> output)``
+``hooked(pairs, pre=True)`` pre-hooks ``(module, fn(module, inputs) -> inputs)``: what a module reads
 ``frozen(*modules)``        gradients off for the modules' parameters; the flags come back
 ``processors(layers, make)`` attention processors swapped, the very same objects put back
 ``cache(pipe, names)``      every output (or input) of the named parts or blocks, captured per call
@@ -31,11 +32,13 @@ Hook = Callable[[nn.Module, tuple, object], object]
 
 
 @contextmanager
-def hooked(pairs: Sequence[tuple[nn.Module, Hook]]) -> Iterator[None]:
-    """Forward hooks ``(module, fn)`` for the duration of the block (``fn`` may return a new output)."""
+def hooked(pairs: Sequence[tuple[nn.Module, Callable]], pre: bool = False) -> Iterator[None]:
+    """Forward hooks ``(module, fn)`` for the duration of the block (``fn`` may return a new output); with
+    ``pre``, hooks on what the module reads (``fn(module, inputs)`` may return new inputs)."""
     with ExitStack() as stack:
         for module, fn in pairs:
-            stack.callback(module.register_forward_hook(fn).remove)
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            stack.callback(register(fn).remove)
         yield
 
 

@@ -12,8 +12,9 @@ CLIP and T5 (SD 3's CLIPs and T5) tokenize differently (:func:`vocabulary_encode
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -24,6 +25,7 @@ from ..concepts import ConceptSet, a
 from ..edits import Edit, applied
 from ..families import Conditioning, family_of
 from ..hooks import hooked
+from ..interventions import suspended
 from ..methods.fewshot import image_latents, load_images
 from ..sampling import generate_from
 
@@ -104,14 +106,16 @@ def target_images(pipe, concept_set: ConceptSet, concept: str, n: int = TARGET_I
         return generate_from(pipe, conditioning(pipe, prompts, device=None), TARGET_SEED)
 
 
-def unedited(pipe):
-    """A context in which ``pipe`` is as it was before the edits now applied to it (to float32
-    rounding); they are exactly back afterwards."""
+@contextmanager
+def unedited(pipe) -> Iterator[None]:
+    """A context in which ``pipe`` is as it was before the erasures now applied to it (edits' weights to
+    float32 rounding; interventions' hooks off); they are exactly back afterwards."""
     undo: dict[str, torch.Tensor] = {}
     for edit in applied(pipe):
         for key, delta in edit.deltas.items():
             undo[key] = undo.get(key, 0) - delta
-    return Edit(undo, "undo", "").apply(pipe)
+    with suspended(pipe), Edit(undo, "undo", "").apply(pipe):
+        yield
 
 
 def placeholder(pipe, templates: Sequence[str], encoders: Sequence[str] | None = None) -> str:
