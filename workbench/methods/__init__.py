@@ -23,7 +23,7 @@ components it varies there, and the knobs its panel shows. The tables the rest o
 >>> REGISTRY["uce"].components, [k.name for k in REGISTRY["rece"].knobs]
 (('xattn.k', 'xattn.v'), ['epochs', 'ridge'])
 >>> list(METHODS)
-['rece', 'uce', 'fewshot', 'esd']
+['rece', 'uce', 'fewshot', 'esd', 'prune']
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from ..families import family_of
 from ..profile import profile_of
 from .esd import esd
 from .fewshot import fewshot
+from .prune import prune
 from .rece import rece
 from .uce import uce
 
@@ -68,7 +69,8 @@ class Knob:
 class Method:
     """An erasure method, registered once: its function, the parts a layer sweep walks (``scope``: the
     layers of these parts), the ``components`` a sweep varies by default, the ``knobs`` its panel shows,
-    and whether it is ``slow`` (trains for long: compared only when chosen). ``dit_scope`` and
+    and whether it is ``slow`` (compared only when chosen: it trains for long, or scores every concept
+    first). ``dit_scope`` and
     ``dit_components`` are the same on a transformer (FLUX, SD 3); :meth:`scope_on` picks by model.
 
     >>> import workbench
@@ -160,6 +162,10 @@ register("fewshot", fewshot, "text.*", ("ffn", "attn"),
 # ESD trains for tens of seconds per erasure: it is compared when chosen, not by default
 register("esd", esd, "unet.*.xattn.k", ("attn", "xattn", "ffn"), slow=True,
          dit_scope="dit.*.[qkv]", dit_components=("img.attn", "img.ffn", "text.attn", "text.ffn", "single.attn", "ffn"))
+# below the layer: compared when chosen (pruning scores every other concept's prompts first)
+register("prune", prune, "unet.*.ffn.out", ("ffn",),
+         (Knob("share", "prune share", "log", -3, 0, ".1%"), Knob("timesteps", "prune steps", "int", 1, 20)), slow=True,
+         dit_scope="dit.*.ffn.out", dit_components=("img.ffn", "text.ffn"))
 
 #: Every method's function by name, in the order the panels list them.
 METHODS: Mapping[str, Callable[..., Edit]] = View(lambda: {n: m.fn for n, m in REGISTRY.items()})
@@ -212,4 +218,4 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
 
 
 __all__ = ["erase", "defaults", "register", "quick", "Method", "Knob", "REGISTRY", "METHODS", "uce", "rece",
-           "fewshot", "esd"]
+           "fewshot", "esd", "prune"]
