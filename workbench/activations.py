@@ -18,13 +18,14 @@ the prompts themselves, never the empty prompt's.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Sequence
 
 import torch
 
 from .families import family_of
 from .hooks import cache, hooked, modules
-from .sampling import GUIDANCE, STEPS, generate
+from .sampling import GUIDANCE, STEPS, seeded
 
 Reduce = Callable[[torch.Tensor], object]
 
@@ -51,15 +52,28 @@ def _keeper(pipe, prompts: int, guidance: float, inputs: bool, reduce: Reduce, i
 def during_sampling(pipe, names: Sequence[str], prompts: Sequence[str], seed: int = 0, steps: int = STEPS,
                     guidance: float = GUIDANCE, inputs: bool = False,
                     reduce: Reduce = _identity) -> dict[str, list]:
-    """Draw ``prompts`` (seeded like :func:`~workbench.sampling.generate`, in one batch) and return, for each
+    """Draw ``prompts`` (in one batch, each from its own noise, :func:`prompt_seed`) and return, for each
     named denoiser part or block, ``reduce`` of its output (with ``inputs``: its input) at every step, the
     prompts' rows only, reduced as each step comes."""
     prompts = list(prompts)
     out: dict[str, list] = {n: [] for n in names}
     found = modules(pipe, list(names))
+    family = family_of(pipe)
+    noise = torch.cat([family.noise(pipe, seeded(prompt_seed(p, seed))) for p in prompts])
     with hooked([(found[n], _keeper(pipe, len(prompts), guidance, inputs, reduce, out[n])) for n in names]):
-        generate(pipe, prompts, seed, steps, guidance, batch=len(prompts))
+        family.draw(pipe, family.encode(pipe, prompts), family.empty(pipe, len(prompts)), steps, guidance,
+                    latents=noise)
     return out
+
+
+def prompt_seed(prompt: str, seed: int = 0) -> int:
+    """The seed of ``prompt``'s starting noise in :func:`during_sampling`: ``seed`` and the prompt's text,
+    so that a prompt's activations do not depend on the prompts drawn beside it.
+
+    >>> prompt_seed("an apple") == prompt_seed("an apple"), prompt_seed("an apple") == prompt_seed("a cat")
+    (True, False)
+    """
+    return seed * 1_000_003 + zlib.crc32(prompt.encode())
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ from .anatomy import Selector, as_list, component_of, denoiser_prefix, layer_of,
 from .edits import applied
 from .families import family_of
 from .profile import profile_of
-from .sampling import GUIDANCE, STEPS
+from .sampling import BATCH, GUIDANCE, STEPS
 
 #: ConceptPrune's defaults: the top 1% of a layer's neurons per step ("skill ratio"), united over the first
 #: fifth of the sampling steps (their 10 of 50).
@@ -97,50 +97,45 @@ def neuron_layers(pipe, parts: Selector | None = None) -> dict[str, NeuronLayer]
     return found
 
 
-def _rms(layer: NeuronLayer):
-    def reduce(x: torch.Tensor) -> torch.Tensor:
-        return _mean_square(x[..., layer.start:layer.start + layer.count]).sqrt()
-    return reduce
-
-
 def _mean_square(x: torch.Tensor) -> torch.Tensor:
-    """Each column's mean square over every row and token (float32, on the CPU)."""
-    return x.float().pow(2).mean(dim=tuple(range(x.ndim - 1))).cpu()
+    """Each row's (prompt's) mean square of every column over its tokens: ``(rows, columns)``, float32 on the CPU."""
+    x = x.float().pow(2)
+    return x.reshape(len(x), -1, x.shape[-1]).mean(1).cpu()
 
 
-_NORMS: dict = {}
+_SEEN: dict = {}
 
 
 def input_norms(pipe, layers: dict[str, NeuronLayer], prompts: Sequence[str], steps: int = STEPS, seed: int = 0,
-                guidance: float = GUIDANCE) -> dict[str, torch.Tensor]:
+                guidance: float = GUIDANCE, batch: int = BATCH) -> dict[str, torch.Tensor]:
     """Each layer's neuron input norms on ``prompts`` (root mean square over prompts and tokens):
-    ``(steps, neurons)`` for the denoiser, ``(1, neurons)`` for a text encoder. Kept in memory per
-    pipeline, the erasures applied to it and the arguments."""
-    key = (id(pipe), tuple(id(e) for e in applied(pipe)), tuple(layers), tuple(prompts), steps, seed, guidance)
-    if key in _NORMS:
-        return _NORMS[key]
+    ``(steps, neurons)`` for the denoiser, ``(1, neurons)`` for a text encoder. Each prompt is drawn from its
+    own noise (:func:`~workbench.activations.prompt_seed`) and kept in memory per pipeline and erasures
+    applied to it, so a prompt another concept's scores drew is not drawn again."""
+    context = (id(pipe), tuple(id(e) for e in applied(pipe)), steps, seed, guidance)
+    missing = list(dict.fromkeys(p for p in prompts if (context, p) not in _SEEN))
     text_prefixes = tuple(f"{e}." for e in family_of(pipe).encoders(pipe))
-    text = [n for n in layers if n.startswith(text_prefixes)]
-    denoiser = [n for n in layers if n not in text]
-    out: dict[str, torch.Tensor] = {}
-    for name in text:
-        out[name] = in_text(pipe, [layers[name].part], prompts, inputs=True, reduce=_rms(layers[name]))[
-            layers[name].part][None]
-    if denoiser:
-        seen = _together(pipe, {n: layers[n] for n in denoiser}, prompts, seed, steps, guidance)
-        out.update({n: torch.stack(seen[n]) for n in denoiser})
-    _NORMS[key] = out
-    while len(_NORMS) > 64:
-        _NORMS.pop(next(iter(_NORMS)))
-    return out
+    every = _all_layers(pipe)
+    text = [n for n in every if n.startswith(text_prefixes)]
+    denoiser = [n for n in every if n not in text]
+    for i in range(0, len(missing), batch):
+        chunk = missing[i:i + batch]
+        found = {n: v[None] for n, v in _split(in_text(pipe, [every[n].part for n in text], chunk, inputs=True,
+                                                          reduce=_mean_square), text, every).items()}
+        parts_needed = list(dict.fromkeys(every[n].part for n in denoiser))
+        drawn = during_sampling(pipe, parts_needed, chunk, seed, steps, guidance, inputs=True, reduce=_mean_square)
+        per_step = [_split({p: v[t] for p, v in drawn.items()}, denoiser, every) for t in range(steps)]
+        found |= {n: torch.stack([step[n] for step in per_step]) for n in denoiser}
+        for k, prompt in enumerate(chunk):
+            _SEEN[(context, prompt)] = {n: v[:, k] for n, v in found.items()}
+    while len(_SEEN) > 4096:
+        _SEEN.pop(next(iter(_SEEN)))
+    return {n: torch.stack([_SEEN[(context, p)][n] for p in prompts]).mean(0).sqrt() for n in layers}
 
 
-def _together(pipe, layers: dict[str, NeuronLayer], prompts, seed, steps, guidance) -> dict[str, list]:
-    """Every layer's reduced inputs from one drawing (layers sharing a part each take their own columns)."""
-    names = list(dict.fromkeys(l.part for l in layers.values()))
-    raw = during_sampling(pipe, names, prompts, seed, steps, guidance, inputs=True,
-                          reduce=_mean_square)
-    return {n: [v[l.start:l.start + l.count].sqrt() for v in raw[l.part]] for n, l in layers.items()}
+def _split(by_part: dict[str, torch.Tensor], names: list[str], every: dict[str, NeuronLayer]) -> dict[str, torch.Tensor]:
+    """Each neuron layer's columns of its linear's ``(rows, columns)`` mean squares."""
+    return {n: by_part[every[n].part][:, every[n].start:every[n].start + every[n].count] for n in names}
 
 
 @dataclass

@@ -1,0 +1,476 @@
+"""Sparse features as an erasure, after SAeUron (Cywiński and Deja, 2025): a TopK sparse autoencoder (SAE)
+learns a dictionary of a denoiser block's output, and a concept is erased by turning down the few features
+that fire on it and on little else.
+
+1. :func:`train` collects the block's output while the model draws a set of prompts (by default the erase
+   prompts of every concept of the model's concept set, never held-out probes), every spatial position
+   (a UNet) or image token (a transformer's image stream) of every denoising step one vector, and fits a
+   :class:`TopKSAE` to them (normalised MSE, Adam). With ``path`` it checkpoints and resumes.
+2. :func:`features` scores every feature for a concept: its mean activation on the concept's prompts and on
+   the others', each as a share of the summed means of all features (``p``), and the score
+   ``p_concept - p_others`` (pooled over timesteps). :func:`concept_features` keeps the best ones.
+3. :class:`FeatureAblation` hooks the block: it encodes the output, multiplies each chosen feature by
+   ``multiplier`` where it is among the active top-k and above its mean over all prompts, and adds only the
+   change of the decoded output, so the SAE's reconstruction error never reaches the model.
+
+:func:`sae` is the erasure method: it trains (or loads) the SAE, selects the features and returns the
+intervention. Toy SAEs are bundled under ``data/sae/<model>/<block>.safetensors``; others are trained into
+``runs/sae/<model>/<block>.safetensors`` under the working directory.
+
+>>> import workbench
+>>> pipe = workbench.load("toy")
+>>> erasure = sae(pipe, "apple", progress=False)          # the bundled toy SAE: nothing is trained
+>>> erasure.kind, erasure.parts, len(erasure.params["units"]["unet.up.0"])
+('sae', ['unet.up.0'], 16)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .activations import _keeper
+from .families import family_of
+from .hooks import hooked
+from .interventions import Intervention, Site
+from .paths import DATA
+from .profile import profile_of
+from .sampling import BATCH, GUIDANCE, generate
+
+#: Optimiser steps, vectors per step and Adam's learning rate of :func:`train` (the toy's SAE reaches its
+#: FVU within these on two CPU cores in about two minutes; benchmarks/sae.py).
+STEPS, BATCH_ROWS, LR = 1500, 2048, 1e-3
+#: Denoising steps the activations are collected over (training and feature statistics).
+SAMPLE_STEPS = 10
+#: Features :func:`sae` turns down and what it multiplies them by (measured on the toy: benchmarks/sae.py).
+FEATURES, MULTIPLIER = 16, -2.0
+#: Vectors :func:`train` keeps at most (a random share of each step's positions beyond that).
+MAX_ROWS = 1_000_000
+#: Where bundled SAEs live, and where others are trained (relative to the working directory).
+BUNDLED, RUNS = DATA / "sae", Path("runs") / "sae"
+#: The block :func:`sae` hooks by default on a bundled model (measured: benchmarks/sae.py).
+DEFAULT_BLOCKS = {"toy": "unet.up.0", "toy-dit": "dit.3"}
+_META = "workbench-sae"
+
+
+# --- the autoencoder ----------------------------------------------------------------------------------
+
+class TopKSAE(nn.Module):
+    """A TopK sparse autoencoder: ``d_in * expansion`` latents, ``k`` of them active per vector.
+
+    Latents are ``ReLU(W_enc (x - b_dec) + b_enc)`` with all but the ``k`` largest set to zero; the
+    reconstruction is ``W_dec z + b_dec``, each column of ``W_dec`` (a feature's direction) of unit norm.
+
+    >>> m = TopKSAE(8, expansion=4, k=3)
+    >>> m.latents, tuple(m.W_dec.shape), int((m.encode(torch.randn(5, 8)) != 0).sum(1).max())
+    (32, (8, 32), 3)
+    """
+
+    def __init__(self, d_in: int, expansion: int = 16, k: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(expansion, int) or expansion < 1:
+            raise ValueError(f"expansion must be a whole number of at least 1 (latents = width x expansion), "
+                             f"not {expansion!r}")
+        if d_in < 1:
+            raise ValueError(f"d_in must be at least 1, not {d_in}")
+        n = d_in * expansion
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} must be between 1 and the number of latents, width x expansion = "
+                             f"{d_in} x {expansion} = {n}")
+        self.d_in, self.expansion, self.k = d_in, expansion, k
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(d_in, n, generator=g)
+        W_dec /= W_dec.norm(dim=0, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @property
+    def latents(self) -> int:
+        """How many features the dictionary has."""
+        return self.d_in * self.expansion
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``ReLU(W_enc (x - b_dec) + b_enc)`` for rows ``x`` ``[n, d_in]``: every latent, before top-k."""
+        return F.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+
+    def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` active latents of each row: ``(values, indices)``, each ``[n, k]``."""
+        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        indices = pre.detach().topk(self.k, dim=-1, sorted=False).indices
+        return F.relu(pre.gather(1, indices)), indices
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents ``[n, latents]``: the top-k kept, every other zero.
+
+        >>> TopKSAE(4, 2, k=2).encode(torch.ones(1, 4)).shape
+        torch.Size([1, 8])
+        """
+        values, indices = self.topk(x)
+        return torch.zeros(len(x), self.latents, dtype=values.dtype, device=values.device).scatter_(1, indices, values)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``W_dec z + b_dec`` for dense latents ``[n, latents]``.
+
+        >>> m = TopKSAE(4, 2, k=8)
+        >>> torch.allclose(m.decode(torch.zeros(1, 8)), m.b_dec)
+        True
+        """
+        return z @ self.W_dec.T + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of rows ``x``; only the ``k`` active features' columns are read.
+
+        >>> m = TopKSAE(4, 2, k=2)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(m(x), m.decode(m.encode(x)), atol=1e-6)
+        True
+        """
+        values, indices = self.topk(x)
+        return F.embedding_bag(indices, self.W_dec.T, per_sample_weights=values, mode="sum") + self.b_dec
+
+    @torch.no_grad()
+    def normalise_decoder_(self) -> None:
+        """Scale every decoder column back to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def drop_parallel_gradient_(self) -> None:
+        """Remove from the decoder's gradient the part along each column (it would only change norms)."""
+        if self.W_dec.grad is not None:
+            along = (self.W_dec.grad * self.W_dec).sum(0, keepdim=True)
+            self.W_dec.grad -= along * self.W_dec
+
+    def config(self) -> dict[str, int]:
+        """What rebuilds this module's shape: ``d_in``, ``expansion``, ``k``."""
+        return {"d_in": self.d_in, "expansion": self.expansion, "k": self.k}
+
+    def save(self, path: str | Path, meta: dict | None = None, extra: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the weights (and ``extra`` tensors) as safetensors, with the shape and ``meta`` as JSON.
+
+        >>> import tempfile
+        >>> m = TopKSAE(4, 2, k=2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     back, meta = TopKSAE.load(m.save(Path(d) / "m.safetensors", {"block": "unet.mid"}))
+        >>> torch.equal(back.W_enc, m.W_enc), meta["block"]
+        (True, 'unet.mid')
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors |= {k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()}
+        temporary = path.with_name(path.name + ".partial")
+        save_file(tensors, temporary, metadata={_META: json.dumps({**(meta or {}), **self.config()})})
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["TopKSAE", dict]:
+        """A module written by :meth:`save` and its metadata (the extra tensors under ``meta["extra"]``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no SAE file at {path}; train one with workbench.sae.train(pipe, block, path=...)")
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(_META)
+        if raw is None:
+            raise ValueError(f"{path} is not an SAE written by workbench.sae (no {_META!r} metadata)")
+        meta = json.loads(raw)
+        tensors = load_file(path)
+        module = cls(meta["d_in"], meta["expansion"], meta["k"])
+        own = set(module.state_dict())
+        module.load_state_dict({k: v for k, v in tensors.items() if k in own})
+        meta["extra"] = {k: v for k, v in tensors.items() if k not in own}
+        return module, meta
+
+
+# --- blocks and their activations ---------------------------------------------------------------------
+
+def _transformer(pipe) -> bool:
+    return "transformer" in family_of(pipe).components(pipe)
+
+
+def _stream(pipe) -> int:
+    """Which item of a block's output tuple the SAE reads: a transformer block returns ``(text stream, image
+    stream)`` (:data:`workbench.tracing.STREAMS`), a UNet down block ``(hidden states, its skips)``."""
+    return 1 if _transformer(pipe) else 0
+
+
+def check_block(pipe, block: str) -> None:
+    """Raise ``ValueError`` listing the denoiser's blocks unless ``block`` is one of them.
+
+    >>> import workbench
+    >>> check_block(workbench.load("toy"), "unet.up.9")
+    Traceback (most recent call last):
+    ValueError: 'unet.up.9' is not a block of this model; an SAE reads one of: unet.down.0, ..., unet.up.2
+    """
+    blocks = family_of(pipe).blocks(pipe)
+    if block not in blocks:
+        raise ValueError(f"{block!r} is not a block of this model; an SAE reads one of: {', '.join(blocks)}")
+
+
+def default_block(pipe) -> str:
+    """The block :func:`sae` reads when none is given: the measured one on a bundled model, else a UNet's
+    ``unet.up.1`` (SAeUron's choice on Stable Diffusion) or a transformer's middle double block.
+
+    >>> import workbench
+    >>> default_block(workbench.load("toy")), default_block(workbench.load("toy-dit"))
+    ('unet.up.0', 'dit.3')
+    """
+    known = DEFAULT_BLOCKS.get(_bundled_name(pipe) or "")
+    blocks = list(family_of(pipe).blocks(pipe))
+    if known in blocks:
+        return known
+    if _transformer(pipe):
+        double = [b for b in blocks if not b.startswith("dit.single.")]
+        return double[len(double) // 2]
+    return "unet.up.1" if "unet.up.1" in blocks else blocks[len(blocks) // 2]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A block output's vectors ``[batch, positions, width]``: a feature map ``[b, c, h, w]``'s pixels, or
+    a token stream ``[b, tokens, width]`` as it is."""
+    if x.ndim == 4:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+    if x.ndim == 3:
+        return x
+    raise ValueError(f"an SAE reads a feature map [b, c, h, w] or tokens [b, n, width], not shape {tuple(x.shape)}")
+
+
+def _unrows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Rows ``[batch, positions, width]`` back in the shape of ``like``."""
+    if like.ndim == 4:
+        b, c, h, w = like.shape
+        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return rows.reshape(like.shape)
+
+
+def _states(output, index: int) -> torch.Tensor:
+    return output[index] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def collect(pipe, block: str, prompts: Sequence[str], reduce: Callable[[torch.Tensor, int], Any], seed: int = 0,
+            steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE, batch: int = BATCH) -> list:
+    """Draw ``prompts`` (``batch`` at a time, seeded like :func:`~workbench.sampling.generate`) and return
+    ``reduce(rows, first)`` at every denoising step of each batch: ``rows`` ``[prompts, positions, width]``
+    are the block's output vectors for the batch's prompts (the conditional branch), ``first`` the index of
+    the batch's first prompt.
+
+    >>> import workbench
+    >>> pipe = workbench.load("toy")
+    >>> collect(pipe, "unet.up.0", ["an apple", "a cat"], lambda rows, first: tuple(rows.shape), steps=2)
+    [(2, 64, 128), (2, 64, 128)]
+    """
+    check_block(pipe, block)
+    module, index = family_of(pipe).blocks(pipe)[block], _stream(pipe)
+    prompts, out = list(prompts), []
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first:first + batch]
+        keep = _keeper(pipe, len(chunk), guidance, False, lambda x: reduce(_rows(x), first), out)
+        with hooked([(module, lambda m, args, output: keep(m, args, _states(output, index)))]):
+            generate(pipe, chunk, seed + first, steps, guidance, batch=len(chunk))
+    return out
+
+
+def _width(pipe, block: str) -> int:
+    """The width of ``block``'s output vectors (one denoising step of the empty prompt)."""
+    return collect(pipe, block, [""], lambda rows, first: rows.shape[-1], steps=1)[0]
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+@dataclass
+class SAE:
+    """A trained (or partly trained) SAE on one block: the module, the block, the training settings
+    (``config``), the fraction of variance unexplained of every optimiser step's batch (``curve``), the
+    steps done and the FVU of the finished module on a fixed sample of its activations (``fvu``).
+
+    >>> m = SAE(TopKSAE(4, 2, k=2), "unet.mid", {}, curve=[0.9, 0.5], step=2)
+    >>> m.block, m.step, m.latents
+    ('unet.mid', 2, 8)
+    """
+
+    module: TopKSAE
+    block: str
+    config: dict[str, Any]
+    curve: list[float] = field(default_factory=list)
+    step: int = 0
+    fvu: float = float("nan")
+    seconds: float = 0.0
+    path: Path | None = None
+
+    @property
+    def latents(self) -> int:
+        """How many features the dictionary has."""
+        return self.module.latents
+
+    def meta(self) -> dict[str, Any]:
+        """What :meth:`save` writes beside the weights."""
+        return {"block": self.block, "config": self.config, "step": self.step, "curve": self.curve,
+                "fvu": self.fvu, "seconds": self.seconds}
+
+    def save(self, path: str | Path, optimiser: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the SAE (and an optimiser's state, for resuming) to one ``.safetensors`` file."""
+        self.path = self.module.save(path, self.meta(), optimiser)
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SAE":
+        """Read an SAE written by :meth:`save` (or :func:`train`)."""
+        module, meta = TopKSAE.load(path)
+        return cls(module, meta["block"], meta["config"], list(meta["curve"]), int(meta["step"]),
+                   float(meta["fvu"]), float(meta.get("seconds", 0.0)), Path(path))
+
+
+def _digest(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
+
+
+def training_prompts(pipe) -> list[str]:
+    """What :func:`train` draws by default: the erase prompts of every concept of the model's concept set
+    (never their held-out probes).
+
+    >>> import workbench
+    >>> len(training_prompts(workbench.load("toy")))
+    80
+    """
+    cs = profile_of(pipe).concept_set()
+    return [p for c in cs.names for p in cs.prompts(c)]
+
+
+def _activations(pipe, block: str, prompts: Sequence[str], seed: int, steps: int, cap: int) -> torch.Tensor:
+    """The block's output vectors ``[n, width]`` (float32) over every denoising step of ``prompts``; past
+    ``cap`` vectors, a seeded random share of each step's."""
+    g = torch.Generator().manual_seed(seed)
+    calls = steps * math.ceil(len(prompts) / BATCH)
+
+    def take(rows: torch.Tensor, first: int) -> torch.Tensor:
+        rows = rows.reshape(-1, rows.shape[-1]).float().cpu()
+        room = max(1, cap // calls)
+        return rows if len(rows) <= room else rows[torch.randperm(len(rows), generator=g)[:room]]
+    return torch.cat(collect(pipe, block, prompts, take, seed, steps))
+
+
+def _fvu(module: TopKSAE, x: torch.Tensor, chunk: int = 8192) -> float:
+    """Fraction of variance unexplained over rows ``x``."""
+    with torch.no_grad():
+        error = sum(float((module(x[i:i + chunk]) - x[i:i + chunk]).pow(2).sum()) for i in range(0, len(x), chunk))
+    return error / float((x - x.mean(0)).pow(2).sum())
+
+
+def train(pipe, block: str, prompts: Sequence[str] | None = None, *, expansion: int = 16, k: int = 32,
+          steps: int = STEPS, batch: int = BATCH_ROWS, lr: float = LR, seed: int = 0,
+          sample_steps: int = SAMPLE_STEPS, path: str | Path | None = None, progress: bool | None = None,
+          every: int = 250) -> SAE:
+    """Fit a :class:`TopKSAE` to ``block``'s output over ``prompts`` (default: :func:`training_prompts`),
+    every position of every one of ``sample_steps`` denoising steps a vector.
+
+    Each of ``steps`` Adam steps (``lr``) reads ``batch`` random vectors (seeded by ``seed`` and the step)
+    and minimises the normalised MSE, the batch's fraction of variance unexplained (FVU); decoder columns
+    are kept at unit norm. ``b_dec`` starts at the vectors' mean, the encoder at the decoder's transpose.
+
+    With ``path``, a checkpoint (weights, Adam's state, settings, the FVU curve; safetensors with JSON
+    metadata) is written every ``every`` steps and at the end, and a later call with the same settings
+    continues from the saved step (or returns the saved SAE at once when it has ``steps`` already). Other
+    settings than the saved ones are refused. ``progress``: a progress bar (None: only on a terminal).
+
+    >>> import workbench, tempfile
+    >>> pipe = workbench.load("toy")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     m = train(pipe, "unet.mid", ["an apple", "a cat"], steps=5, batch=64, sample_steps=2,
+    ...               path=f"{d}/mid.safetensors")
+    ...     again = train(pipe, "unet.mid", ["an apple", "a cat"], steps=5, batch=64, sample_steps=2,
+    ...                   path=f"{d}/mid.safetensors")
+    >>> m.step, len(m.curve), again.step, m.latents
+    (5, 5, 5, 2048)
+    """
+    check_block(pipe, block)
+    if not isinstance(expansion, int) or expansion < 1:
+        raise ValueError(f"expansion must be a whole number of at least 1 (latents = width x expansion), "
+                         f"not {expansion!r}")
+    if steps < 0 or batch < 1 or sample_steps < 1 or not lr > 0:
+        raise ValueError(f"steps must be >= 0 and batch, sample_steps and lr positive (got steps={steps}, "
+                         f"batch={batch}, sample_steps={sample_steps}, lr={lr})")
+    prompts = training_prompts(pipe) if prompts is None else list(prompts)
+    if not prompts:
+        raise ValueError("give at least one prompt to collect the block's activations over")
+    width = _width(pipe, block)
+    TopKSAE(width, expansion, k)  # refuses k and expansion before any sampling
+    config = {"block": block, "prompts": _digest(prompts), "n_prompts": len(prompts), "width": width,
+              "expansion": expansion, "k": k, "batch": batch, "lr": lr, "seed": seed, "sample_steps": sample_steps}
+    path = None if path is None else Path(path)
+    model, optimiser_state = None, {}
+    if path is not None and path.is_file():
+        model = SAE.load(path)
+        differ = {key: (model.config.get(key), value) for key, value in config.items()
+                  if model.config.get(key) != value}
+        if differ:
+            raise ValueError(f"{path} holds an SAE trained with other settings (saved, asked): "
+                             + ", ".join(f"{key} {a!r} vs {b!r}" for key, (a, b) in differ.items())
+                             + "; give those settings to continue it, or another path")
+        if model.step >= steps:
+            return model
+        optimiser_state = TopKSAE.load(path)[1]["extra"]
+    with torch.random.fork_rng(devices=[]):
+        started = time.perf_counter()
+        x = _activations(pipe, block, prompts, seed, sample_steps, MAX_ROWS)
+        if model is None:
+            model = SAE(TopKSAE(width, expansion, k, seed), block, config, path=path)
+            with torch.no_grad():
+                model.module.b_dec.copy_(x.mean(0))
+        module = model.module.train()
+        adam = torch.optim.Adam(module.parameters(), lr=lr)
+        if optimiser_state:
+            adam.load_state_dict(_unflatten(optimiser_state, adam))
+        held = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:16384]]
+        bar = tqdm(range(model.step, steps), desc=f"SAE {block}", disable=None if progress is None else not progress)
+        for step in bar:
+            rows = x[torch.randint(len(x), (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))]
+            loss = (module(rows) - rows).pow(2).sum() / (rows - rows.mean(0)).pow(2).sum()
+            adam.zero_grad(set_to_none=True)
+            loss.backward()
+            module.drop_parallel_gradient_()
+            adam.step()
+            module.normalise_decoder_()
+            model.curve.append(round(loss.item(), 5))
+            model.step = step + 1
+            if path is not None and (model.step % every == 0 or model.step == steps):
+                model.fvu, model.seconds = _fvu(module, held), model.seconds + time.perf_counter() - started
+                started = time.perf_counter()
+                model.save(path, _flatten(adam))
+        module.eval()
+        if path is None or model.step == 0:
+            model.fvu, model.seconds = _fvu(module, held), model.seconds + time.perf_counter() - started
+    return model
+
+
+def _flatten(adam: torch.optim.Adam) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state as flat tensors (``adam/<param>/<name>``) for a safetensors file."""
+    state = adam.state_dict()["state"]
+    return {f"adam/{i}/{name}": torch.as_tensor(value).reshape(-1) if name == "step" else value
+            for i, entry in state.items() for name, value in entry.items()}
+
+
+def _unflatten(flat: dict[str, torch.Tensor], adam: torch.optim.Adam) -> dict:
+    """The state dict :func:`_flatten` wrote, for ``adam.load_state_dict``."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        if key.startswith("adam/"):
+            _, i, name = key.split("/")
+            state.setdefault(int(i), {})[name] = value.reshape(()) if name == "step" else value
+    return {"state": state, "param_groups": adam.state_dict()["param_groups"]}
