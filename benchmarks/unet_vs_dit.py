@@ -67,8 +67,8 @@ def variants(model: str) -> list[tuple[str, str, tuple[str, ...], dict]]:
 class Rows:
     """A part's CSV in data/results: the rows already there, and appending one as it finishes."""
 
-    def __init__(self, part: str, model: str) -> None:
-        self.path = RESULTS / f"unet_vs_dit_{part}_{model}.csv"
+    def __init__(self, part: str, model: str, prefix: str = "unet_vs_dit") -> None:
+        self.path = RESULTS / f"{prefix}_{part}_{model}.csv"
         self.table = pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
 
     def done(self, **key) -> bool:

@@ -284,7 +284,7 @@ def run_one(pipe, run: Planned, method: str, measure: Measurer, method_kwargs: d
                layer_name=run.layer_name, component=run.component, cumulative=run.cumulative)
     row |= measure(pipe, run.concept, edit)
     order = {layer: i for i, layer in enumerate(dict.fromkeys(layer_of(n) for n in part_names(pipe)))}
-    row |= _sizes(edit.summary(pipe), order)
+    row |= _sizes(edit.summary(pipe), order) if edit.deltas else dict(dW=0.0, dW_relative=0.0, dW_by_layer={})
     return row | dict(parts_edited=tuple(edit.parts), seconds=edit.seconds)
 
 
