@@ -34,6 +34,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workbench  # noqa: E402
 from unet_vs_dit import MEASURE, Rows, _measurer  # noqa: E402
+from workbench.anatomy import denoiser_prefix  # noqa: E402
 from workbench.neurons import SHARE, TIMESTEPS, overlap, scores  # noqa: E402
 from workbench.profile import profile_of  # noqa: E402
 from workbench.stats import interval_text, mean_interval  # noqa: E402
@@ -94,7 +95,7 @@ def heads(pipe, model: str) -> None:
         if rows.done(model=model, concept=concept):
             continue
         t0 = time.perf_counter()
-        result = attribute(pipe, concept, text=False)
+        result = attribute(pipe, concept, layers=f"{denoiser_prefix(pipe)}.*")
         rows.add(result.table.assign(model=model, concept=concept, baseline=result.baseline, n=result.n,
                                      wall_seconds=time.perf_counter() - t0).to_dict("records"))
         print(f"{model} heads {concept}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -119,7 +120,7 @@ TIMINGS = (
     ("neuron scores, every FFN (text + denoiser), one concept", "from workbench.neurons import scores; "
      "scores(pipe, 'apple', parts='*')", 30),
     ("head attribution, every cross-attention head", "from workbench.heads import attribute; "
-     "attribute(pipe, 'apple', text=False)", 60),
+     "attribute(pipe, 'apple', layers=workbench.anatomy.denoiser_prefix(pipe) + '.*')", 60),
     ("SAE on one block", "import tempfile; from workbench.sae import train; "
      "train(pipe, None, path=tempfile.mkdtemp() + '/sae.safetensors')", 180),
 )

@@ -14,7 +14,7 @@ from workbench.hooks import processors
 from workbench.judges import ClipJudge, tiny_clip
 from workbench.sampling import generate
 from workbench.sweep import _layer_runs, layer_sweep, layers, selectors
-from workbench.tracing import _Text, encoder_effects, encoder_positions, sites, trace
+from workbench.tracing import Text, encoder_effects, encoder_positions, sites, trace
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -82,7 +82,7 @@ def test_tracing_sites_cover_every_encoders_layers_and_every_block_and_each_stre
 def test_the_concept_is_corrupted_in_each_encoders_own_tokens(flux):
     positions = encoder_positions(flux, "a photo of an apple", "apple")
     assert positions["text2"] == workbench.embed.word_positions(flux, "a photo of an apple", "apple")
-    text = _Text(flux, "a photo of an apple", positions, n=1, noise=3.0, seed=0)
+    text = Text(flux, "a photo of an apple", positions, n=1, noise=3.0, seed=0)
     clip, t5 = text.corrupted(encoders=["text"]), text.corrupted(encoders=["text2"])
     assert torch.equal(clip.tokens, text.clean.tokens) and not torch.equal(clip.pooled, text.clean.pooled)
     assert not torch.equal(t5.tokens, text.clean.tokens) and torch.equal(t5.pooled, text.clean.pooled)

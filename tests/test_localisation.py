@@ -12,7 +12,7 @@ from workbench.concepts import ConceptSet
 from workbench.judges import ClipJudge, tiny_clip
 from workbench.methods import uce
 from workbench.sampling import generate
-from workbench.tracing import _Text, sites, trace
+from workbench.tracing import Text, sites, trace
 
 
 def processors(pipe) -> dict:
@@ -67,7 +67,7 @@ def test_bad_attention_input_lists_what_is_valid_and_restores_the_processors(toy
 
 
 def test_restoring_the_last_text_layer_at_every_token_gives_the_clean_conditioning(toy):
-    text = _Text(toy, "an icon of an apple", [5], n=2, noise=3.0, seed=0)
+    text = Text(toy, "an icon of an apple", [5], n=2, noise=3.0, seed=0)
     every = list(range(text.clean.shape[1]))  # padding too: with BERT's mask it still sees the noise
     clean = text.clean.expand(2).tokens
     assert torch.equal(text.corrupted("text.5", every).tokens, clean)

@@ -114,7 +114,7 @@ def encoder_positions(pipe, prompt: str, word: str) -> dict[str, list[int]]:
     return out
 
 
-class _Text:
+class Text:
     """The text encoders' conditioning of one prompt, clean, corrupted, or corrupted with one layer's
     clean state restored at some token positions; ``n`` rows, one noise draw each (per encoder, in
     the order of the encoders, from one generator). ``positions``: the concept's tokens, the same in
@@ -201,7 +201,7 @@ def _block_restorer(rows: list[int], sources: list[int], half: int,
 
 
 @dataclass
-class _Sampler:
+class Sampler:
     """Draws images from conditioning rows; row r starts from image ``r % n``'s noise (seeded ``seed + i``).
     ``size``: the images' side in pixels (the model's own when None)."""
 
@@ -259,14 +259,17 @@ class Trace:
         return grid.pivot_table(index="site", columns="column", values="effect", sort=False)
 
 
-def _probability(judge: Judge, images: list[Image.Image], labels: Sequence[str], concept: str, n: int) -> list[float]:
+def probability(judge: Judge, images: list[Image.Image], labels: Sequence[str], concept: str, n: int) -> list[float]:
     """The judge's mean probability of ``concept`` over each consecutive group of ``n`` images."""
     probs = judge.classify(images, list(labels))[:, list(labels).index(concept)]
     return [float(probs[i:i + n].mean()) for i in range(0, len(images), n)]
 
 
-def _concept_setup(pipe, concept: str, prompt: str | None, judge: Judge | None,
-                   concept_set: ConceptSet | None) -> tuple[str, Judge, tuple[str, ...]]:
+def concept_setup(pipe, concept: str, prompt: str | None, judge: Judge | None,
+                  concept_set: ConceptSet | None) -> tuple[str, Judge, tuple[str, ...]]:
+    """``(prompt, judge, labels)`` of an analysis of ``concept``: the prompt given or the concept set's first
+    probe prompt, the judge given or the profile's, and the labels the judge chooses among; ``ValueError``
+    naming the concepts when ``concept`` is not one of them."""
     profile = profile_of(pipe)
     cs = concept_set if concept_set is not None else profile.concept_set()
     judge = judge if judge is not None else profile.judge()
@@ -287,11 +290,11 @@ def trace(pipe, concept: str, prompt: str | None = None, judge: Judge | None = N
     tokens. ``judge`` and ``concept_set`` default to the model profile's; ``size`` is the images' side
     in pixels (the model's own by default). Apply an edit around the call to trace the erased model.
     Block rows are of kind ``"unet"`` or ``"dit"``."""
-    prompt, judge, labels = _concept_setup(pipe, concept, prompt, judge, concept_set)
+    prompt, judge, labels = concept_setup(pipe, concept, prompt, judge, concept_set)
     positions = word_positions(pipe, prompt, concept)
     chosen = _check(pipe, sites, n, noise)
-    text = _Text(pipe, prompt, encoder_positions(pipe, prompt, concept), n, noise, seed)
-    sampler = _Sampler(pipe, n, seed, steps, guidance, size)
+    text = Text(pipe, prompt, encoder_positions(pipe, prompt, concept), n, noise, seed)
+    sampler = Sampler(pipe, n, seed, steps, guidance, size)
     blocks = _block_sites(pipe, streams=True)
     layers = [s for s in chosen if s not in blocks]
     plan = [("clean", "", "", -1, text.clean.expand(n)), ("corrupted", "", "", -1, text.corrupted())]
@@ -333,7 +336,7 @@ def _token_names(pipe, prompt: str, encoder: str = "text") -> tuple[list[str], l
     return family.tokenizer(pipe, encoder).convert_ids_to_tokens(ids[0].tolist()), mask[0].nonzero()[:, 0].tolist()
 
 
-def _text_runs(sampler: _Sampler, plan: list, judge: Judge, labels, concept: str,
+def _text_runs(sampler: Sampler, plan: list, judge: Judge, labels, concept: str,
                batch: int) -> tuple[list[float], dict[str, list[Image.Image]]]:
     """The judge's score of each planned conditioning (``n`` images each), drawn ``batch`` rows at a time."""
     embeds = Conditioning.cat([p[4] for p in plan])
@@ -342,10 +345,10 @@ def _text_runs(sampler: _Sampler, plan: list, judge: Judge, labels, concept: str
     for i in range(0, len(embeds), step):
         drawn += sampler.draw(embeds[i:i + step])
     n = sampler.n
-    return _probability(judge, drawn, labels, concept, n), {"clean": drawn[:n], "corrupted": drawn[n:2 * n]}
+    return probability(judge, drawn, labels, concept, n), {"clean": drawn[:n], "corrupted": drawn[n:2 * n]}
 
 
-def _unet_runs(pipe, sampler: _Sampler, text: _Text, names: list[str], judge: Judge, labels, concept: str,
+def _unet_runs(pipe, sampler: Sampler, text: Text, names: list[str], judge: Judge, labels, concept: str,
                batch: int) -> dict[str, float]:
     """Per block site: the corrupted run with the block's output (or its streams) taken from a clean run
     drawn beside it."""
@@ -361,7 +364,7 @@ def _unet_runs(pipe, sampler: _Sampler, text: _Text, names: list[str], judge: Ju
                                                           where[name][1]))
                  for k, name in enumerate(chunk)]
         images = sampler.draw(embeds, hooks)
-        scores = _probability(judge, images, labels, concept, n)
+        scores = probability(judge, images, labels, concept, n)
         out.update(zip(chunk, scores[1:]))
     return out
 
@@ -380,14 +383,14 @@ def encoder_effects(pipe, concept: str, prompt: str | None = None, judge: Judge 
     >>> encoder_effects(pipe, "apple", n=1, steps=4)["corrupted"].tolist()
     ['none', 'all']
     """
-    prompt, judge, labels = _concept_setup(pipe, concept, prompt, judge, concept_set)
+    prompt, judge, labels = concept_setup(pipe, concept, prompt, judge, concept_set)
     _check(pipe, None, n, noise)
-    text = _Text(pipe, prompt, encoder_positions(pipe, prompt, concept), n, noise, seed)
+    text = Text(pipe, prompt, encoder_positions(pipe, prompt, concept), n, noise, seed)
     encoders = list(text.tables)
     plan = [("none", text.clean.expand(n)), ("all", text.corrupted())]
     if len(encoders) > 1:
         plan += [(e, text.corrupted(encoders=[e])) for e in encoders]
-    sampler = _Sampler(pipe, n, seed, steps, guidance)
+    sampler = Sampler(pipe, n, seed, steps, guidance)
     scores, _ = _text_runs(sampler, [("", "", "", -1, cond) for _, cond in plan], judge, labels, concept, batch)
     table = pd.DataFrame({"corrupted": [name for name, _ in plan], "probability": scores})
     return table.assign(drop=scores[0] - table["probability"], n=n, prompt=prompt)
