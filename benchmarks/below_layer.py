@@ -14,8 +14,8 @@ other seeds.
   concept drives harder than the other concepts' prompts, the first 4 of 20 steps united) per layer, text
   encoder and denoiser; and each pair of concepts' overlap (Jaccard) of them, related (one group) or not.
 - ``curve``: ``prune`` at shares from 0.1% to 100%, through the denoiser's FFNs and the text encoder's.
-- ``heads``: head attribution (ablate one head at a time) per concept over every cross-attention head, and
-  the overlap of concepts' top heads.
+- ``heads``: head attribution per concept (the corrupted run with one head's clean output restored, every
+  text-encoder and cross-attention head), and the overlap of concepts' top heads.
 - ``sae``: the ``sae`` method per concept.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -35,15 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workbench  # noqa: E402
 from unet_vs_dit import MEASURE, Rows, _measurer  # noqa: E402
 from workbench.anatomy import denoiser_prefix  # noqa: E402
-from workbench.neurons import SHARE, TIMESTEPS, overlap, scores  # noqa: E402
+from workbench import sharing  # noqa: E402
+from workbench.neurons import SHARE, TIMESTEPS, scores  # noqa: E402
 from workbench.profile import profile_of  # noqa: E402
 from workbench.stats import interval_text, mean_interval  # noqa: E402
-from workbench.sweep import Planned, run_one  # noqa: E402
+from workbench.sweep import Planned, run_one, subset_rates  # noqa: E402
 from workbench.toy.quality import MODELS  # noqa: E402
 
 PARTS = ("neurons", "curve", "heads", "sae")
 CURVE_CONCEPTS = ("apple", "car", "cat", "star", "van gogh", "seurat")
 SHARES = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: Head attribution (restoring one head at a time, every text-encoder and cross-attention head): four
+#: fruits, two vehicles, two sky objects: 8 related and 20 unrelated pairs.
+HEAD_CONCEPTS = ("apple", "cherry", "pear", "banana", "car", "truck", "sun", "moon")
 #: Where ``prune`` cuts in the curve: the denoiser's FFNs (its default) or the text encoders'.
 WHERE = {"denoiser": (), "text": ("text*",)}
 
@@ -64,15 +67,10 @@ def neurons(pipe, model: str) -> None:
             print(f"{model} neurons {concept}: {int(s.counts(SHARE, TIMESTEPS)['skilled'].sum())} skilled", flush=True)
     if pairs.done(model=model):
         return
-    out = []
-    for a, b in itertools.combinations(cs.names, 2):
-        for component in ("text", "denoiser"):
-            pick = (lambda n: n.startswith("text")) if component == "text" else (lambda n: not n.startswith("text"))
-            sa = {n: v for n, v in skilled[a].items() if pick(n)}
-            sb = {n: v for n, v in skilled[b].items() if pick(n)}
-            out.append(dict(model=model, a=a, b=b, component=component, related=cs.group(a) == cs.group(b),
-                            kinds=f"{cs.kind(a)}/{cs.kind(b)}", jaccard=overlap(sa, sb)))
-    pairs.add(out)
+    for component in ("text", "denoiser"):
+        mine = {c: {(n, int(i)) for n, idx in chosen.items() if n.startswith("text") == (component == "text")
+                    for i in idx} for c, chosen in skilled.items()}
+        pairs.add(sharing.pairs(mine, cs).assign(model=model, component=component).to_dict("records"))
 
 
 def curve(pipe, model: str) -> None:
@@ -91,11 +89,11 @@ def curve(pipe, model: str) -> None:
 def heads(pipe, model: str) -> None:
     from workbench.heads import attribute
     rows = _rows("heads", model)
-    for concept in profile_of(pipe).concept_set().names:
+    for concept in HEAD_CONCEPTS:
         if rows.done(model=model, concept=concept):
             continue
         t0 = time.perf_counter()
-        result = attribute(pipe, concept, layers=f"{denoiser_prefix(pipe)}.*")
+        result = attribute(pipe, concept, mode="restore")
         rows.add(result.table.assign(model=model, concept=concept, baseline=result.baseline, n=result.n,
                                      wall_seconds=time.perf_counter() - t0).to_dict("records"))
         print(f"{model} heads {concept}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -142,33 +140,55 @@ def timing(models: list[str]) -> None:
     print(pd.DataFrame(rows).to_string(index=False))
 
 
-def _mean(values) -> str:
-    return interval_text(*mean_interval(list(values)))
+def _count(values) -> str:
+    mean, lo, hi = mean_interval(list(values))
+    return f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def _top_heads(table: pd.DataFrame, k: int) -> dict[str, set]:
+    """Each concept's ``k`` heads whose restoring brought back most of its probability."""
+    return {c: {(r.layer, int(r.head)) for r in group.nlargest(k, "effect").itertuples() if r.effect > 0}
+            for c, group in table.groupby("concept", sort=False)}
 
 
 def report() -> None:
+    cs = workbench.toy.TOY_CONCEPTS
     for model in MODELS:
         counts = _rows("neurons", model).table
         if not counts.empty:
             counts = counts.assign(side=counts["part"].str.startswith("text").map({True: "text", False: "denoiser"}))
-            per = counts.groupby(["side", "concept"])["skilled"].mean().reset_index()
-            print(f"\n{model}: skilled neurons per layer (share {SHARE:.0%}, first {TIMESTEPS} steps), "
+            per = counts.groupby(["side", "concept"]).agg(skilled=("skilled", "mean"), neurons=("neurons", "first"))
+            print(f"\n{model}: skilled neurons per layer (share {SHARE:.0%} per step, first {TIMESTEPS} steps united), "
                   "mean over concepts [95% interval]")
-            for side, group in per.groupby("side"):
-                print(f"  {side}: {_mean(group['skilled'])} per layer, n = {len(group)} concepts")
+            for side, group in per.reset_index().groupby("side"):
+                print(f"  {side}: {_count(group['skilled'])} of {int(group['neurons'].iloc[0])} per layer, "
+                      f"n = {len(group)} concepts")
         pairs = _rows("overlap", model).table
         if not pairs.empty:
-            print(f"{model}: overlap (Jaccard) of skilled neurons, pairs of objects")
             objects = pairs[pairs["kinds"] == "object/object"]
-            for (component, related), group in objects.groupby(["component", "related"]):
-                print(f"  {component} {'related' if related else 'unrelated'}: {_mean(group['jaccard'].dropna())}, "
-                      f"n = {len(group)} pairs")
+            for component, group in objects.groupby("component"):
+                print(f"  {component}: " + sharing.in_words(sharing.related_vs_unrelated(group), "skilled neurons"))
+        heads = _rows("heads", model).table
+        if not heads.empty:
+            objects = [c for c in heads["concept"].unique() if cs.kind(c) == "object"]
+            top = _top_heads(heads[heads["concept"].isin(objects)], 10)
+            best = heads.loc[heads.groupby("concept")["effect"].idxmax()]
+            print(f"{model}: heads (restoring one at a time, {heads['n'].iloc[0]} image per run, {len(top)} objects): "
+                  "each concept's strongest head " + ", ".join(f"{r.concept} {r.layer}/h{r.head} {r.effect:+.2f}"
+                                                               for r in best.itertuples()))
+            print("  " + sharing.in_words(sharing.related_vs_unrelated(sharing.pairs(top, cs)), "top-10 heads"))
         curve_rows = _rows("curve", model).table
         if not curve_rows.empty:
-            print(f"{model}: prune, efficacy and preservation against the share of neurons (mean over concepts)")
-            for (where, share), group in curve_rows.groupby(["where", "share"]):
-                print(f"  {where:8s} {share:6.1%}: efficacy {_mean(group['efficacy'])}, preservation "
-                      f"{_mean(group['preservation'])}, n = {len(group)} concepts x {MEASURE['per_prompt']} images")
+            print(f"{model}: prune against the share of neurons per step (first {TIMESTEPS} steps united)")
+            rates = subset_rates(curve_rows, ["where", "share"])
+            for r in rates.itertuples():
+                print(f"  {r.where:8s} {r.share:6.1%}: efficacy {interval_text(r.efficacy, r.efficacy_lo, r.efficacy_hi)}"
+                      f" (n = {r.n} images, {r.units} concepts), preservation {r.preservation:.0%}")
+        sae_rows = _rows("sae", model).table
+        if not sae_rows.empty:
+            r = subset_rates(sae_rows.assign(subset="sae"), "subset").iloc[0]
+            print(f"{model}: sae, efficacy {interval_text(r.efficacy, r.efficacy_lo, r.efficacy_hi)} (n = {r.n} images, "
+                  f"{r.units} concepts), preservation {r.preservation:.0%}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ from conftest import same_state, state_of
 from workbench.anatomy import parts
 from workbench.methods import erase
 from workbench.methods.prune import prune
-from workbench.neurons import neuron_layers, overlap, scores
+from workbench.neurons import neuron_layers, scores
 
 FEW = dict(prompts=["an icon of an apple", "a photo of an apple"], preserve=["an icon of a car", "a photo of a cat"],
            steps=3)
@@ -59,11 +59,6 @@ def test_skilled_neurons_are_at_most_the_share_per_step_and_all_driven_harder_by
     assert set(chosen.tolist()) <= set(united.tolist())
     counts = s.counts(share=0.02, timesteps=3)
     assert counts.loc[0, "skilled"] == len(united) and counts.loc[0, "neurons"] == 512
-
-
-def test_overlap_is_one_for_a_concept_with_itself_and_zero_for_disjoint_sets():
-    a = {"x": torch.tensor([1, 2, 3])}
-    assert overlap(a, a) == 1.0 and overlap(a, {"x": torch.tensor([4])}) == 0.0
 
 
 def test_pruning_zeroes_exactly_the_skilled_columns_and_reverting_restores_every_bit(toy):

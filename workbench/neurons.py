@@ -237,14 +237,3 @@ def scores(pipe, concept: str, prompts: Sequence[str] | None = None, preserve: S
     return NeuronScores(concept, prompts, preserve, layers, weights,
                         input_norms(pipe, layers, prompts, steps, seed, guidance),
                         input_norms(pipe, layers, preserve, steps, seed, guidance), steps, seed)
-
-
-def overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Jaccard overlap of two concepts' skilled neurons (:meth:`NeuronScores.skilled`) over every layer.
-
-    >>> overlap({"x": torch.tensor([1, 2])}, {"x": torch.tensor([2, 3])})
-    0.3333333333333333
-    """
-    sa = {(n, int(i)) for n, idx in a.items() for i in idx}
-    sb = {(n, int(i)) for n, idx in b.items() for i in idx}
-    return len(sa & sb) / len(sa | sb) if sa | sb else float("nan")
