@@ -3,6 +3,7 @@ import ipywidgets as w
 import pytest
 import torch
 
+from workbench.methods import REGISTRY
 from workbench.anatomy import parts
 from workbench.widgets import ErasePanel
 
@@ -53,10 +54,12 @@ def test_erase_panel_runs_on_click_and_shows_grid_table_and_bars(toy, oracle):
 
 def test_erase_panel_shows_only_the_chosen_methods_knobs(toy, oracle):
     panel = ErasePanel(toy, oracle, run=False)
-    for method, shown in (("rece", {"epochs", "ridge"}), ("uce", {"lam"}), ("fewshot", {"lr", "steps"})):
+    every = {k.control for m in REGISTRY.values() for k in m.knobs}
+    for method, shown in (("rece", {"epochs", "ridge"}), ("uce", {"lam"}), ("fewshot", {"lr", "steps"}),
+                          ("prune", {"share", "timesteps"})):
         panel.set(method=method)
         hidden = {n for n, c in panel.controls.items() if c.layout.display == "none"}
-        assert not shown & hidden and hidden == {"epochs", "ridge", "lam", "lr", "steps"} - shown
+        assert not shown & hidden and hidden == every - shown
 
 
 def test_erase_panel_sliders_cover_their_range(toy, oracle):
@@ -550,7 +553,8 @@ def test_switching_back_and_forth_reuses_the_loaded_models_and_the_panel_runs_on
     other = ComparePanel(toy, oracle, run=False)
     other.controls["model"].value = "toy-dit"  # what picking it in the dropdown does
     assert other.pipe is dit and time.perf_counter() - start < 2  # loaded once for the session
-    assert {n for n, c in panel.controls.items() if c.layout.display == "none"} == {"epochs", "ridge", "lam"}
+    every = {k.control for m in REGISTRY.values() for k in m.knobs}
+    assert {n for n, c in panel.controls.items() if c.layout.display == "none"} == every - {"lr", "steps"}
 
 
 @pytest.mark.slow

@@ -564,3 +564,227 @@ def depth_profile(table, value: str, ylabel: str, hue: str = "model") -> Figure:
         ax.spines[["top", "right"]].set_visible(False)
         ax.legend(frameon=False, fontsize=6, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=min(len(groups), 3))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Below the layer: neurons (workbench.neurons), pruning (workbench.methods.prune), heads (workbench.heads)
+
+#: Okabe-Ito vermillion: what a figure singles out (skilled neurons).
+_HIGHLIGHT = "#D55E00"
+
+
+def _neuron_name(part: str) -> str:
+    """A neuron layer's short name: its linear without ``.ffn.out`` (``unet.mid.0``, ``dit.0.img``)."""
+    for tail in (".ffn.out", ".out"):
+        if part.endswith(tail):
+            return part[:-len(tail)]
+    return part
+
+
+def _is_text(component: str) -> bool:
+    """Whether a component is a text encoder's (``text``, ``text2``), not the denoiser's (a DiT's text stream
+    ``dit.text`` is the denoiser's)."""
+    return str(component).split(".")[0].startswith("text")
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:g}%"
+
+
+@_detached
+def neuron_scores(scores, layer: str, share: float | None = None, timesteps: int | None = None,
+                  score: str = "wanda") -> Figure:
+    """One layer's neurons (:class:`workbench.neurons.NeuronScores`): each neuron's WANDA on the concept's
+    prompts against its WANDA on the preserve prompts (means over the first ``timesteps`` steps), the
+    skilled neurons (top ``share`` by ``score``, :meth:`~workbench.neurons.NeuronScores.skilled`) in
+    vermillion and the diagonal, above which the concept drives a neuron harder than the other prompts do.
+    ``layer``: the neuron layer (``unet.mid.0.ffn.out``) or its block (``unet.mid.0``); ``share`` and
+    ``timesteps`` default to ConceptPrune's (:data:`workbench.neurons.SHARE`, ``TIMESTEPS``).
+
+    >>> import workbench
+    >>> from workbench.neurons import scores
+    >>> s = scores(workbench.load("toy"), "apple", ["an apple"], ["a car"], parts="unet.mid.0", steps=2)
+    >>> fig = neuron_scores(s, "unet.mid.0", share=0.05)
+    >>> len(fig.axes), len(fig.axes[0].collections)     # the other neurons, the skilled ones
+    (1, 2)
+    >>> skilled = len(s.skilled(0.05)["unet.mid.0.ffn.out"])
+    >>> fig.axes[0].get_title(loc="left") == f"unet.mid.0: {skilled} of 512 neurons skilled (apple)"
+    True
+    """
+    from .neurons import SHARE, TIMESTEPS
+    share = SHARE if share is None else share
+    timesteps = TIMESTEPS if timesteps is None else timesteps
+    name = layer if layer in scores.layers else next(
+        (n for n, l in scores.layers.items() if layer in (l.layer, _neuron_name(n))), None)
+    if name is None:
+        raise ValueError(f"{layer!r} is not a scored neuron layer; scored: {', '.join(scores.layers)}")
+    steps = min(timesteps, len(scores.norms[name]))
+    x = scores.wanda(name, preserve=True)[:steps].mean(0).numpy()
+    y = scores.wanda(name)[:steps].mean(0).numpy()
+    chosen = np.zeros(len(x), dtype=bool)
+    chosen[scores.skilled(share, timesteps, score)[name].numpy()] = True
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(2.8, 2.6))
+        ax.scatter(x[~chosen], y[~chosen], s=3, c="#999999", alpha=0.5, linewidths=0, label="other neurons")
+        ax.scatter(x[chosen], y[chosen], s=7, c=_HIGHLIGHT, linewidths=0, zorder=3,
+                   label=f"skilled (top {_percent(share)}, {score})")
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        pad = 0.03 * ((hi - lo) or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", lw=0.6, ls="--", zorder=1)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+        when = "one pass" if steps == 1 == len(scores.norms[name]) else f"first {steps} steps"
+        ax.set_xlabel(f"WANDA on the preserve prompts ({when})")
+        ax.set_ylabel(f"WANDA on {scores.concept!r} prompts")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(fontsize=6, loc="lower right", handletextpad=0.1, markerscale=1.5, framealpha=0.85,
+                  edgecolor="none")
+        ax.set_title(f"{_neuron_name(name)}: {int(chosen.sum())} of {len(x)} neurons skilled ({scores.concept})",
+                     loc="left")
+    return fig
+
+
+@_detached
+def neuron_counts(counts) -> Figure:
+    """Skilled neurons per layer in network order (:meth:`workbench.neurons.NeuronScores.counts`), text-encoder
+    layers and denoiser layers in two colours. A table of several concepts (a ``concept`` column, e.g. the
+    counts of each concept concatenated) shows the mean over concepts with its 95% interval
+    (:func:`workbench.stats.mean_interval`).
+
+    >>> import pandas as pd
+    >>> counts = pd.DataFrame(dict(concept=["a", "a", "b", "b"], layer=["text.0", "unet.mid.0"] * 2,
+    ...                            component=["text", "unet"] * 2, skilled=[3, 5, 4, 9]))
+    >>> fig = neuron_counts(counts)
+    >>> len(fig.axes[0].patches), fig.axes[0].get_title(loc="left")
+    (2, 'mean of 2 concepts, 95% CI')
+    """
+    from .stats import mean_interval
+    missing = [c for c in ("layer", "component", "skilled") if c not in counts]
+    if missing or counts.empty:
+        raise ValueError("neuron_counts needs the rows of NeuronScores.counts() (columns layer, component, skilled)"
+                         + (f"; missing {', '.join(missing)}" if missing else ""))
+    key = "part" if "part" in counts else "layer"  # a DiT's double block has two FFNs (image, text stream)
+    concepts = list(dict.fromkeys(counts["concept"])) if "concept" in counts else []
+    rows = []
+    for name, group in counts.groupby(key, sort=False):
+        per = group.groupby("concept")["skilled"].sum() if len(concepts) > 1 else group["skilled"]
+        mean, lo, hi = mean_interval(per.to_numpy(float)) if len(concepts) > 1 else (float(per.mean()), np.nan, np.nan)
+        rows.append((_neuron_name(name), _is_text(group["component"].iloc[0]), mean, lo, hi))
+    x = np.arange(len(rows))
+    mean = np.array([r[2] for r in rows])
+    err = np.nan_to_num(np.vstack([mean - [r[3] for r in rows], [r[4] for r in rows] - mean]))
+    colours = [PALETTE[0] if r[1] else PALETTE[1] for r in rows]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(3.3, 0.22 * len(rows) + 1.0), 2.0))
+        ax.bar(x, mean, 0.75, color=colours, yerr=err if len(concepts) > 1 else None,
+               error_kw=dict(lw=0.6, capsize=1.2))
+        ax.set_xticks(x, [r[0] for r in rows], rotation=60, ha="right")
+        ax.set_ylabel("skilled neurons")
+        ax.set_ylim(bottom=0)
+        ax.spines[["top", "right"]].set_visible(False)
+        kinds = [(PALETTE[0], "text encoder"), (PALETTE[1], "denoiser")]
+        present = {r[1] for r in rows}
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=label) for (c, label), text in zip(kinds, (True, False))
+                   if text in present]
+        ax.legend(handles=handles, frameon=False, fontsize=6, ncols=2, loc="lower right", bbox_to_anchor=(1, 1.0),
+                  handlelength=1)
+        if concepts:
+            ax.set_title(concepts[0] if len(concepts) == 1 else f"mean of {len(concepts)} concepts, 95% CI",
+                         loc="left", fontsize=7)
+    return fig
+
+
+@_detached
+def prune_curve(table) -> Figure:
+    """Efficacy and preservation of pruning (:func:`workbench.methods.prune.prune`) against the share of each
+    layer's neurons pruned (log scale), one line per ``where`` (the neurons' place: ``"denoiser"``,
+    ``"text"``), the mean over concepts (each concept's seeds averaged first) with its 95% interval as a band.
+    ``table``: columns concept, where, share, efficacy, preservation (a sweep's rows).
+
+    >>> import pandas as pd
+    >>> table = pd.DataFrame(dict(concept=["a", "b"] * 4, where=["text"] * 4 + ["denoiser"] * 4,
+    ...                           share=[0.01, 0.01, 0.1, 0.1] * 2, efficacy=[0.1, 0.2, 0.6, 0.8] * 2,
+    ...                           preservation=[1.0, 0.9, 0.8, 0.7] * 2))
+    >>> fig = prune_curve(table)
+    >>> [ax.get_ylabel() for ax in fig.axes], len(fig.axes[0].lines)
+    (['efficacy', 'preservation'], 2)
+    """
+    from .stats import mean_interval
+    missing = [c for c in ("concept", "where", "share", "efficacy", "preservation") if c not in table]
+    if missing or table.empty:
+        raise ValueError("prune_curve needs rows with the columns concept, where, share, efficacy and preservation"
+                         + (f"; missing {', '.join(missing)}" if missing else ""))
+    runs = table.groupby(["where", "share", "concept"], sort=False)[["efficacy", "preservation"]].mean().reset_index()
+    places = list(dict.fromkeys(table["where"]))
+    shares = sorted(set(runs["share"].astype(float)))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(4.4, 1.9), sharex=True)
+        for ax, value in zip(axes, ("efficacy", "preservation")):
+            for i, place in enumerate(places):
+                rows = runs[runs["where"] == place]
+                points = [(s, *mean_interval(g[value].to_numpy(float), bounds=(0, 1)))
+                          for s, g in rows.groupby("share", sort=True)]
+                s, mean, lo, hi = (np.array(v, float) for v in zip(*points))
+                colour = PALETTE[i % len(PALETTE)]
+                ax.plot(s, mean, "o-", color=colour, ms=2.5, lw=0.9, label=place)
+                ax.fill_between(s, lo, hi, color=colour, alpha=0.18, lw=0)
+            ax.set_xscale("log")
+            ax.set_xticks(shares, [_percent(s) for s in shares], rotation=45 if len(shares) > 5 else 0)
+            ax.minorticks_off()
+            ax.set_ylim(-0.03, 1.05)
+            ax.set_ylabel(_LABELS[value])
+            ax.set_xlabel("share of each layer's neurons")
+            ax.spines[["top", "right"]].set_visible(False)
+        concepts = table["concept"].nunique()
+        axes[0].legend(frameon=False, fontsize=6, ncols=len(places), loc="lower left", bbox_to_anchor=(0, 1.0),
+                       title=f"pruned neurons (mean of {concepts} concept{'s' * (concepts != 1)}, 95% CI)",
+                       title_fontsize=6, alignment="left")
+        fig.tight_layout(w_pad=1.0)
+    return fig
+
+
+@_detached
+def head_grid(attribution) -> Figure:
+    """Each attention head's effect on the judge's probability of the concept
+    (:func:`workbench.heads.attribute`): layers as rows in network order, heads as columns, a diverging scale
+    centred on 0 (red: the probability falls; a layer with fewer heads leaves its other cells grey).
+
+    >>> import pandas as pd
+    >>> from workbench.heads import HeadAttribution
+    >>> table = pd.DataFrame(dict(component="unet", layer=["unet.mid.0"] * 4 + ["unet.up.0.0"] * 4,
+    ...                           head=list(range(4)) * 2, probability=0.0,
+    ...                           effect=[-0.4, 0.0, 0.1, -0.05, 0.0, 0.02, -0.2, 0.0]))
+    >>> fig = head_grid(HeadAttribution("apple", "an apple", "ablate", 0.9, 0.9, 1, 0, table))
+    >>> len(fig.axes), fig.axes[1].get_ylabel()
+    (2, 'effect on P(concept)')
+    """
+    grid = attribution.grid()
+    if grid.empty:
+        raise ValueError("head_grid needs an attribution with at least one head (workbench.heads.attribute)")
+    values = grid.to_numpy(float)
+    top = max(float(np.nanmax(np.abs(values))), 1e-3)
+    layers, heads = list(grid.index), [int(h) for h in grid.columns]
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#EEEEEE")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(2.6, 0.14 * len(heads) + 1.9), 0.2 * len(layers) + 1.0))
+        im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-top, vmax=top, aspect="auto",
+                       interpolation="nearest")
+        step = 1 if len(heads) <= 16 else 4
+        ax.set_xticks(range(0, len(heads), step), [str(h) for h in heads[::step]])
+        ax.set_xticks(range(len(heads)), minor=True)
+        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+        ax.tick_params(length=0, which="both")
+        text = sum(str(l).startswith("text") for l in layers)
+        if 0 < text < len(layers):
+            ax.axhline(text - 0.5, color="black", lw=0.8)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_xlabel("head")
+        mode = getattr(attribution, "mode", "ablate")
+        base = getattr(attribution, "baseline", float("nan"))
+        start = "clean" if mode == "ablate" else "corrupted"
+        ax.set_title(f"{getattr(attribution, 'concept', '')}: each head {'ablated' if mode == 'ablate' else 'restored'}"
+                     f" (P {start} {base:.2f})", loc="left")
+        fig.colorbar(im, ax=ax, pad=0.02, fraction=0.05 if len(heads) > 8 else 0.1).set_label("effect on P(concept)")
+    return fig

@@ -42,14 +42,18 @@ from .attacks.table import summary as attack_summary
 from .embed import POOLS, spaces
 from .families import family_of
 from .grid import connect, run_grid, sweep_grid
+from .heads import MODES as HEAD_MODES, attribute as attribute_heads, head_sites
 from .judges import Judge
 from .methods import METHODS, REGISTRY, Knob, View, defaults, erase, quick
 from .methods.esd import presets as esd_presets
 from .models import load
+from . import neurons
 from .plots import image_grid, method_comparison, subset_bars, sweep_heatmap
 from .plots import attention_grid, trace_sites, trace_tokens
+from .plots import head_grid, neuron_counts, neuron_scores
 from .profile import profile_of
 from .project import LandingMap
+from .sampling import STEPS
 from .report import before_after, compare, erase_and_measure, showcase
 from .sweep import SUBSETS, aggregate, ffn_vs_attention, finding, layer_sweep, layers, scope, selectors
 from .tracing import compare_table as trace_table, sites as trace_site_names, trace
@@ -756,3 +760,114 @@ class AttentionPanel(Panel):
 
     def show(self, maps: dict[str, Any]) -> list[Any]:
         return [attention_grid(list(maps.values()), list(maps)), attention_table(maps).round(3)]
+
+
+#: The head choices of :class:`NeuronPanel` besides single layers: every layer where text meets image (a
+#: UNet's cross-attention, a transformer's joint attention), every text-encoder self-attention layer, none.
+_HEAD_GROUPS = ("cross-attention", "text encoder", "none")
+
+
+def _middle_neuron_layer(pipe) -> str:
+    """The denoiser's middle feed-forward layer: a UNet's mid block, else the middle one of the image side."""
+    found = neurons.neuron_layers(pipe)
+    image = [n for n, l in found.items() if not l.component.endswith(".text")] or list(found)
+    return next((n for n in image if ".mid." in n), image[len(image) // 2])
+
+
+class NeuronPanel(Panel):
+    """Which neurons and heads carry a concept: the concept's WANDA scores of every feed-forward neuron
+    (:mod:`workbench.neurons`; the chosen layer's neurons against the preserve prompts, and the skilled
+    neurons per layer, what :func:`workbench.methods.prune.prune` zeroes), then each attention head's
+    effect on the judge's probability of the concept (:func:`workbench.heads.attribute`): the concept's word
+    hidden under noise with one head's clean output restored (``mode="restore"``), or the clean prompt with
+    one head zeroed (``"ablate"``).
+
+    The neuron scores draw the concept set's prompts (the concept's and every other concept's, as
+    :func:`~workbench.methods.prune.prune` does) once per model and sampling steps: later runs reuse them.
+    Heads cost one image per head and ``n``: the text encoder's 72 heads (the default) take seconds to a
+    minute on a CPU, every cross-attention head of the toy (7 x 32) at 20 steps about two minutes; one layer
+    (``heads="unet.mid.0"``) or ``"none"`` is quicker.
+    """
+
+    title = "Which neurons and heads carry a concept?"
+
+    def make_controls(self) -> dict[str, w.ValueWidget]:
+        return {
+            "concept": _concept_control(self.pipe),
+            "layer": w.Dropdown(options=list(neurons.neuron_layers(self.pipe, "*")),
+                                value=_middle_neuron_layer(self.pipe), description="neuron layer",
+                                tooltip="the layer whose neurons the scatter shows (every layer is scored)"),
+            "score": w.Dropdown(options=list(neurons.SCORES), value="wanda", description="score",
+                                tooltip="wanda: on the concept's prompts; contrastive: minus the preserve prompts'"),
+            "share": w.FloatLogSlider(value=neurons.SHARE, base=10, min=-3, max=0, description="share per step",
+                                      readout_format=".1%"),
+            "timesteps": w.IntSlider(value=neurons.TIMESTEPS, min=1, max=20, description="first steps"),
+            "heads": w.Dropdown(options=[*_HEAD_GROUPS, *head_sites(self.pipe)], value="text encoder",
+                                description="heads", tooltip="the attention layers whose heads are measured one "
+                                "by one: the text encoder's, where text meets image, one layer, or none"),
+            "mode": w.Dropdown(options=list(HEAD_MODES), value="restore", description="head mode",
+                               tooltip="restore: one head's clean output into the run with the word hidden; "
+                               "ablate: one head zeroed in the clean run"),
+            "n": w.IntSlider(value=1, min=1, max=4, description="images/head"),
+            "steps": w.IntSlider(value=STEPS, min=1, max=50, description="sampling steps",
+                                 tooltip="denoising steps of every image drawn (fewer: a quicker, rougher look)"),
+        }
+
+    def head_layers(self, heads: str) -> list[str]:
+        """The attention layers the ``heads`` choice names, in network order."""
+        sites = head_sites(self.pipe)
+        if heads == "none":
+            return []
+        if heads in _HEAD_GROUPS:
+            text = heads == "text encoder"
+            return [name for name, site in sites.items() if (site.component == "text") == text]
+        return [heads]
+
+    def stages(self, values: dict[str, Any]) -> int:
+        sites = head_sites(self.pipe)
+        return 1 + sum(sites[name].heads for name in self.head_layers(values["heads"]))
+
+    def compute(self, step: Callable[[str], None], concept: str, layer: str, score: str, share: float,
+                timesteps: int, heads: str, mode: str, n: int, steps: int) -> dict[str, Any]:
+        neurons.check_share(share)
+        if timesteps < 1:
+            raise ValueError(f"timesteps (the first steps whose skilled neurons are united) must be at least 1, "
+                             f"not {timesteps}")
+        layers = self.head_layers(heads)
+        if layers and self.judge is None:
+            raise ValueError("heads are scored by a judge: pass one, e.g. NeuronPanel(pipe, profile_of(pipe).judge()),"
+                             " or set heads to none")
+        found = neurons.scores(self.pipe, concept, parts="*", steps=steps)
+        counts = found.counts(share, timesteps, score).assign(concept=concept)
+        step(f"scored the neurons of {len(counts)} layers")
+        attribution = None
+        if layers:
+            done = [0]
+
+            def progress(measured: int, total: int) -> None:
+                for _ in range(measured - done[0]):
+                    step(f"heads: {measured} of {total} measured")
+                done[0] = max(done[0], measured)
+            attribution = attribute_heads(self.pipe, concept, self.judge, layers=layers, mode=mode, n=n,
+                                          steps=steps, progress=progress)
+        return {"scores": found, "counts": counts, "attribution": attribution, "layer": layer, "score": score,
+                "share": share, "timesteps": timesteps}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        counts = result["counts"]
+        text = (f"{result['scores'].concept}: {int(counts['skilled'].sum())} skilled neurons in "
+                f"{int((counts['skilled'] > 0).sum())} layers")
+        if result["attribution"] is not None and len(result["attribution"].table):
+            best = result["attribution"].top(1).iloc[0]
+            text += f"; strongest head {best['layer']}/h{int(best['head'])} ({best['effect']:.3f})"
+        return text
+
+    def show(self, result: dict[str, Any]) -> list[Any]:
+        shown: list[Any] = [
+            neuron_scores(result["scores"], result["layer"], result["share"], result["timesteps"], result["score"]),
+            neuron_counts(result["counts"]),
+        ]
+        attribution = result["attribution"]
+        if attribution is not None:
+            shown += [head_grid(attribution), attribution.top(8).round(3)]
+        return shown
