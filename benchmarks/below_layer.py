@@ -35,9 +35,9 @@ import workbench  # noqa: E402
 from unet_vs_dit import MEASURE, Rows, _measurer  # noqa: E402
 from workbench.anatomy import denoiser_prefix  # noqa: E402
 from workbench import sharing  # noqa: E402
-from workbench.neurons import SHARE, TIMESTEPS, scores  # noqa: E402
+from workbench.neurons import SHARE, TIMESTEPS, per_side, scores  # noqa: E402
 from workbench.profile import profile_of  # noqa: E402
-from workbench.stats import interval_text, mean_interval  # noqa: E402
+from workbench.stats import interval_text  # noqa: E402
 from workbench.sweep import Planned, run_one, subset_rates  # noqa: E402
 from workbench.toy.quality import MODELS  # noqa: E402
 
@@ -140,29 +140,16 @@ def timing(models: list[str]) -> None:
     print(pd.DataFrame(rows).to_string(index=False))
 
 
-def _count(values) -> str:
-    mean, lo, hi = mean_interval(list(values))
-    return f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
-
-
-def _top_heads(table: pd.DataFrame, k: int) -> dict[str, set]:
-    """Each concept's ``k`` heads whose restoring brought back most of its probability."""
-    return {c: {(r.layer, int(r.head)) for r in group.nlargest(k, "effect").itertuples() if r.effect > 0}
-            for c, group in table.groupby("concept", sort=False)}
-
-
 def report() -> None:
     cs = workbench.toy.TOY_CONCEPTS
     for model in MODELS:
         counts = _rows("neurons", model).table
         if not counts.empty:
-            counts = counts.assign(side=counts["part"].str.startswith("text").map({True: "text", False: "denoiser"}))
-            per = counts.groupby(["side", "concept"]).agg(skilled=("skilled", "mean"), neurons=("neurons", "first"))
             print(f"\n{model}: skilled neurons per layer (share {SHARE:.0%} per step, first {TIMESTEPS} steps united), "
                   "mean over concepts [95% interval]")
-            for side, group in per.reset_index().groupby("side"):
-                print(f"  {side}: {_count(group['skilled'])} of {int(group['neurons'].iloc[0])} per layer, "
-                      f"n = {len(group)} concepts")
+            for r in per_side(counts).itertuples():
+                print(f"  {r.side}: {r.skilled:.1f} [{r.lo:.1f}, {r.hi:.1f}] of {r.neurons} per layer ({r.share:.1%}), "
+                      f"n = {r.concepts} concepts")
         pairs = _rows("overlap", model).table
         if not pairs.empty:
             objects = pairs[pairs["kinds"] == "object/object"]
@@ -171,7 +158,7 @@ def report() -> None:
         heads = _rows("heads", model).table
         if not heads.empty:
             objects = [c for c in heads["concept"].unique() if cs.kind(c) == "object"]
-            top = _top_heads(heads[heads["concept"].isin(objects)], 10)
+            top = sharing.top_units(heads[heads["concept"].isin(objects)], 10)
             best = heads.loc[heads.groupby("concept")["effect"].idxmax()]
             print(f"{model}: heads (restoring one at a time, {heads['n'].iloc[0]} image per run, {len(top)} objects): "
                   "each concept's strongest head " + ", ".join(f"{r.concept} {r.layer}/h{r.head} {r.effect:+.2f}"

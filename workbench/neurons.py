@@ -237,3 +237,25 @@ def scores(pipe, concept: str, prompts: Sequence[str] | None = None, preserve: S
     return NeuronScores(concept, prompts, preserve, layers, weights,
                         input_norms(pipe, layers, prompts, steps, seed, guidance),
                         input_norms(pipe, layers, preserve, steps, seed, guidance), steps, seed)
+
+
+def per_side(counts: pd.DataFrame) -> pd.DataFrame:
+    """Skilled neurons per layer, text encoders against the denoiser, from many concepts' :meth:`NeuronScores.counts`
+    (a ``concept`` column): the mean over concepts of each concept's mean per layer, with a 95% interval.
+
+    >>> t = pd.DataFrame(dict(concept=["a", "a", "b", "b"], part=["text.0.ffn.out", "unet.mid.0.ffn.out"] * 2,
+    ...                       skilled=[10, 8, 12, 6], neurons=[1536, 512] * 2))
+    >>> per_side(t)[["side", "skilled", "neurons", "concepts"]].values.tolist()
+    [['denoiser', 7.0, 512, 2], ['text', 11.0, 1536, 2]]
+    """
+    from .stats import mean_interval
+
+    side = counts["part"].str.startswith("text").map({True: "text", False: "denoiser"})
+    per = counts.assign(side=side).groupby(["side", "concept"]).agg(skilled=("skilled", "mean"),
+                                                                    neurons=("neurons", "first")).reset_index()
+    rows = []
+    for name, group in per.groupby("side"):
+        mean, lo, hi = mean_interval(group["skilled"].tolist())
+        rows.append(dict(side=name, skilled=mean, lo=lo, hi=hi, neurons=int(group["neurons"].iloc[0]),
+                         share=mean / int(group["neurons"].iloc[0]), concepts=len(group)))
+    return pd.DataFrame(rows)

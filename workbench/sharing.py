@@ -34,6 +34,23 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(union) if union else float("nan")
 
 
+def top_units(table: pd.DataFrame, k: int, value: str = "effect", unit: tuple[str, ...] = ("layer", "head"),
+              largest: bool = True) -> dict[str, set]:
+    """Each concept's ``k`` units (rows of ``table``: ``concept``, the ``unit`` columns, ``value``) with the
+    largest (or smallest) ``value``, only those on the chosen side of zero.
+
+    >>> t = pd.DataFrame(dict(concept=["a"] * 3, layer=["x"] * 3, head=[0, 1, 2], effect=[0.5, -0.1, 0.2]))
+    >>> top_units(t, 2)
+    {'a': {('x', 0), ('x', 2)}}
+    """
+    out = {}
+    for concept, group in table.groupby("concept", sort=False):
+        rows = group.nlargest(k, value) if largest else group.nsmallest(k, value)
+        rows = rows[rows[value] > 0] if largest else rows[rows[value] < 0]
+        out[concept] = {tuple(r) for r in rows[list(unit)].itertuples(index=False)}
+    return out
+
+
 def pairs(sets: Mapping[str, set[Hashable]], concept_set: ConceptSet) -> pd.DataFrame:
     """One row per pair of concepts (in ``sets``' order): ``a, b, kinds, related, shared, jaccard``."""
     rows = []
