@@ -243,16 +243,17 @@ def test_a_knob_the_method_does_not_take_or_another_methods_control_is_refused_a
 
 
 def test_the_tables_derived_from_the_registry_are_the_ones_the_workbench_listed_by_hand():
-    from workbench.methods import METHODS, esd, prune, quick
+    from workbench.methods import METHODS, esd, prune, quick, sae
     from workbench.sweep import SCOPE
     from workbench.widgets import ErasePanel
 
-    assert dict(METHODS) == {"rece": rece, "uce": uce, "fewshot": fewshot, "esd": esd, "prune": prune}
+    assert dict(METHODS) == {"rece": rece, "uce": uce, "fewshot": fewshot, "esd": esd, "prune": prune, "sae": sae}
     assert dict(SCOPE) == {"rece": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
                            "uce": ("unet.*.xattn.[kv]", ("xattn.k", "xattn.v")),
                            "fewshot": ("text.*", ("ffn", "attn")), "esd": ("unet.*.xattn.k", ("attn", "xattn", "ffn")),
-                           "prune": ("unet.*.ffn.out", ("ffn",))}
+                           "prune": ("unet.*.ffn.out", ("ffn",)), "sae": ("", ())}
     assert dict(ErasePanel.KNOBS) == {"epochs": ("rece", "epochs"), "ridge": ("rece", "ridge"), "lam": ("uce", "lam"),
                                       "lr": ("fewshot", "lr"), "steps": ("fewshot", "steps"),
-                                      "share": ("prune", "share"), "timesteps": ("prune", "timesteps")}
+                                      "share": ("prune", "share"), "timesteps": ("prune", "timesteps"),
+                                      "features": ("sae", "features")}
     assert quick() == ("rece", "uce", "fewshot")

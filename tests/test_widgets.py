@@ -56,7 +56,7 @@ def test_erase_panel_shows_only_the_chosen_methods_knobs(toy, oracle):
     panel = ErasePanel(toy, oracle, run=False)
     every = {k.control for m in REGISTRY.values() for k in m.knobs}
     for method, shown in (("rece", {"epochs", "ridge"}), ("uce", {"lam"}), ("fewshot", {"lr", "steps"}),
-                          ("prune", {"share", "timesteps"})):
+                          ("prune", {"share", "timesteps"}), ("sae", {"features"})):
         panel.set(method=method)
         hidden = {n for n, c in panel.controls.items() if c.layout.display == "none"}
         assert not shown & hidden and hidden == every - shown

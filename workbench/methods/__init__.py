@@ -23,7 +23,7 @@ components it varies there, and the knobs its panel shows. The tables the rest o
 >>> REGISTRY["uce"].components, [k.name for k in REGISTRY["rece"].knobs]
 (('xattn.k', 'xattn.v'), ['epochs', 'ridge'])
 >>> list(METHODS)
-['rece', 'uce', 'fewshot', 'esd', 'prune']
+['rece', 'uce', 'fewshot', 'esd', 'prune', 'sae']
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from ..families import family_of
 from ..profile import profile_of
 from .esd import esd
 from .fewshot import fewshot
+from ..sae import sae
 from .prune import prune
 from .rece import rece
 from .uce import uce
@@ -89,6 +90,9 @@ class Method:
 
     def scope_on(self, pipe) -> tuple[str, tuple[str, ...]]:
         """``(scope, components)`` on ``pipe``'s kind of denoiser."""
+        if not self.scope and not self.dit_scope:
+            raise ValueError(f"{self.name} has no layer sweep (it acts on one block: give its block); methods that "
+                             "have one: " + ", ".join(m.name for m in REGISTRY.values() if m.scope))
         if "transformer" in family_of(pipe).components(pipe):
             if not self.dit_scope:
                 raise ValueError(f"{self.name} has no layer sweep on a transformer model; methods that have one: "
@@ -166,6 +170,8 @@ register("esd", esd, "unet.*.xattn.k", ("attn", "xattn", "ffn"), slow=True,
 register("prune", prune, "unet.*.ffn.out", ("ffn",),
          (Knob("share", "prune share", "log", -3, 0, ".1%"), Knob("timesteps", "prune steps", "int", 1, 20)), slow=True,
          dit_scope="dit.*.ffn.out", dit_components=("img.ffn", "text.ffn"))
+# an intervention on one block's output (its ``block``), not a weight edit of parts: no layer sweep
+register("sae", sae, "", (), (Knob("features", "SAE features", "int", 1, 64),), slow=True)
 
 #: Every method's function by name, in the order the panels list them.
 METHODS: Mapping[str, Callable[..., Edit]] = View(lambda: {n: m.fn for n, m in REGISTRY.items()})
@@ -218,4 +224,4 @@ def erase(pipe, concept: str, method: str = "rece", parts: Selector | None = Non
 
 
 __all__ = ["erase", "defaults", "register", "quick", "Method", "Knob", "REGISTRY", "METHODS", "uce", "rece",
-           "fewshot", "esd", "prune"]
+           "fewshot", "esd", "prune", "sae"]
