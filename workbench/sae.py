@@ -51,9 +51,9 @@ from .paths import DATA
 from .profile import profile_of
 from .sampling import BATCH, GUIDANCE, generate
 
-#: Optimiser steps, vectors per step and Adam's learning rate of :func:`train` (the toy's SAE reaches its
-#: FVU within these on two CPU cores in about two minutes; benchmarks/sae.py).
-STEPS, BATCH_ROWS, LR = 1500, 2048, 1e-3
+#: Optimiser steps, vectors per step and Adam's learning rate of :func:`train`: on the toy's blocks these
+#: reach an FVU of 0.01-0.04 in under two minutes on one CPU thread (benchmarks/sae.py).
+STEPS, BATCH_ROWS, LR = 1500, 1024, 3e-3
 #: Denoising steps the activations are collected over (training and feature statistics).
 SAMPLE_STEPS = 10
 #: Features :func:`sae` turns down and what it multiplies them by (measured on the toy: benchmarks/sae.py).
@@ -313,6 +313,7 @@ class SAE:
     fvu: float = float("nan")
     seconds: float = 0.0
     path: Path | None = None
+    _stats: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def latents(self) -> int:
@@ -331,10 +332,22 @@ class SAE:
 
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
-        """Read an SAE written by :meth:`save` (or :func:`train`)."""
-        module, meta = TopKSAE.load(path)
-        return cls(module, meta["block"], meta["config"], list(meta["curve"]), int(meta["step"]),
-                   float(meta["fvu"]), float(meta.get("seconds", 0.0)), Path(path))
+        """Read an SAE written by :meth:`save` (or :func:`train`); the same object again while the file
+        is unchanged (it keeps the feature statistics :func:`features` measured with it)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no SAE file at {path}; train one with workbench.sae.train(pipe, block, path=...)")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in _LOADED:
+            module, meta = TopKSAE.load(path)
+            _LOADED[key] = cls(module, meta["block"], meta["config"], list(meta["curve"]), int(meta["step"]),
+                               float(meta["fvu"]), float(meta.get("seconds", 0.0)), path)
+        return _LOADED[key]
+
+
+#: SAEs read from files, by (path, modification time, size).
+_LOADED: dict[tuple[str, int, int], SAE] = {}
 
 
 def _digest(prompts: Sequence[str]) -> str:
@@ -409,14 +422,14 @@ def train(pipe, block: str, prompts: Sequence[str] | None = None, *, expansion: 
     prompts = training_prompts(pipe) if prompts is None else list(prompts)
     if not prompts:
         raise ValueError("give at least one prompt to collect the block's activations over")
-    width = _width(pipe, block)
-    TopKSAE(width, expansion, k)  # refuses k and expansion before any sampling
-    config = {"block": block, "prompts": _digest(prompts), "n_prompts": len(prompts), "width": width,
-              "expansion": expansion, "k": k, "batch": batch, "lr": lr, "seed": seed, "sample_steps": sample_steps}
+    config = {"block": block, "prompts": _digest(prompts), "n_prompts": len(prompts), "expansion": expansion,
+              "k": k, "batch": batch, "lr": lr, "seed": seed, "sample_steps": sample_steps}
     path = None if path is None else Path(path)
     model, optimiser_state = None, {}
     if path is not None and path.is_file():
-        model = SAE.load(path)
+        module, meta = TopKSAE.load(path)
+        model = SAE(module, meta["block"], meta["config"], list(meta["curve"]), int(meta["step"]),
+                    float(meta["fvu"]), float(meta.get("seconds", 0.0)), path)
         differ = {key: (model.config.get(key), value) for key, value in config.items()
                   if model.config.get(key) != value}
         if differ:
@@ -425,12 +438,16 @@ def train(pipe, block: str, prompts: Sequence[str] | None = None, *, expansion: 
                              + "; give those settings to continue it, or another path")
         if model.step >= steps:
             return model
-        optimiser_state = TopKSAE.load(path)[1]["extra"]
+        optimiser_state = meta["extra"]
+    else:
+        width = _width(pipe, block)
+        TopKSAE(width, expansion, k)  # refuses k before any sampling
+        config["width"] = width
     with torch.random.fork_rng(devices=[]):
         started = time.perf_counter()
         x = _activations(pipe, block, prompts, seed, sample_steps, MAX_ROWS)
         if model is None:
-            model = SAE(TopKSAE(width, expansion, k, seed), block, config, path=path)
+            model = SAE(TopKSAE(config["width"], expansion, k, seed), block, config, path=path)
             with torch.no_grad():
                 model.module.b_dec.copy_(x.mean(0))
         module = model.module.train()
@@ -474,3 +491,274 @@ def _unflatten(flat: dict[str, torch.Tensor], adam: torch.optim.Adam) -> dict:
             _, i, name = key.split("/")
             state.setdefault(int(i), {})[name] = value.reshape(()) if name == "step" else value
     return {"state": state, "param_groups": adam.state_dict()["param_groups"]}
+
+
+# --- features of a concept ----------------------------------------------------------------------------
+
+def _concept_prompts(pipe, concept: str, prompts: Sequence[str] | None,
+                     others: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The prompts of ``concept`` and of the others (default: the concept set's erase prompts of the concept
+    and of every other concept); an error listing the concepts when the concept set does not know it."""
+    cs = profile_of(pipe).concepts
+    if prompts is None or not others:
+        if cs is None or concept not in cs:
+            names = f"its concepts: {', '.join(cs.names)}" if cs is not None else "this model has no concept set"
+            raise ValueError(f"{concept!r} is not in the model's concept set ({names}); give its prompts and "
+                             "the other concepts' prompts (prompts=[...], preserve=[...])")
+    prompts = cs.prompts(concept) if prompts is None else list(prompts)
+    others = cs.preserve(concept) if not others else list(others)
+    if not prompts:
+        raise ValueError(f"no prompts for {concept!r}: give at least one")
+    return prompts, others
+
+
+@torch.no_grad()
+def _prompt_means(pipe, sae: SAE, prompts: list[str], seed: int, steps: int) -> dict[str, torch.Tensor]:
+    """Each prompt's mean latent activation ``[latents]`` over every position and denoising step (with the
+    prompts drawn in sorted order, so that a prompt's noise does not depend on which concept asks)."""
+    from .edits import applied
+    ordered = sorted(set(prompts))
+    key = (id(pipe), tuple(id(e) for e in applied(pipe)), tuple(ordered), seed, steps)
+    if key not in sae._stats:
+        module = sae.module
+        device = next(module.parameters()).device
+        sums = torch.zeros(len(ordered), module.latents, dtype=torch.float64)
+        count = [0]
+
+        def add(rows: torch.Tensor, first: int) -> None:
+            if rows.shape[-1] != module.d_in:
+                raise ValueError(f"this SAE reads vectors of width {module.d_in}; {sae.block} of this model gives "
+                                 f"{rows.shape[-1]}: train one on this model (workbench.sae.train)")
+            for i, row in enumerate(rows):
+                sums[first + i] += module.encode(row.float().to(device)).sum(0).double().cpu()
+            if first == 0:
+                count[0] += rows.shape[1]
+        collect(pipe, sae.block, ordered, add, seed, steps)
+        if len(sae._stats) >= 8:
+            sae._stats.pop(next(iter(sae._stats)))
+        sae._stats[key] = dict(zip(ordered, (sums / count[0]).float()))
+    return sae._stats[key]
+
+
+def features(pipe, sae: SAE, concept: str, *, prompts: Sequence[str] | None = None,
+             others: Sequence[str] | None = None, seed: int = 0, sample_steps: int | None = None) -> pd.DataFrame:
+    """Every feature's score for ``concept``, best first (one row per feature).
+
+    ``mean_concept`` and ``mean_others`` are a feature's mean activation over every position and denoising
+    step of ``prompts`` (default: the concept's erase prompts) and of ``others`` (default: every other
+    concept's); ``p_concept`` and ``p_others`` the same as shares of the sum over all features; ``score`` is
+    ``p_concept - p_others`` (SAeUron's, pooled over timesteps); ``mean_all`` the mean over all those
+    prompts, the level above which :class:`FeatureAblation` changes a feature. ``sample_steps``: the
+    denoising steps drawn (default: those the SAE was trained on).
+
+    >>> import workbench
+    >>> pipe = workbench.load("toy")
+    >>> table = features(pipe, SAE.load(BUNDLED / "toy" / "unet.up.0.safetensors"), "apple", sample_steps=2)
+    >>> len(table), list(table.columns)
+    (2048, ['feature', 'score', 'p_concept', 'p_others', 'mean_concept', 'mean_others', 'mean_all'])
+    >>> bool(table["score"].is_monotonic_decreasing)
+    True
+    """
+    prompts, others = _concept_prompts(pipe, concept, prompts, others)
+    steps = sample_steps or int(sae.config.get("sample_steps", SAMPLE_STEPS))
+    means = _prompt_means(pipe, sae, prompts + others, seed, steps)
+    mine = torch.stack([means[p] for p in prompts]).mean(0)
+    rest = torch.stack([means[p] for p in others]).mean(0)
+    every = torch.stack([means[p] for p in prompts + others]).mean(0)
+    p_mine, p_rest = mine / (mine.sum() + 1e-8), rest / (rest.sum() + 1e-8)
+    table = pd.DataFrame({"feature": np.arange(sae.latents), "score": (p_mine - p_rest).numpy(),
+                          "p_concept": p_mine.numpy(), "p_others": p_rest.numpy(), "mean_concept": mine.numpy(),
+                          "mean_others": rest.numpy(), "mean_all": every.numpy()})
+    return table.sort_values(["score", "feature"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def concept_features(table: pd.DataFrame, top: int | None = None, percentile: float | None = None) -> list[int]:
+    """The features a :func:`features` table gives the concept: the ``top`` best-scoring (default
+    :data:`FEATURES`), or those scoring above the ``percentile`` of all scores (SAeUron's rule); only
+    features with a positive score either way.
+
+    >>> t = pd.DataFrame({"feature": [4, 1, 0, 2], "score": [0.3, 0.2, 0.0, -0.1]})
+    >>> concept_features(t, top=3), concept_features(t, percentile=50)
+    ([4, 1], [4, 1])
+    """
+    if top is not None and percentile is not None:
+        raise ValueError("give top or percentile, not both")
+    scores = table["score"].to_numpy()
+    if percentile is not None:
+        if not 0 <= percentile < 100:
+            raise ValueError(f"percentile must be in [0, 100), not {percentile}")
+        keep = scores > max(float(np.quantile(scores, percentile / 100)), 0.0)
+    else:
+        top = FEATURES if top is None else top
+        if not isinstance(top, (int, np.integer)) or top < 1:
+            raise ValueError(f"top must be a whole number of features, at least 1 (not {top!r})")
+        keep = (np.arange(len(scores)) < top) & (scores > 0)
+    return [int(f) for f in table["feature"].to_numpy()[keep]]
+
+
+# --- the intervention ---------------------------------------------------------------------------------
+
+class FeatureAblation(Intervention):
+    """Chosen SAE features of one block's output turned down (``kind = "sae"``).
+
+    ``tensors``: the SAE (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``), the chosen ``features`` and their
+    ``thresholds``; ``params``: ``block``, ``k``, ``multiplier``, ``sites`` (the block) and ``units`` (the
+    features). At every call of the block its output (a UNet's feature map, a transformer's image stream;
+    every row of the batch) is encoded; where a chosen feature is among the top-k and above its threshold
+    it is multiplied by ``multiplier`` (0: ablated, negative: pushed the other way), and the decoded
+    *change* is added to the output as it was, so the SAE's reconstruction error never reaches the model.
+    Computed in float32, returned in the output's dtype. A UNet down block's output is also its last skip
+    connection: that copy changes with it.
+
+    >>> import workbench
+    >>> from workbench.sampling import generate
+    >>> pipe = workbench.load("toy")
+    >>> same = sae(pipe, "apple", multiplier=1.0, progress=False)       # multiplies by one: no change
+    >>> with same.apply(pipe):
+    ...     image = generate(pipe, ["an apple"], steps=2)[0]
+    >>> image.tobytes() == generate(pipe, ["an apple"], steps=2)[0].tobytes()
+    True
+    """
+
+    kind = "sae"
+
+    @classmethod
+    def of(cls, model: SAE, table: pd.DataFrame, chosen: Sequence[int], multiplier: float, concept: str,
+           **params: Any) -> "FeatureAblation":
+        """The intervention turning down ``chosen`` features of an SAE (their thresholds from its
+        :func:`features` ``table``); ``params`` are kept with it."""
+        if not math.isfinite(multiplier):
+            raise ValueError(f"multiplier must be a finite number (1: no change, 0: ablate, below 0: reverse), "
+                             f"not {multiplier!r}")
+        chosen = [int(f) for f in chosen]
+        wrong = [f for f in chosen if not 0 <= f < model.latents]
+        if wrong:
+            raise ValueError(f"features {wrong} are not features of this SAE (0..{model.latents - 1})")
+        level = table.set_index("feature")["mean_all"]
+        module = model.module
+        tensors = {name: getattr(module, name).detach().float().cpu().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        tensors |= {"features": torch.tensor(chosen, dtype=torch.long),
+                    "thresholds": torch.tensor([float(level[f]) for f in chosen], dtype=torch.float32)}
+        return cls(tensors, "sae", concept, params={
+            "block": model.block, "k": module.k, "multiplier": float(multiplier), "features": chosen,
+            "sites": [model.block], "units": {model.block: chosen}, "changes": "SAE features", **params})
+
+    def hooks(self, pipe) -> list[Site]:
+        """One forward hook on the block that rewrites its output (see the class)."""
+        block = self.params["block"]
+        index = _stream(pipe)
+        device = family_of(pipe).denoiser(pipe).device
+        t = {name: value.to(device) for name, value in self.tensors.items()}
+        W_enc, b_enc, b_dec = t["W_enc"].float(), t["b_enc"].float(), t["b_dec"].float()
+        chosen, thresholds = t["features"].long(), t["thresholds"].float()
+        directions = t["W_dec"].float()[:, chosen]
+        k, factor = int(self.params["k"]), float(self.params["multiplier"]) - 1.0
+
+        def change(x: torch.Tensor) -> torch.Tensor:
+            rows = _rows(x)
+            flat = rows.reshape(-1, rows.shape[-1]).float()
+            pre = (flat - b_dec) @ W_enc.T + b_enc
+            active = (pre.topk(k, dim=-1, sorted=False).indices.unsqueeze(-1) == chosen).any(1)
+            z = F.relu(pre[:, chosen]) * active
+            delta = torch.where(z > thresholds, z * factor, torch.zeros_like(z))
+            return _unrows((flat + delta @ directions.T).reshape(rows.shape), x).to(x.dtype)
+
+        def hook(module, inputs, output):
+            if not isinstance(output, tuple):
+                return change(output)
+            old = output[index]
+            new = change(old)
+            items = [new if i == index else item for i, item in enumerate(output)]
+            return tuple(tuple(new if s is old else s for s in item) if isinstance(item, tuple) else item
+                         for item in items)
+        return [(block, hook, False)]
+
+
+# --- the erasure method -------------------------------------------------------------------------------
+
+def _bundled_name(pipe) -> str | None:
+    """A bundled model's name (``"toy"``, ``"toy-dit"``), or None."""
+    profile = profile_of(pipe)
+    return profile.name if profile.name in profile.models else None
+
+
+def _model_key(pipe) -> str:
+    """The folder name of ``pipe``'s SAEs: a bundled model's name, or its folder / hub id."""
+    name = _bundled_name(pipe) or getattr(pipe, "name_or_path", None)
+    if not name:
+        raise ValueError("this pipeline has no name to file its SAEs under; give sae_path=...")
+    return str(name).strip("/").replace("/", "--").replace(os.sep, "--")
+
+
+def sae_file(pipe, block: str, bundled: bool = False) -> Path:
+    """Where :func:`sae` keeps the SAE of ``block``: ``runs/sae/<model>/<block>.safetensors`` under the
+    working directory, or (``bundled``) the one shipped in ``data/sae``.
+
+    >>> import workbench
+    >>> sae_file(workbench.load("toy"), "unet.up.0").as_posix()
+    'runs/sae/toy/unet.up.0.safetensors'
+    """
+    return (BUNDLED if bundled else RUNS) / _model_key(pipe) / f"{block}.safetensors"
+
+
+def load_or_train(pipe, block: str, path: str | Path | None = None, steps: int | None = None, seed: int = 0,
+                  progress: bool | None = None) -> SAE:
+    """The SAE :func:`sae` uses. ``steps=None``: the SAE at ``path`` (default: the one in ``runs/``, else
+    the bundled one) as it is, trained with :func:`train`'s defaults into ``path`` (default ``runs/``) when
+    there is none. ``steps`` given: :func:`train` to that many steps at ``path`` (default ``runs/``),
+    resuming from a checkpoint there."""
+    check_block(pipe, block)
+    if path is None:
+        path = sae_file(pipe, block)
+        if steps is None and not path.is_file() and sae_file(pipe, block, bundled=True).is_file():
+            path = sae_file(pipe, block, bundled=True)
+    path = Path(path)
+    if steps is None and path.is_file():
+        found = SAE.load(path)
+        if found.block != block:
+            raise ValueError(f"{path} holds an SAE of {found.block}, not {block}")
+        return found
+    return train(pipe, block, steps=STEPS if steps is None else steps, seed=seed, path=path, progress=progress)
+
+
+_scores = features
+
+
+def sae(pipe, concept: str, block: str | None = None, prompts: Sequence[str] | None = None,
+        preserve: Sequence[str] = (), features: int = FEATURES, multiplier: float = MULTIPLIER,
+        sae_path: str | Path | None = None, train_steps: int | None = None, seed: int = 0,
+        progress: bool = True) -> FeatureAblation:
+    """Erase ``concept`` by turning down its SAE features in one block (SAeUron): a
+    :class:`FeatureAblation`.
+
+    The SAE of ``block`` (default :func:`default_block`) comes from :func:`load_or_train` (``sae_path``,
+    ``train_steps``; bundled for the toy models' default blocks, so nothing trains). The ``features``
+    best-scoring features of ``prompts`` against ``preserve`` (defaults: the concept set's erase prompts
+    of the concept and of every other concept) are multiplied by ``multiplier`` where they fire above their
+    mean. ``seed`` seeds training and the sampling the features are scored on. The pipeline is not
+    changed: apply the returned intervention.
+
+    >>> import workbench
+    >>> pipe = workbench.load("toy")
+    >>> erasure = sae(pipe, "cat", features=4, progress=False)
+    >>> erasure.params["block"], erasure.params["multiplier"], len(erasure.params["features"])
+    ('unet.up.0', -2.0, 4)
+    """
+    if not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+        raise ValueError(f"multiplier must be a finite number (1: no change, 0: ablate, below 0: reverse), "
+                         f"not {multiplier!r}")
+    if not isinstance(features, (int, np.integer)) or features < 1:
+        raise ValueError(f"features must be a whole number, at least 1 (not {features!r})")
+    block = default_block(pipe) if block is None else block
+    check_block(pipe, block)
+    prompts, preserve = _concept_prompts(pipe, concept, prompts, preserve)
+    started = time.perf_counter()
+    model = load_or_train(pipe, block, sae_path, train_steps, seed, progress)
+    table = _scores(pipe, model, concept, prompts=prompts, others=preserve, seed=seed)
+    chosen = concept_features(table, top=features)
+    erasure = FeatureAblation.of(model, table, chosen, multiplier, concept, prompts=prompts, preserve=preserve,
+                                 expansion=model.module.expansion, sae=str(model.path) if model.path else None,
+                                 sae_step=model.step, fvu=model.fvu,
+                                 scores=[float(s) for s in table["score"].head(len(chosen))])
+    erasure.seed, erasure.seconds = seed, time.perf_counter() - started
+    return erasure
