@@ -119,8 +119,8 @@ TIMINGS = (
      "scores(pipe, 'apple', parts='*')", 30),
     ("head attribution, every cross-attention head", "from workbench.heads import attribute; "
      "attribute(pipe, 'apple', layers=workbench.anatomy.denoiser_prefix(pipe) + '.*')", 60),
-    ("SAE on one block", "import tempfile; from workbench.sae import train; "
-     "train(pipe, None, path=tempfile.mkdtemp() + '/sae.safetensors')", 180),
+    ("SAE on one block (trained from scratch)", "import tempfile; from workbench.sae import default_block, train; "
+     "train(pipe, default_block(pipe), path=tempfile.mkdtemp() + '/sae.safetensors', progress=False)", 180),
 )
 
 
@@ -137,6 +137,7 @@ def timing(models: list[str]) -> None:
             continue
         seconds, peak = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(dict(model=model, what=name, seconds=round(seconds, 1), peak_gb=round(peak, 2), target_s=target))
+        print(f"{model}: {name}: {seconds:.1f} s, peak {peak:.2f} GB (target {target} s)", flush=True)
     print(pd.DataFrame(rows).to_string(index=False))
 
 

@@ -348,7 +348,8 @@ def attack_rates(summary) -> Figure:
         for i, name in enumerate(attacks):
             rows = summary[summary["attack"] == name].set_index("method").reindex(methods)
             rate = rows["rate"].to_numpy(float)
-            err = np.vstack([rate - rows["lo"].to_numpy(float), rows["hi"].to_numpy(float) - rate])
+            # a bootstrap interval of a rate near 0 or 1 can end a rounding short of the rate
+            err = np.clip(np.vstack([rate - rows["lo"].to_numpy(float), rows["hi"].to_numpy(float) - rate]), 0, None)
             colour = {"unedited": "#BBBBBB", "none": "#666666"}.get(name, PALETTE[i % len(PALETTE)])
             ax.bar(x + (i - (len(attacks) - 1) / 2) * width, rate, width, yerr=err, label=name, color=colour,
                    error_kw=dict(lw=0.6, capsize=1.2))
