@@ -59,16 +59,18 @@ def sweep(model: str, blocks: list[str], counts: list[int], multipliers: list[fl
     pipe = workbench.load(model)
     judge = profile_of(pipe).judge()
     before: dict = {}
-    print("| block | features | multiplier | accuracy (mean over tuning concepts) | held-out | preservation |")
-    print("|---|---|---|---|---|---|")
+    print("| block | features | multiplier | accuracy (mean over tuning concepts) | held-out | preservation | "
+          "per concept (accuracy / preservation) |")
+    print("|---|---|---|---|---|---|---|")
     for block in blocks:
         load_or_train(pipe, block, progress=False)
         for n in counts:
             for m in multipliers:
                 rows = measure(pipe, judge, TUNING, 99, before, block=block, features=n, multiplier=m)
                 mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+                each = ", ".join(f"{r['concept']} {r['accuracy']:.2f}/{r['preservation']:.2f}" for r in rows)
                 print(f"| {block} | {n} | {m:g} | {mean('accuracy'):.3f} | {mean('held_out'):.3f} | "
-                      f"{mean('preservation'):.3f} |", flush=True)
+                      f"{mean('preservation'):.3f} | {each} |", flush=True)
 
 
 def report(model: str, concepts: list[str]) -> None:
