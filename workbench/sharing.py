@@ -104,7 +104,7 @@ def in_words(result: dict[str, float], units: str) -> str:
     >>> in_words(dict(related=0.37, related_lo=0.33, related_hi=0.41, unrelated=0.30, unrelated_lo=0.28,
     ...               unrelated_hi=0.32, difference=0.07, difference_lo=0.03, difference_hi=0.11, n_related=24,
     ...               n_unrelated=96, n_concepts=16), "skilled neurons")
-    'related concepts share 37% [33, 41] of their skilled neurons (Jaccard), unrelated ones 30% [28, 32]: +7 points [+3, +11] (24 and 96 pairs of 16 concepts, bootstrap over concepts)'
+    'related concepts share 37% [33, 41] of their skilled neurons (Jaccard), unrelated ones 30% [28, 32]: +7.0 points [+3.0, +11.0] (24 and 96 pairs of 16 concepts, bootstrap over concepts)'
     """
     sig = result["difference_lo"] > 0 or result["difference_hi"] < 0
     tail = "" if sig else f"; not significant at n = {result['n_concepts']} concepts"
@@ -118,5 +118,5 @@ def in_words(result: dict[str, float], units: str) -> str:
 
 
 def _points(x: float) -> str:
-    """A difference of shares in percentage points, signed, never "-0"."""
-    return f"{int(round(x * 100)) + 0:+d}"
+    """A difference of shares in percentage points, signed, to a tenth (never "-0.0")."""
+    return f"{round(x * 100, 1) + 0.0:+.1f}"
