@@ -469,10 +469,10 @@ def check_method(method: str) -> None:
     ValueError: unknown method 'ablate'; the sweep runs rece, uce, fewshot, esd, prune
     """
     runs = [name for name, m in REGISTRY.items() if m.scope or m.dit_scope]
+    if method in REGISTRY and method not in runs:
+        raise ValueError(f"{method} has no layer sweep (it acts on one block); the sweep runs {', '.join(runs)}")
     if method not in runs:
-        what = "has no layer sweep (it acts on one block)" if method in REGISTRY else "unknown method"
-        raise ValueError(f"{what} {method!r}; the sweep runs {', '.join(runs)}" if what == "unknown method"
-                         else f"{method} {what}; the sweep runs {', '.join(runs)}")
+        raise ValueError(f"unknown method {method!r}; the sweep runs {', '.join(runs)}")
 
 
 def _layer_runs(pipe, concept: str, method: str, components: Sequence[str] | None, cumulative: bool,
