@@ -74,6 +74,8 @@ def test_features_table_has_one_row_per_feature_best_first(toy, tiny):
     assert table["score"].is_monotonic_decreasing
     assert table["p_concept"].sum() == pytest.approx(1, abs=1e-4)
     assert concept_features(table, top=5) == [f for f, s in zip(table["feature"][:5], table["score"][:5]) if s > 0]
+    specific = table.set_index("feature").loc[concept_features(table, top=50, specificity=4)]
+    assert (specific["mean_concept"] >= 4 * specific["mean_others"]).all() and len(specific) <= 50
 
 
 def test_the_intervention_restores_outputs_exactly_on_exit(toy, tiny):
@@ -169,4 +171,6 @@ def test_bad_inputs_are_refused_with_what_is_valid(toy, tiny):
         sae(toy, "dragon", block="unet.mid", sae_path=tiny.path)
     with pytest.raises(ValueError, match="features"):
         sae(toy, "apple", block="unet.mid", sae_path=tiny.path, features=0, **APPLE)
+    with pytest.raises(ValueError, match="specificity"):
+        sae(toy, "apple", block="unet.mid", sae_path=tiny.path, specificity=-1.0, **APPLE)
     assert applied(toy) == []

@@ -8,7 +8,9 @@ that fire on it and on little else.
    :class:`TopKSAE` to them (normalised MSE, Adam). With ``path`` it checkpoints and resumes.
 2. :func:`features` scores every feature for a concept: its mean activation on the concept's prompts and on
    the others', each as a share of the summed means of all features (``p``), and the score
-   ``p_concept - p_others`` (pooled over timesteps). :func:`concept_features` keeps the best ones.
+   ``p_concept - p_others`` (pooled over timesteps). :func:`concept_features` keeps the best ones; on a
+   transformer :func:`sae` keeps only those at least 4 times as active on the concept as on the others (on
+   the toy DiT SAeUron's score alone picks features every concept uses).
 3. :class:`FeatureAblation` hooks the block: it encodes the output, multiplies each chosen feature by
    ``multiplier`` where it is among the active top-k and above its mean over all prompts, and adds only the
    change of the decoded output, so the SAE's reconstruction error never reaches the model.
@@ -21,7 +23,7 @@ intervention. Toy SAEs are bundled under ``data/sae/<model>/<block>.safetensors`
 >>> from workbench.sampling import generate
 >>> pipe = workbench.load("toy")
 >>> erasure = sae(pipe, "apple", preserve=["a cat", "a car", "a banana"])   # the bundled SAE: no training
->>> erasure.kind, erasure.parts == [default_block(pipe)], len(erasure.params["features"]) == FEATURES
+>>> erasure.kind, erasure.parts == [default_block(pipe)], 0 < len(erasure.params["features"]) <= FEATURES
 ('sae', True, True)
 >>> with erasure.apply(pipe):
 ...     erased = generate(pipe, ["an apple"], steps=4)[0]
@@ -47,6 +49,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .activations import _keeper
+from .edits import applied
 from .families import family_of
 from .hooks import hooked
 from .interventions import Intervention, Site
@@ -59,10 +62,15 @@ from .sampling import BATCH, GUIDANCE, generate
 STEPS, BATCH_ROWS, LR = 1500, 1024, 3e-3
 #: Denoising steps the activations are collected over (training and feature statistics).
 SAMPLE_STEPS = 10
-#: Features :func:`sae` turns down and what it multiplies them by. On the toy's mid block 0 (ablation)
-#: erased nothing and 32 at -4 erased objects at full preservation; stronger or more changed preservation
-#: before efficacy (tuning concepts banana, car, dog, picasso: benchmarks/sae.py --sweep).
-FEATURES, MULTIPLIER = 32, -4.0
+#: Features :func:`sae` turns down, and (on a transformer) how many times as strongly as on the other concepts
+#: each must fire on the concept: SAeUron's score alone picked features that every concept of the toy DiT
+#: uses (a median ratio of 1.6 among the top 32), and turning them down kept 12% of the others. On a UNet
+#: :func:`sae` keeps SAeUron's rule (specificity 0; the toy UNet's top 32 have a median ratio of 24).
+FEATURES, SPECIFICITY = 32, 4.0
+#: What :func:`sae` multiplies the features by: measured per bundled model, else :data:`MULTIPLIER`. 0
+#: (ablation) erased nothing on the toy; stronger than these lost preservation before it gained efficacy
+#: (tuning concepts banana, car, dog, picasso: benchmarks/sae.py --sweep).
+MULTIPLIER, DEFAULT_MULTIPLIERS = -4.0, {"toy": -4.0, "toy-dit": -8.0}
 #: Vectors :func:`train` keeps at most (a random share of each step's positions beyond that).
 MAX_ROWS = 1_000_000
 #: Where bundled SAEs live, and where others are trained (relative to the working directory).
@@ -113,11 +121,20 @@ class TopKSAE(nn.Module):
         return self.d_in * self.expansion
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """``ReLU(W_enc (x - b_dec) + b_enc)`` for rows ``x`` ``[n, d_in]``: every latent, before top-k."""
+        """``ReLU(W_enc (x - b_dec) + b_enc)`` for rows ``x`` ``[n, d_in]``: every latent, before top-k.
+
+        >>> bool((TopKSAE(4, 2, k=2).pre_acts(torch.randn(3, 4)) >= 0).all())
+        True
+        """
         return F.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
 
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` active latents of each row: ``(values, indices)``, each ``[n, k]``."""
+        """The ``k`` active latents of each row: ``(values, indices)``, each ``[n, k]``.
+
+        >>> values, indices = TopKSAE(4, 2, k=3).topk(torch.randn(5, 4))
+        >>> tuple(values.shape), tuple(indices.shape)
+        ((5, 3), (5, 3))
+        """
         pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
         indices = pre.detach().topk(self.k, dim=-1, sorted=False).indices
         return F.relu(pre.gather(1, indices)), indices
@@ -153,18 +170,37 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def normalise_decoder_(self) -> None:
-        """Scale every decoder column back to unit norm."""
+        """Scale every decoder column back to unit norm.
+
+        >>> m = TopKSAE(4, 2, k=2)
+        >>> with torch.no_grad():
+        ...     m.W_dec *= 3
+        >>> m.normalise_decoder_()
+        >>> torch.allclose(m.W_dec.norm(dim=0), torch.ones(8))
+        True
+        """
         self.W_dec /= self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def drop_parallel_gradient_(self) -> None:
-        """Remove from the decoder's gradient the part along each column (it would only change norms)."""
+        """Remove from the decoder's gradient the part along each column (it would only change norms).
+
+        >>> m = TopKSAE(4, 2, k=2)
+        >>> m.W_dec.grad = m.W_dec.detach() * 2
+        >>> m.drop_parallel_gradient_()
+        >>> float(m.W_dec.grad.abs().max()) < 1e-6
+        True
+        """
         if self.W_dec.grad is not None:
             along = (self.W_dec.grad * self.W_dec).sum(0, keepdim=True)
             self.W_dec.grad -= along * self.W_dec
 
     def config(self) -> dict[str, int]:
-        """What rebuilds this module's shape: ``d_in``, ``expansion``, ``k``."""
+        """What rebuilds this module's shape: ``d_in``, ``expansion``, ``k``.
+
+        >>> TopKSAE(4, 2, k=2).config()
+        {'d_in': 4, 'expansion': 2, 'k': 2}
+        """
         return {"d_in": self.d_in, "expansion": self.expansion, "k": self.k}
 
     def save(self, path: str | Path, meta: dict | None = None, extra: dict[str, torch.Tensor] | None = None) -> Path:
@@ -188,7 +224,12 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["TopKSAE", dict]:
-        """A module written by :meth:`save` and its metadata (the extra tensors under ``meta["extra"]``)."""
+        """A module written by :meth:`save` and its metadata (the extra tensors under ``meta["extra"]``).
+
+        >>> module, meta = TopKSAE.load(BUNDLED / "toy" / "unet.mid.safetensors")
+        >>> module.config(), meta["block"], meta["extra"]
+        ({'d_in': 128, 'expansion': 16, 'k': 32}, 'unet.mid', {})
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no SAE file at {path}; train one with workbench.sae.train(pipe, block, path=...)")
@@ -326,23 +367,39 @@ class SAE:
 
     @property
     def latents(self) -> int:
-        """How many features the dictionary has."""
+        """How many features the dictionary has (:attr:`TopKSAE.latents`)."""
         return self.module.latents
 
     def meta(self) -> dict[str, Any]:
-        """What :meth:`save` writes beside the weights."""
+        """What :meth:`save` writes beside the weights.
+
+        >>> sorted(SAE(TopKSAE(4, 2, k=2), "unet.mid", {}).meta())
+        ['block', 'config', 'curve', 'fvu', 'seconds', 'step']
+        """
         return {"block": self.block, "config": self.config, "step": self.step, "curve": self.curve,
                 "fvu": self.fvu, "seconds": self.seconds}
 
     def save(self, path: str | Path, optimiser: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the SAE (and an optimiser's state, for resuming) to one ``.safetensors`` file."""
+        """Write the SAE (and an optimiser's state, for resuming) to one ``.safetensors`` file.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     back = SAE.load(SAE(TopKSAE(4, 2, k=2), "unet.mid", {"k": 2}, [0.5], 1).save(f"{d}/m.safetensors"))
+        >>> back.block, back.config, back.curve, back.step
+        ('unet.mid', {'k': 2}, [0.5], 1)
+        """
         self.path = self.module.save(path, self.meta(), optimiser)
         return self.path
 
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
         """Read an SAE written by :meth:`save` (or :func:`train`); the same object again while the file
-        is unchanged (it keeps the feature statistics :func:`features` measured with it)."""
+        is unchanged (it keeps the feature statistics :func:`features` measured with it).
+
+        >>> model = SAE.load(BUNDLED / "toy" / "unet.mid.safetensors")
+        >>> model.block, model.step, round(model.fvu, 3), model is SAE.load(model.path)
+        ('unet.mid', 1500, 0.012, True)
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no SAE file at {path}; train one with workbench.sae.train(pipe, block, path=...)")
@@ -525,7 +582,6 @@ def _concept_prompts(pipe, concept: str, prompts: Sequence[str] | None,
 def _prompt_means(pipe, sae: SAE, prompts: list[str], seed: int, steps: int) -> dict[str, torch.Tensor]:
     """Each prompt's mean latent activation ``[latents]`` over every position and denoising step (with the
     prompts drawn in sorted order, so that a prompt's noise does not depend on which concept asks)."""
-    from .edits import applied
     ordered = sorted(set(prompts))
     key = (id(pipe), tuple(id(e) for e in applied(pipe)), tuple(ordered), seed, steps)
     if key not in sae._stats:
@@ -582,27 +638,35 @@ def features(pipe, sae: SAE, concept: str, *, prompts: Sequence[str] | None = No
     return table.sort_values(["score", "feature"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def concept_features(table: pd.DataFrame, top: int | None = None, percentile: float | None = None) -> list[int]:
+def concept_features(table: pd.DataFrame, top: int | None = None, percentile: float | None = None,
+                     specificity: float = 0.0) -> list[int]:
     """The features a :func:`features` table gives the concept: the ``top`` best-scoring (default
     :data:`FEATURES`), or those scoring above the ``percentile`` of all scores (SAeUron's rule); only
-    features with a positive score either way.
+    features with a positive score, and (``specificity`` > 0) whose mean activation on the concept is at
+    least ``specificity`` times that on the others.
 
-    >>> t = pd.DataFrame({"feature": [4, 1, 0, 2], "score": [0.3, 0.2, 0.0, -0.1]})
-    >>> concept_features(t, top=3), concept_features(t, percentile=50)
-    ([4, 1], [4, 1])
+    >>> t = pd.DataFrame({"feature": [4, 1, 0, 2], "score": [0.3, 0.2, 0.0, -0.1],
+    ...                   "mean_concept": [2.0, 1.0, 0.0, 0.0], "mean_others": [1.5, 0.1, 0.0, 0.1]})
+    >>> concept_features(t, top=3), concept_features(t, percentile=50), concept_features(t, specificity=4)
+    ([4, 1], [4, 1], [1])
     """
     if top is not None and percentile is not None:
         raise ValueError("give top or percentile, not both")
+    if not specificity >= 0:
+        raise ValueError(f"specificity must be 0 (off) or more, not {specificity!r}")
     scores = table["score"].to_numpy()
+    keep = scores > 0
+    if specificity > 0:
+        keep &= table["mean_concept"].to_numpy() >= specificity * table["mean_others"].to_numpy()
     if percentile is not None:
         if not 0 <= percentile < 100:
             raise ValueError(f"percentile must be in [0, 100), not {percentile}")
-        keep = scores > max(float(np.quantile(scores, percentile / 100)), 0.0)
+        keep &= scores > float(np.quantile(scores, percentile / 100))
     else:
         top = FEATURES if top is None else top
         if not isinstance(top, (int, np.integer)) or top < 1:
             raise ValueError(f"top must be a whole number of features, at least 1 (not {top!r})")
-        keep = (np.arange(len(scores)) < top) & (scores > 0)
+        keep &= np.cumsum(keep) <= top
     return [int(f) for f in table["feature"].to_numpy()[keep]]
 
 
@@ -618,7 +682,8 @@ class FeatureAblation(Intervention):
     it is multiplied by ``multiplier`` (0: ablated, negative: pushed the other way), and the decoded
     *change* is added to the output as it was, so the SAE's reconstruction error never reaches the model.
     Computed in float32, returned in the output's dtype. A UNet down block's output is also its last skip
-    connection: that copy changes with it.
+    connection: that copy changes with it. (SAeUron multiplies by its multiplier times the feature's mean
+    activation on the concept; here the multiplier is the factor itself, so 1 changes nothing.)
 
     >>> import workbench
     >>> from workbench.sampling import generate
@@ -636,7 +701,14 @@ class FeatureAblation(Intervention):
     def of(cls, model: SAE, table: pd.DataFrame, chosen: Sequence[int], multiplier: float, concept: str,
            **params: Any) -> "FeatureAblation":
         """The intervention turning down ``chosen`` features of an SAE (their thresholds from its
-        :func:`features` ``table``); ``params`` are kept with it."""
+        :func:`features` ``table``); ``params`` are kept with it.
+
+        >>> model = SAE(TopKSAE(4, 2, k=2), "unet.mid", {})
+        >>> table = pd.DataFrame({"feature": range(8), "mean_all": [0.5] * 8})
+        >>> erasure = FeatureAblation.of(model, table, [3, 5], 0.0, "apple")
+        >>> erasure.tensors["thresholds"].tolist(), erasure.params["units"]
+        ([0.5, 0.5], {'unet.mid': [3, 5]})
+        """
         if not math.isfinite(multiplier):
             raise ValueError(f"multiplier must be a finite number (1: no change, 0: ablate, below 0: reverse), "
                              f"not {multiplier!r}")
@@ -646,7 +718,8 @@ class FeatureAblation(Intervention):
             raise ValueError(f"features {wrong} are not features of this SAE (0..{model.latents - 1})")
         level = table.set_index("feature")["mean_all"]
         module = model.module
-        tensors = {name: getattr(module, name).detach().float().cpu().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        tensors = {name: getattr(module, name).detach().float().cpu().clone()
+                   for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
         tensors |= {"features": torch.tensor(chosen, dtype=torch.long),
                     "thresholds": torch.tensor([float(level[f]) for f in chosen], dtype=torch.float32)}
         return cls(tensors, "sae", concept, params={
@@ -654,7 +727,15 @@ class FeatureAblation(Intervention):
             "sites": [model.block], "units": {model.block: chosen}, "changes": "SAE features", **params})
 
     def hooks(self, pipe) -> list[Site]:
-        """One forward hook on the block that rewrites its output (see the class)."""
+        """One forward hook on the block that rewrites its output (see the class).
+
+        >>> import workbench
+        >>> model = SAE.load(BUNDLED / "toy" / "unet.mid.safetensors")
+        >>> table = pd.DataFrame({"feature": range(model.latents), "mean_all": [0.0] * model.latents})
+        >>> erasure = FeatureAblation.of(model, table, [1], 0.0, "x")
+        >>> [(site, pre) for site, fn, pre in erasure.hooks(workbench.load("toy"))]
+        [('unet.mid', False)]
+        """
         block = self.params["block"]
         index = _stream(pipe)
         device = family_of(pipe).denoiser(pipe).device
@@ -716,7 +797,12 @@ def load_or_train(pipe, block: str, path: str | Path | None = None, steps: int |
     """The SAE :func:`sae` uses. ``steps=None``: the SAE at ``path`` (default: the one in ``runs/``, else
     the bundled one) as it is, trained with :func:`train`'s defaults into ``path`` (default ``runs/``) when
     there is none. ``steps`` given: :func:`train` to that many steps at ``path`` (default ``runs/``),
-    resuming from a checkpoint there."""
+    resuming from a checkpoint there.
+
+    >>> import workbench
+    >>> load_or_train(workbench.load("toy"), "unet.mid").path.relative_to(BUNDLED).as_posix()
+    'toy/unet.mid.safetensors'
+    """
     check_block(pipe, block)
     if path is None:
         path = sae_file(pipe, block)
@@ -734,19 +820,43 @@ def load_or_train(pipe, block: str, path: str | Path | None = None, steps: int |
 _scores = features
 
 
+def default_specificity(pipe) -> float:
+    """How selective :func:`sae`'s features must be when not told: :data:`SPECIFICITY` on a transformer,
+    0 (SAeUron's rule: the score alone) on a UNet.
+
+    >>> import workbench
+    >>> default_specificity(workbench.load("toy")), default_specificity(workbench.load("toy-dit"))
+    (0.0, 4.0)
+    """
+    return SPECIFICITY if _transformer(pipe) else 0.0
+
+
+def default_multiplier(pipe) -> float:
+    """What :func:`sae` multiplies features by when not told: :data:`DEFAULT_MULTIPLIERS` for a bundled
+    model, else :data:`MULTIPLIER`.
+
+    >>> import workbench
+    >>> default_multiplier(workbench.load("toy")), default_multiplier(workbench.load("toy-dit"))
+    (-4.0, -8.0)
+    """
+    return DEFAULT_MULTIPLIERS.get(_bundled_name(pipe) or "", MULTIPLIER)
+
+
 def sae(pipe, concept: str, block: str | None = None, prompts: Sequence[str] | None = None,
-        preserve: Sequence[str] = (), features: int = FEATURES, multiplier: float = MULTIPLIER,
-        sae_path: str | Path | None = None, train_steps: int | None = None, seed: int = 0,
-        progress: bool = True) -> FeatureAblation:
+        preserve: Sequence[str] = (), features: int = FEATURES, multiplier: float | None = None,
+        specificity: float | None = None, sae_path: str | Path | None = None, train_steps: int | None = None,
+        seed: int = 0, progress: bool = True) -> FeatureAblation:
     """Erase ``concept`` by turning down its SAE features in one block (SAeUron): a
     :class:`FeatureAblation`.
 
     The SAE of ``block`` (default :func:`default_block`) comes from :func:`load_or_train` (``sae_path``,
     ``train_steps``; bundled for the toy models' default blocks, so nothing trains). The ``features``
     best-scoring features of ``prompts`` against ``preserve`` (defaults: the concept set's erase prompts
-    of the concept and of every other concept) are multiplied by ``multiplier`` where they fire above their
-    mean. ``seed`` seeds training and the sampling the features are scored on. The pipeline is not
-    changed: apply the returned intervention.
+    of the concept and of every other concept) that fire at least ``specificity`` times as strongly on the
+    concept as on the others (:func:`concept_features`; default :func:`default_specificity`) are
+    multiplied by ``multiplier`` (default :func:`default_multiplier`) where they fire above their mean.
+    ``seed`` seeds training and the sampling the features are scored on. The pipeline is not changed:
+    apply the returned intervention.
 
     >>> import workbench
     >>> pipe = workbench.load("toy")
@@ -754,6 +864,10 @@ def sae(pipe, concept: str, block: str | None = None, prompts: Sequence[str] | N
     >>> erasure.params["sites"] == [default_block(pipe)], erasure.params["multiplier"], len(erasure.params["features"])
     (True, -3.0, 4)
     """
+    multiplier = default_multiplier(pipe) if multiplier is None else multiplier
+    specificity = default_specificity(pipe) if specificity is None else specificity
+    if not isinstance(specificity, (int, float)) or not specificity >= 0:
+        raise ValueError(f"specificity must be 0 (SAeUron's score alone) or more, not {specificity!r}")
     if not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise ValueError(f"multiplier must be a finite number (1: no change, 0: ablate, below 0: reverse), "
                          f"not {multiplier!r}")
@@ -765,9 +879,10 @@ def sae(pipe, concept: str, block: str | None = None, prompts: Sequence[str] | N
     started = time.perf_counter()
     model = load_or_train(pipe, block, sae_path, train_steps, seed, progress)
     table = _scores(pipe, model, concept, prompts=prompts, others=preserve, seed=seed)
-    chosen = concept_features(table, top=features)
+    chosen = concept_features(table, top=features, specificity=specificity)
     erasure = FeatureAblation.of(model, table, chosen, multiplier, concept, prompts=prompts, preserve=preserve,
-                                 expansion=model.module.expansion, sae=str(model.path) if model.path else None,
+                                 specificity=specificity, expansion=model.module.expansion,
+                                 sae=str(model.path) if model.path else None,
                                  sae_step=model.step, fvu=model.fvu,
                                  scores=[float(s) for s in table["score"].head(len(chosen))])
     erasure.seed, erasure.seconds = seed, time.perf_counter() - started
