@@ -34,7 +34,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _keeper(pipe, prompts: int, guidance: float, inputs: bool, reduce: Reduce, into: list) -> Callable:
+def keeper(pipe, prompts: int, guidance: float, inputs: bool, reduce: Reduce, into: list) -> Callable:
     """A hook that appends ``reduce`` of the prompts' rows of each step's call to ``into``: the second half
     of a guidance batch, or only the first of the two calls a step makes when the branches run apart."""
     apart, calls = family_of(pipe).branches_apart(pipe, guidance), [0]
@@ -60,7 +60,7 @@ def during_sampling(pipe, names: Sequence[str], prompts: Sequence[str], seed: in
     found = modules(pipe, list(names))
     family = family_of(pipe)
     noise = torch.cat([family.noise(pipe, seeded(prompt_seed(p, seed))) for p in prompts])
-    with hooked([(found[n], _keeper(pipe, len(prompts), guidance, inputs, reduce, out[n])) for n in names]):
+    with hooked([(found[n], keeper(pipe, len(prompts), guidance, inputs, reduce, out[n])) for n in names]):
         family.draw(pipe, family.encode(pipe, prompts), family.empty(pipe, len(prompts)), steps, guidance,
                     latents=noise)
     return out

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .activations import _keeper
+from .activations import keeper
 from .edits import applied
 from .families import family_of
 from .hooks import hooked
@@ -331,7 +331,7 @@ def collect(pipe, block: str, prompts: Sequence[str], reduce: Callable[[torch.Te
     prompts, out = list(prompts), []
     for first in range(0, len(prompts), batch):
         chunk = prompts[first:first + batch]
-        keep = _keeper(pipe, len(chunk), guidance, False, lambda x: reduce(_rows(x), first), out)
+        keep = keeper(pipe, len(chunk), guidance, False, lambda x: reduce(_rows(x), first), out)
         with hooked([(module, lambda m, args, output: keep(m, args, _states(output, index)))]):
             generate(pipe, chunk, seed + first, steps, guidance, batch=len(chunk))
     return out
