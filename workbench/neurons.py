@@ -26,6 +26,7 @@ torch.Size([3, 512])
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -103,7 +104,8 @@ def _mean_square(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1, x.shape[-1]).mean(1).cpu()
 
 
-_SEEN: dict = {}
+#: Per pipeline (held weakly): each prompt's mean squares, by the erasures applied and the sampling settings.
+_SEEN: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
 def input_norms(pipe, layers: dict[str, NeuronLayer], prompts: Sequence[str], steps: int = STEPS, seed: int = 0,
@@ -112,8 +114,9 @@ def input_norms(pipe, layers: dict[str, NeuronLayer], prompts: Sequence[str], st
     ``(steps, neurons)`` for the denoiser, ``(1, neurons)`` for a text encoder. Each prompt is drawn from its
     own noise (:func:`~workbench.activations.prompt_seed`) and kept in memory per pipeline and erasures
     applied to it, so a prompt another concept's scores drew is not drawn again."""
-    context = (id(pipe), tuple(id(e) for e in applied(pipe)), steps, seed, guidance)
-    missing = list(dict.fromkeys(p for p in prompts if (context, p) not in _SEEN))
+    context = (tuple(id(e) for e in applied(pipe)), steps, seed, guidance)
+    seen = _SEEN.setdefault(pipe, {})
+    missing = list(dict.fromkeys(p for p in prompts if (context, p) not in seen))
     text_prefixes = tuple(f"{e}." for e in family_of(pipe).encoders(pipe))
     every = _all_layers(pipe)
     text = [n for n in every if n.startswith(text_prefixes)]
@@ -127,10 +130,11 @@ def input_norms(pipe, layers: dict[str, NeuronLayer], prompts: Sequence[str], st
         per_step = [_split({p: v[t] for p, v in drawn.items()}, denoiser, every) for t in range(steps)]
         found |= {n: torch.stack([step[n] for step in per_step]) for n in denoiser}
         for k, prompt in enumerate(chunk):
-            _SEEN[(context, prompt)] = {n: v[:, k] for n, v in found.items()}
-    while len(_SEEN) > 4096:
-        _SEEN.pop(next(iter(_SEEN)))
-    return {n: torch.stack([_SEEN[(context, p)][n] for p in prompts]).mean(0).sqrt() for n in layers}
+            seen[(context, prompt)] = {n: v[:, k] for n, v in found.items()}
+    mine = {n: torch.stack([seen[(context, p)][n] for p in prompts]).mean(0).sqrt() for n in layers}
+    while len(seen) > 4096:
+        seen.pop(next(iter(seen)))
+    return mine
 
 
 def _split(by_part: dict[str, torch.Tensor], names: list[str], every: dict[str, NeuronLayer]) -> dict[str, torch.Tensor]:
